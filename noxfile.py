@@ -1,0 +1,104 @@
+"""Sessions: `nox -l` lists them. Each installs what it needs, system packages included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+PYTHON = "3.11"
+
+
+def _system_packages(session: nox.Session) -> None:
+    """Debian's prometheus and iproute2, installed when missing and we may (root)."""
+    missing = [
+        pkg
+        for pkg, binary in (("prometheus", "prometheus"), ("iproute2", "ip"))
+        if shutil.which(binary) is None
+    ]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        session.error(
+            f"missing {', '.join(missing)}: install the Debian packages {' '.join(missing)} "
+            "(or put a prometheus binary on PATH) and run again"
+        )
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-qq", external=True, env=env)
+    session.run(
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        *missing,
+        external=True,
+        env=env,
+    )
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The library's own tests and the conformance scenarios on the local backend."""
+    _system_packages(session)
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests", "scenarios"]))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def conformance(session: nox.Session) -> None:
+    """The conformance suite on the local backend: PASS/FAIL/SKIP per scenario and a verdict."""
+    _system_packages(session)
+    session.install("-e", ".")
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--no-header",
+        "-rN",
+        "scenarios",
+        "--sm-backend",
+        "local",
+        *session.posargs,
+    )
+
+
+@nox.session(python=PYTHON)
+def e2e(session: nox.Session) -> None:
+    """The conformance suite on a cluster: kind by default, `-- --kubeconfig` for yours."""
+    session.install("-e", ".")
+    args = session.posargs or []
+    backend = "existing" if any(a.startswith("--kubeconfig") for a in args) else "kind"
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-rA",
+        "scenarios",
+        "--sm-backend",
+        backend,
+        *args,
+    )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Phase timings of the local backend (Envoy ready, first UP per job, total)."""
+    _system_packages(session)
+    session.install("-e", ".[dev]")
+    session.run(
+        "pytest", "-p", "no:cacheprovider", "tests/bench", "--benchmark-only", *session.posargs
+    )

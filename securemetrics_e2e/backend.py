@@ -1,0 +1,157 @@
+"""The seam between scenarios and the places they run.
+
+Scenario code talks to a :class:`Backend` through operations named for what they do
+(deploy, list a workload's listeners, scrape over mTLS from the scraper pod, try
+plaintext from a chosen place, read a Prometheus job's targets), never for how. The
+local backend answers them from network namespaces, Envoy and Prometheus processes on
+this machine; the cluster backend from a Kubernetes cluster running Istio.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario, WorkloadKind, WorkloadSpec
+
+if TYPE_CHECKING:
+    from securemetrics_e2e.pki import SpiffeId
+    from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
+    from securemetrics_e2e.prometheus import PrometheusAPI, Target
+
+
+class Origin(enum.StrEnum):
+    """Where a plaintext attempt comes from."""
+
+    INSIDE_POD = "inside-pod"  # the target pod's own loopback / pod IP, as istio-proxy would
+    OTHER_POD = "other-pod"  # another pod on the pod network (the scraper's)
+
+
+class Credential(enum.StrEnum):
+    """Which client certificate an mTLS scrape presents."""
+
+    SCRAPER = "scraper"  # the scraper's workload certificate (OUTPUT_CERTS files)
+    NONE = "none"  # no client certificate at all
+    FOREIGN_CA = "foreign-ca"  # a well-formed SPIFFE certificate from a CA the mesh does not trust
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A deployed workload: a pod with an address and an expected identity."""
+
+    spec: WorkloadSpec
+    namespace: str
+    pod_name: str
+    pod_ip: str
+    spiffe_id: SpiffeId
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> WorkloadKind:
+        return self.spec.kind
+
+    def url(self, port: int, path: str, scheme: str = "https") -> str:
+        host = f"[{self.pod_ip}]" if ":" in self.pod_ip else self.pod_ip
+        return f"{scheme}://{host}:{port}{path}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listener as the proxy's config_dump describes it."""
+
+    name: str
+    address: str
+    port: int
+    tls_only: bool  # every filter chain matches transport_protocol "tls"
+    client_cert_required: bool  # every TLS context sets require_client_certificate
+    route_prefixes: tuple[str, ...]  # HTTP route prefixes across its filter chains
+    upstream_clusters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A scenario deployed by a backend, ready to be checked."""
+
+    scenario: Scenario
+    mtls_mode: MtlsMode
+    namespace: str
+    workloads: tuple[Workload, ...]
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(f"no workload {name!r} in scenario {self.scenario.name}")
+
+
+class Backend(abc.ABC):
+    """Where scenarios run. Subclasses implement every operation; scenarios never branch."""
+
+    #: a short name for reports ("local", "kind", "existing")
+    name: str = "abstract"
+    #: how long to wait for Prometheus to scrape a new target (a few scrape intervals)
+    target_timeout: float = 60.0
+
+    @property
+    @abc.abstractmethod
+    def features(self) -> frozenset[Feature]:
+        """The features this backend can exercise (others make scenarios skip)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str]:
+        """Facts for the report: backend, Istio version, Kubernetes version, network mode."""
+
+    @abc.abstractmethod
+    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
+        """Deploy ``scenario`` and wait until its proxies and the scraper are ready."""
+
+    @abc.abstractmethod
+    def teardown(self, deployment: Deployment) -> None:
+        """Remove everything :meth:`deploy` created. Safe to call twice."""
+
+    @abc.abstractmethod
+    def listeners(self, workload: Workload) -> list[Listener]:
+        """The listeners of ``workload``'s proxy, read from its admin config_dump."""
+
+    @abc.abstractmethod
+    def scrape(
+        self,
+        workload: Workload,
+        port: int,
+        path: str = "/stats/prometheus",
+        credential: Credential = Credential.SCRAPER,
+    ) -> ScrapeResult:
+        """GET ``path`` on ``workload``'s ``port`` over mTLS, from the scraper pod."""
+
+    @abc.abstractmethod
+    def plaintext(
+        self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
+    ) -> PlaintextResult:
+        """Try plain HTTP to ``workload``'s ``port`` from ``origin`` and classify the result."""
+
+    @abc.abstractmethod
+    def prometheus(self) -> PrometheusAPI:
+        """A client for the scraper's Prometheus HTTP API."""
+
+    def targets(self, job: str) -> list[Target]:
+        """The active targets of a Prometheus scrape job."""
+        return self.prometheus().active_targets(job)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing global
+        """Release what the backend holds across deployments."""
+
+    @contextlib.contextmanager
+    def deployed(self, scenario: Scenario, mtls_mode: MtlsMode) -> Iterator[Deployment]:
+        """Deploy, yield, and always tear down, even when the body fails."""
+        deployment = self.deploy(scenario, mtls_mode)
+        try:
+            yield deployment
+        finally:
+            self.teardown(deployment)

@@ -1,0 +1,74 @@
+"""What a conformance run produced: one outcome per check, grouped by scenario.
+
+The pytest plugin fills a :class:`RunResult` as tests finish; reports, JUnit, the
+verdict line and the CLI's exit status are all derived from it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Status(enum.StrEnum):
+    PASS = "PASS"  # noqa: S105 - a verdict, not a password
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """The result of one check of one scenario variant."""
+
+    scenario: str  # e.g. "native-sidecar"
+    variant: str  # e.g. "PERMISSIVE"
+    check: str  # stable check id, e.g. "listeners-tls-only"
+    status: Status
+    message: str = ""  # failure or skip reason
+    code: str = ""  # finding code for failures, e.g. "SMC003"
+    profile: str = "core"
+    duration_s: float = 0.0
+    diagnostics: str = ""  # path of captured diagnostics, if any
+    nodeid: str = ""  # the pytest node id, for JUnit and re-running one check
+
+
+@dataclass
+class RunResult:
+    """Everything one run checked, in the order it ran."""
+
+    outcomes: list[CheckOutcome] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+    measurements: dict[str, float] = field(default_factory=dict)
+
+    def add(self, outcome: CheckOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def scenario_status(self, scenario: str, variant: str) -> Status:
+        """FAIL if any check failed, SKIP if all skipped, PASS otherwise."""
+        statuses = {
+            o.status for o in self.outcomes if o.scenario == scenario and o.variant == variant
+        }
+        if Status.FAIL in statuses:
+            return Status.FAIL
+        if statuses <= {Status.SKIP}:
+            return Status.SKIP
+        return Status.PASS
+
+    def scenarios(self) -> list[tuple[str, str]]:
+        """(scenario, variant) pairs in first-seen order."""
+        seen: dict[tuple[str, str], None] = {}
+        for o in self.outcomes:
+            seen.setdefault((o.scenario, o.variant), None)
+        return list(seen)
+
+    @property
+    def conformant(self) -> bool:
+        """No check failed and at least one passed: a run that checked nothing proves nothing."""
+        statuses = {o.status for o in self.outcomes}
+        return Status.FAIL not in statuses and Status.PASS in statuses
+
+    def counts(self) -> dict[Status, int]:
+        counts = dict.fromkeys(Status, 0)
+        for o in self.outcomes:
+            counts[o.status] += 1
+        return counts
