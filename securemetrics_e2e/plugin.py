@@ -1,0 +1,344 @@
+"""pytest plugin: options, the backend and deployment fixtures, and the verdict.
+
+Scenario tests (``scenarios/``) ask for the ``deployment`` fixture; the plugin
+parametrizes it with every scenario variant (scenario x mTLS mode) the selected
+scenarios define, deploys each variant once on the chosen backend, and records one
+outcome per check. At the end it prints PASS / FAIL / SKIP per scenario with the
+reason and one closing verdict line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from securemetrics_e2e.backend import Backend, Deployment
+from securemetrics_e2e.catalog import (
+    SCENARIOS,
+    Feature,
+    MtlsMode,
+    Scenario,
+    mode_features,
+    scenario,
+)
+from securemetrics_e2e.checks import Check, check, skip_reason
+from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+
+_RESULT_KEY = pytest.StashKey[RunResult]()
+_VERSION_GATED = frozenset({Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A scenario deployed in one mTLS mode: the unit the suite deploys and reports."""
+
+    scenario: Scenario
+    mtls_mode: MtlsMode
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario.name}[{self.mtls_mode.value}]"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("securemetrics-e2e")
+    group.addoption(
+        "--sm-backend",
+        default="local",
+        choices=("local", "kind", "existing"),
+        help="where the conformance scenarios run (default: local)",
+    )
+    group.addoption(
+        "--istio-version",
+        default=None,
+        help="Istio version to test, e.g. 1.31.1 or 1.30 (default: the latest supported)",
+    )
+    group.addoption(
+        "--scenario",
+        action="append",
+        default=[],
+        help="run only this scenario (repeatable); default: all",
+    )
+    group.addoption(
+        "--local-network",
+        default="auto",
+        choices=("auto", "netns", "loopback"),
+        help="local backend pods: network namespaces, or 127.0.0.0/8 addresses (default: auto)",
+    )
+    group.addoption(
+        "--local-fault",
+        default=None,
+        help="negative control: deploy the local mesh with this seeded misconfiguration "
+        "(the run must then be NOT CONFORMANT); see securemetrics_e2e.local.faults",
+    )
+    group.addoption(
+        "--sm-report",
+        default=None,
+        help="write the conformance report here (.json or .yaml)",
+    )
+    try:
+        from securemetrics_e2e.cluster.backend import add_cluster_options
+    except ImportError:  # the cluster backend is optional at import time
+        return
+    add_cluster_options(group)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_RESULT_KEY] = RunResult()
+    config.addinivalue_line("markers", "check(id): the conformance check a scenario test performs")
+
+
+def istio_version(config: pytest.Config) -> str:
+    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
+
+    text = config.getoption("--istio-version")
+    return str(resolve(text) if text else DEFAULT_VERSION)
+
+
+def version_features(version: str) -> frozenset[Feature]:
+    from securemetrics_e2e.versions import capabilities, resolve
+
+    caps = capabilities(resolve(version))
+    features = set()
+    if caps.native_secure_ports:
+        features.add(Feature.NATIVE_SECURE_PORTS)
+    if caps.localhost_only_metrics:
+        features.add(Feature.LOCALHOST_ONLY_METRICS)
+    return frozenset(features)
+
+
+def variant_skip_reason(variant: Variant, backend: Backend, version: str) -> str | None:
+    """Why ``variant`` cannot run on ``backend`` at ``version``, or None when it can."""
+    needed = variant.scenario.features | mode_features(variant.mtls_mode)
+    lacking_version = sorted(f.value for f in needed & _VERSION_GATED - version_features(version))
+    if lacking_version:
+        return f"Istio {version} lacks {', '.join(lacking_version)} (needs Istio >= 1.31.0)"
+    lacking = sorted(f.value for f in needed - backend.features - _VERSION_GATED)
+    if lacking:
+        return f"backend {backend.name} cannot provide {', '.join(lacking)} (cluster-only)"
+    return None
+
+
+def selected_variants(config: pytest.Config) -> list[Variant]:
+    names = [n for opt in config.getoption("--scenario") for n in opt.split(",") if n]
+    chosen = [scenario(n) for n in names] if names else list(SCENARIOS)
+    return [Variant(s, m) for s in chosen for m in s.mtls_modes]
+
+
+def make_backend(config: pytest.Config) -> Backend:
+    kind = config.getoption("--sm-backend")
+    version = istio_version(config)
+    if kind == "local":
+        from securemetrics_e2e.local.backend import LocalBackend
+        from securemetrics_e2e.local.faults import Fault
+
+        fault_name = config.getoption("--local-fault")
+        try:
+            fault = Fault(fault_name) if fault_name else None
+        except ValueError:
+            known = ", ".join(f.value for f in Fault)
+            raise UsageError(
+                f"unknown --local-fault {fault_name!r}; known faults: {known}"
+            ) from None
+        return LocalBackend(
+            network=config.getoption("--local-network"), istio_version=version, fault=fault
+        )
+    from securemetrics_e2e.cluster.backend import backend_from_pytest
+
+    backend: Backend = backend_from_pytest(config, version)
+    return backend
+
+
+@pytest.fixture(scope="session")
+def sm_backend(pytestconfig: pytest.Config) -> Iterator[Backend]:
+    """The backend the conformance scenarios run on, closed at the end of the session."""
+    try:
+        backend = make_backend(pytestconfig)
+    except SecureMetricsError as exc:
+        pytest.exit(f"securemetrics-e2e: {exc}", returncode=2)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "deployment" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("check")
+    chk = check(marker.args[0]) if marker else None
+    try:
+        variants = selected_variants(metafunc.config)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if chk is not None:
+        variants = [v for v in variants if chk.applies(v.scenario)]
+    metafunc.parametrize(
+        "deployment", variants, indirect=True, scope="session", ids=[v.id for v in variants]
+    )
+
+
+class Fleet:
+    """Every selected variant, deployed together on first use and removed at the end.
+
+    Deploying all variants at once lets Prometheus discover them in one go (its
+    discovery manager sends updates at most every 5 s) and mirrors a cluster, where the
+    variants' namespaces are independent and are rolled out side by side.
+    """
+
+    def __init__(self, backend: Backend, variants: list[Variant], version: str) -> None:
+        self.backend = backend
+        self.variants = variants
+        self.version = version
+        self._deployed: dict[Variant, Deployment | BaseException | str] | None = None
+
+    def get(self, variant: Variant) -> Deployment:
+        if self._deployed is None:
+            self._deployed = {}
+            for v in self.variants:
+                reason = variant_skip_reason(v, self.backend, self.version)
+                if reason is not None:
+                    self._deployed[v] = reason
+                    continue
+                try:
+                    self._deployed[v] = self.backend.deploy(v.scenario, v.mtls_mode)
+                except SecureMetricsError as exc:
+                    self._deployed[v] = exc
+        state = self._deployed.get(variant)
+        if state is None:
+            raise UsageError(f"variant {variant.id} was not selected for this run")
+        if isinstance(state, str):
+            pytest.skip(state)
+        if isinstance(state, BaseException):
+            raise state
+        return state
+
+    def close(self) -> None:
+        for state in (self._deployed or {}).values():
+            if isinstance(state, Deployment):
+                self.backend.teardown(state)
+
+
+@pytest.fixture(scope="session")
+def sm_fleet(pytestconfig: pytest.Config, sm_backend: Backend) -> Iterator[Fleet]:
+    fleet = Fleet(sm_backend, selected_variants(pytestconfig), istio_version(pytestconfig))
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture(scope="session")
+def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Deployment:
+    """The scenario variant of this test, deployed (with all the others) once per session."""
+    return sm_fleet.get(request.param)
+
+
+@pytest.fixture
+def run_check(request: pytest.FixtureRequest, sm_backend: Backend, deployment: Deployment) -> None:
+    """Run the check named by the test's ``check`` marker against its deployment."""
+    marker = request.node.get_closest_marker("check")
+    if marker is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses run_check without a check marker")
+    chk: Check = check(marker.args[0])
+    reason = skip_reason(chk, sm_backend)
+    if reason is not None:
+        pytest.skip(reason)
+    chk.run(sm_backend, deployment)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    callspec = getattr(item, "callspec", None)
+    marker = item.get_closest_marker("check")
+    if marker is None or callspec is None or "deployment" not in callspec.params:
+        return report
+    variant: Variant = callspec.params["deployment"]
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if report.passed:
+            status, message = Status.PASS, ""
+        elif report.skipped:
+            status = Status.SKIP
+            longrepr = report.longrepr
+            message = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+            message = message.removeprefix("Skipped: ")
+        else:
+            status = Status.FAIL
+            exc = call.excinfo.value if call.excinfo is not None else None
+            message = getattr(exc, "message", None) or (str(exc) if exc else str(report.longrepr))
+        chk = check(marker.args[0])
+        item.config.stash[_RESULT_KEY].add(
+            CheckOutcome(
+                scenario=variant.scenario.name,
+                variant=variant.mtls_mode.value,
+                check=chk.id,
+                status=status,
+                message=message.splitlines()[0] if message else "",
+                code=chk.code if status is Status.FAIL else "",
+                profile=variant.scenario.profile.value,
+                duration_s=report.duration,
+                nodeid=item.nodeid,
+            )
+        )
+    return report
+
+
+def run_result(config: pytest.Config) -> RunResult:
+    return config.stash[_RESULT_KEY]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_RESULT_KEY].measurements["start"] = time.time()
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    result = config.stash[_RESULT_KEY]
+    if not result.outcomes:
+        return
+    tr = terminalreporter
+    tr.section("securemetrics-e2e conformance")
+    for name, variant in result.scenarios():
+        status = result.scenario_status(name, variant)
+        mine = [o for o in result.outcomes if o.scenario == name and o.variant == variant]
+        line = f"{status.value:4}  {name} [{variant}]"
+        if status is Status.SKIP:
+            line += f"  -- {mine[0].message}"
+        elif status is Status.FAIL:
+            failed = [o for o in mine if o.status is Status.FAIL]
+            line += "  -- " + ", ".join(f"{o.code} {o.check}" for o in failed)
+        tr.write_line(
+            line,
+            red=status is Status.FAIL,
+            green=status is Status.PASS,
+            yellow=status is Status.SKIP,
+        )
+        for o in mine:
+            if o.status is Status.FAIL:
+                tr.write_line(f"        {o.code} {o.check}: {o.message}")
+    counts = result.counts()
+    verdict = "CONFORMANT" if result.conformant else "NOT CONFORMANT"
+    elapsed = time.time() - result.measurements.get("start", time.time())
+    tr.write_line(
+        f"securemetrics-e2e verdict: {verdict} ({counts[Status.PASS]} passed, "
+        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
+        f"backend {config.getoption('--sm-backend')}, Istio {istio_version(config)}, "
+        f"{elapsed:.1f}s)",
+        bold=True,
+        red=not result.conformant,
+        green=result.conformant,
+    )
+    path = config.getoption("--sm-report")
+    if path:
+        from securemetrics_e2e.report import write_report
+
+        write_report(Path(path), result)
