@@ -1,0 +1,533 @@
+"""scrape_mtls and attempt_plaintext against real socket servers on loopback.
+
+Every outcome is produced by a real server (tests/tlsservers.py): Python ssl servers
+with mesh certificates, with and without client-certificate checks, servers that close,
+stall, refuse, or answer like Envoy and the Istio agent do.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests.adapters
+from cryptography.hazmat.primitives.serialization import Encoding
+from tlsservers import (
+    AGENT_403,
+    AGENT_403_BODY,
+    ENVOY_503,
+    METRICS,
+    NOT_FOUND,
+    HTTPServer,
+    RawServer,
+    Reply,
+    close_after_accept,
+    close_after_handshake,
+    closed_port,
+    server_context,
+    silent,
+)
+
+from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
+from securemetrics_e2e.probe import (
+    MtlsOutcome,
+    PlaintextOutcome,
+    PlaintextResult,
+    ScrapeResult,
+    attempt_plaintext,
+    scrape_mtls,
+)
+
+SHORT = 0.5  # seconds: the timeout for servers that never answer
+
+
+@dataclass(frozen=True)
+class Mesh:
+    ca: MeshCA
+    server: WorkloadIdentity  # the workload whose metrics port is scraped
+    server_files: OutputCerts
+    scraper_files: OutputCerts  # Prometheus' OUTPUT_CERTS
+    foreign_client_files: OutputCerts  # a valid SPIFFE cert from a CA the mesh does not trust
+    foreign_server_files: OutputCerts
+    other_server_files: OutputCerts  # a mesh cert for another service account
+    expired_server_files: OutputCerts
+
+    @property
+    def expected(self) -> SpiffeId:
+        return self.server.spiffe_id
+
+    def server_tls(
+        self,
+        files: OutputCerts | None = None,
+        *,
+        require_client_cert: bool = True,
+        maximum_version: ssl.TLSVersion | None = None,
+    ) -> ssl.SSLContext:
+        """A server context like Envoy's secure metrics listener (client certs from the mesh)."""
+        files = files or self.server_files
+        return server_context(
+            files.cert_chain,
+            files.key,
+            client_root=self.scraper_files.root_cert,
+            require_client_cert=require_client_cert,
+            maximum_version=maximum_version,
+        )
+
+    def scrape(
+        self, url: str, *, client: OutputCerts | None = None, use_scraper: bool = True
+    ) -> ScrapeResult:
+        chosen = client if client is not None else (self.scraper_files if use_scraper else None)
+        return scrape_mtls(
+            url,
+            client=chosen,
+            mesh_root=self.scraper_files.root_cert,
+            expected_spiffe=self.expected,
+            timeout=3.0,
+        )
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Mesh:
+    base = tmp_path_factory.mktemp("pki")
+    ca = MeshCA.create()
+    foreign = MeshCA.create()
+    server = ca.issue("bookinfo", "reviews")
+    return Mesh(
+        ca=ca,
+        server=server,
+        server_files=server.write_output_certs(base / "server"),
+        scraper_files=ca.issue("istio-system", "prometheus").write_output_certs(base / "scraper"),
+        foreign_client_files=foreign.issue("istio-system", "prometheus").write_output_certs(
+            base / "foreign-client"
+        ),
+        foreign_server_files=foreign.issue("bookinfo", "reviews").write_output_certs(
+            base / "foreign-server"
+        ),
+        other_server_files=ca.issue("bookinfo", "ratings").write_output_certs(base / "other"),
+        expired_server_files=ca.issue_expired("bookinfo", "reviews").write_output_certs(
+            base / "expired"
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- mTLS: OK
+
+
+def test_ok_scrape_parses_metrics_and_reports_the_peer(mesh: Mesh) -> None:
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.OK, result.detail
+    assert result.ok
+    assert result.status == 200
+    assert result.metric_names == {"envoy_server_live", "istio_requests"}
+    live = next(f for f in result.families if f.name == "envoy_server_live")
+    assert live.samples[0].value == 1.0
+    assert result.peer_spiffe_id == mesh.expected
+    assert result.peer_serial == mesh.server.serial
+    assert result.peer_not_before == mesh.server.not_before
+    assert result.tls_version == "TLSv1.3"
+    assert result.url == server.url()
+    assert 0 < result.elapsed_s < 3
+    assert server.paths == ["/stats/prometheus"]
+
+
+def test_ok_scrape_presents_the_scrapers_certificate(mesh: Mesh) -> None:
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        assert mesh.scrape(server.url()).ok
+    scraper_leaf = mesh.scraper_files.chain()[0]
+    assert server.peer_certs == [scraper_leaf.public_bytes(Encoding.DER)]
+
+
+def test_ok_without_client_certificate_when_the_server_does_not_ask(mesh: Mesh) -> None:
+    # No client certificate means no intermediates from the scraper's own chain: the
+    # identity check must use the chain the server presented.
+    tls = mesh.server_tls(require_client_cert=False)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url(), use_scraper=False)
+    assert result.outcome is MtlsOutcome.OK, result.detail
+    assert server.peer_certs == [None]
+
+
+def test_ok_over_ipv6_loopback(mesh: Mesh) -> None:
+    with HTTPServer(METRICS, tls=mesh.server_tls(), host="::1") as server:
+        url = server.url()
+        assert url.startswith("https://[::1]:")
+        result = mesh.scrape(url)
+    assert result.outcome is MtlsOutcome.OK, result.detail
+
+
+def test_expected_none_skips_the_identity_check_but_reports_it(mesh: Mesh) -> None:
+    tls = mesh.server_tls(mesh.other_server_files)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = scrape_mtls(
+            server.url(),
+            client=mesh.scraper_files,
+            mesh_root=mesh.scraper_files.root_cert.read_bytes(),
+            expected_spiffe=None,
+        )
+    assert result.outcome is MtlsOutcome.OK, result.detail
+    assert result.peer_spiffe_id == SpiffeId.for_workload("cluster.local", "bookinfo", "ratings")
+
+
+# --------------------------------------------------------------------------- HTTP answers
+
+
+def test_non_2xx_is_http_error(mesh: Mesh) -> None:
+    with HTTPServer(NOT_FOUND, tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url("/metrics"))
+    assert result.outcome is MtlsOutcome.HTTP_ERROR
+    assert not result.ok
+    assert result.status == 404
+    assert "404 page not found" in result.detail
+    assert result.families == []
+    assert result.peer_spiffe_id == mesh.expected
+
+
+def test_2xx_that_is_not_prometheus_text_is_invalid_metrics(mesh: Mesh) -> None:
+    html = Reply(200, "<html><body>dashboard</body></html>", content_type="text/html")
+    with HTTPServer(html, tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.INVALID_METRICS
+    assert not result.ok
+    assert result.status == 200
+    assert "not Prometheus text" in result.detail
+    assert "<html>" in result.detail
+
+
+# --------------------------------------------------------------------------- rejected by the server
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_no_client_certificate_is_handshake_rejected(mesh: Mesh, version: ssl.TLSVersion) -> None:
+    with HTTPServer(METRICS, tls=mesh.server_tls(maximum_version=version)) as server:
+        result = mesh.scrape(server.url(), use_scraper=False)
+    assert result.outcome is MtlsOutcome.HANDSHAKE_REJECTED, result.detail
+    assert "we presented no client certificate" in result.detail
+    assert result.status is None
+    assert server.paths == []
+    assert any("did not return a certificate" in e for e in server.handshake_errors)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_foreign_client_certificate_is_handshake_rejected(
+    mesh: Mesh, version: ssl.TLSVersion
+) -> None:
+    # With TLS 1.3 the server's rejection arrives after our handshake has completed; it
+    # may break the request write. Repeat to cover both timings.
+    with HTTPServer(METRICS, tls=mesh.server_tls(maximum_version=version)) as server:
+        results = [mesh.scrape(server.url(), client=mesh.foreign_client_files) for _ in range(20)]
+    assert {r.outcome for r in results} == {MtlsOutcome.HANDSHAKE_REJECTED}, [
+        r.detail for r in results if r.outcome is not MtlsOutcome.HANDSHAKE_REJECTED
+    ]
+    assert all("UNKNOWN_CA" in r.detail for r in results)
+    assert server.paths == []
+
+
+def test_server_closing_during_the_handshake_is_handshake_rejected(mesh: Mesh) -> None:
+    with close_after_accept() as server:
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.outcome is MtlsOutcome.HANDSHAKE_REJECTED
+    assert "during the TLS handshake" in result.detail
+    assert result.tls_version is None
+
+
+def test_plaintext_server_is_handshake_rejected(mesh: Mesh) -> None:
+    with HTTPServer(METRICS) as server:
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.outcome is MtlsOutcome.HANDSHAKE_REJECTED
+    assert "WRONG_VERSION_NUMBER" in result.detail
+
+
+# --------------------------------------------------------------------------- the peer
+
+
+def test_foreign_ca_server_is_peer_untrusted(mesh: Mesh) -> None:
+    tls = mesh.server_tls(mesh.foreign_server_files)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.PEER_UNTRUSTED
+    assert "does not verify against the mesh root" in result.detail
+    assert "unable to get local issuer certificate" in result.detail
+    assert server.paths == []
+
+
+def test_only_the_mesh_root_is_trusted_not_the_requests_ca_bundle(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # requests adds its public CA bundle to every verifying connection unless told not
+    # to; a bundle holding the foreign root must not make the foreign server trusted.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(mesh.foreign_server_files.root_cert.read_bytes())
+    monkeypatch.setattr(requests.adapters, "DEFAULT_CA_BUNDLE_PATH", str(bundle))
+    tls = mesh.server_tls(mesh.foreign_server_files)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.PEER_UNTRUSTED, result.detail
+    # Refused by OpenSSL in the handshake, before any request was sent.
+    assert "unable to get local issuer certificate" in result.detail
+    assert server.paths == []
+
+
+def test_expired_server_certificate_is_peer_untrusted(mesh: Mesh) -> None:
+    tls = mesh.server_tls(mesh.expired_server_files)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.PEER_UNTRUSTED
+    assert "certificate has expired" in result.detail
+
+
+def test_mesh_certificate_for_another_identity_is_a_mismatch(mesh: Mesh) -> None:
+    tls = mesh.server_tls(mesh.other_server_files)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.PEER_IDENTITY_MISMATCH
+    assert not result.ok
+    ratings = SpiffeId.for_workload("cluster.local", "bookinfo", "ratings")
+    assert result.peer_spiffe_id == ratings
+    assert f"is for {ratings}, expected {mesh.expected}" in result.detail
+
+
+def test_mismatch_is_found_from_the_presented_chain_alone(mesh: Mesh) -> None:
+    tls = mesh.server_tls(mesh.other_server_files, require_client_cert=False)
+    with HTTPServer(METRICS, tls=tls) as server:
+        result = mesh.scrape(server.url(), use_scraper=False)
+    assert result.outcome is MtlsOutcome.PEER_IDENTITY_MISMATCH, result.detail
+
+
+# --------------------------------------------------------------------------- transport endings
+
+
+def test_closed_port_is_refused(mesh: Mesh) -> None:
+    with closed_port() as port:
+        result = mesh.scrape(f"https://127.0.0.1:{port}/stats/prometheus")
+    assert result.outcome is MtlsOutcome.REFUSED
+    assert result.detail == "connection refused"
+
+
+def test_close_after_handshake_is_closed(mesh: Mesh) -> None:
+    with close_after_handshake(mesh.server_tls()) as server:
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+        assert server.handshakes == 1
+    assert result.outcome is MtlsOutcome.CLOSED, result.detail
+    assert "without an HTTP response" in result.detail
+    assert result.tls_version == "TLSv1.3"
+    assert result.peer_spiffe_id == mesh.expected
+
+
+def test_silent_server_times_out_in_the_handshake(mesh: Mesh) -> None:
+    with silent() as server:
+        result = scrape_mtls(
+            f"https://127.0.0.1:{server.port}/stats/prometheus",
+            client=mesh.scraper_files,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=mesh.expected,
+            timeout=SHORT,
+        )
+    assert result.outcome is MtlsOutcome.TIMEOUT
+    assert "TLS handshake" in result.detail
+    assert SHORT <= result.elapsed_s < SHORT + 2
+
+
+def test_silent_tls_server_times_out_waiting_for_the_response(mesh: Mesh) -> None:
+    with RawServer(mode="silent", tls=mesh.server_tls()) as server:
+        result = scrape_mtls(
+            f"https://127.0.0.1:{server.port}/stats/prometheus",
+            client=mesh.scraper_files,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=mesh.expected,
+            timeout=SHORT,
+        )
+    assert result.outcome is MtlsOutcome.TIMEOUT
+    assert "HTTP response" in result.detail
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_mesh_root_file_is_a_usage_error(mesh: Mesh, tmp_path: Path) -> None:
+    missing = tmp_path / "root-cert.pem"
+    with pytest.raises(UsageError, match=rf"mesh root file {missing} does not exist"):
+        scrape_mtls("https://127.0.0.1:1/", client=None, mesh_root=missing, expected_spiffe=None)
+
+
+def test_mesh_root_without_pem_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"mesh_root \(PEM bytes\) holds no PEM certificate"):
+        scrape_mtls("https://127.0.0.1:1/", client=None, mesh_root=b"junk", expected_spiffe=None)
+
+
+def test_missing_client_files_name_them(mesh: Mesh, tmp_path: Path) -> None:
+    absent = OutputCerts(
+        directory=tmp_path,
+        root_cert=tmp_path / "root-cert.pem",
+        cert_chain=tmp_path / "cert-chain.pem",
+        key=tmp_path / "key.pem",
+    )
+    with pytest.raises(UsageError) as info:
+        scrape_mtls(
+            "https://127.0.0.1:1/",
+            client=absent,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=None,
+        )
+    assert str(tmp_path / "cert-chain.pem") in str(info.value)
+    assert "istio#10544" in str(info.value)
+
+
+def test_mismatched_key_is_a_usage_error(mesh: Mesh, tmp_path: Path) -> None:
+    mixed = OutputCerts(
+        directory=tmp_path,
+        root_cert=mesh.scraper_files.root_cert,
+        cert_chain=mesh.scraper_files.cert_chain,
+        key=mesh.server_files.key,
+    )
+    assert oct(os.stat(mesh.server_files.key).st_mode & 0o777) == "0o600"
+    with pytest.raises(UsageError, match="do they belong together"):
+        scrape_mtls(
+            "https://127.0.0.1:1/",
+            client=mixed,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=None,
+        )
+
+
+# --------------------------------------------------------------------------- plaintext
+
+
+def test_plaintext_refused() -> None:
+    with closed_port() as port:
+        result = attempt_plaintext("127.0.0.1", port)
+    assert result.outcome is PlaintextOutcome.REFUSED
+    assert result.protected
+    assert result.status is None
+
+
+def test_plaintext_closed_after_accept() -> None:
+    with close_after_accept() as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.CLOSED
+    assert result.detail == "connection closed with no HTTP response"
+    assert result.protected
+
+
+def test_plaintext_to_a_tls_only_listener_is_closed(mesh: Mesh) -> None:
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.CLOSED
+    assert "no HTTP response" in result.detail
+    assert result.protected
+    assert server.paths == []
+
+
+def test_plaintext_envoy_503_is_rejected_by_proxy() -> None:
+    with HTTPServer(ENVOY_503) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.REJECTED_BY_PROXY
+    assert result.status == 503
+    assert "reset reason: connection termination" in result.body_excerpt
+    assert result.protected
+
+
+def test_plaintext_other_503_is_other_http() -> None:
+    with HTTPServer(Reply(503, "service unavailable")) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.OTHER_HTTP
+    assert result.status == 503
+
+
+def test_plaintext_agent_403_is_forbidden() -> None:
+    with HTTPServer(AGENT_403) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.FORBIDDEN
+    assert result.status == 403
+    assert result.body_excerpt == AGENT_403_BODY.strip()
+    assert result.protected
+
+
+def test_plaintext_metrics_are_served_and_unprotected() -> None:
+    with HTTPServer(METRICS) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.SERVED
+    assert not result.protected
+    assert result.status == 200
+    assert "envoy_server_live" in result.body_excerpt
+    assert "2 metric families (2 samples)" in result.detail
+    assert server.paths == ["/stats/prometheus"]
+
+
+def test_plaintext_404_is_not_found() -> None:
+    with HTTPServer(METRICS, routes={"/stats/prometheus": NOT_FOUND}) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.NOT_FOUND
+    assert result.protected
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(200, "<html><body>welcome</body></html>", content_type="text/html"),
+        Reply(200, ""),
+        Reply(500, METRICS.body),
+    ],
+    ids=["html", "empty", "500-with-metrics"],
+)
+def test_plaintext_answers_without_served_metrics_are_other_http(reply: Reply) -> None:
+    with HTTPServer(reply) as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.OTHER_HTTP
+    assert result.status == reply.status
+    assert result.protected
+
+
+def test_plaintext_silent_server_times_out() -> None:
+    with silent() as server:
+        result = attempt_plaintext("127.0.0.1", server.port, timeout=SHORT)
+    assert result.outcome is PlaintextOutcome.TIMEOUT
+    assert result.protected
+    assert SHORT <= result.elapsed_s < SHORT + 2
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_plaintext_ipv6_literal(host: str) -> None:
+    with HTTPServer(METRICS, host="::1") as server:
+        result = attempt_plaintext(host, server.port, "/stats/prometheus")
+    assert result.outcome is PlaintextOutcome.SERVED
+    assert result.host == "::1"
+    assert result.url == f"http://[::1]:{server.port}/stats/prometheus"
+
+
+def test_plaintext_custom_path_is_requested() -> None:
+    with HTTPServer(NOT_FOUND, routes={"/metrics": METRICS}) as server:
+        assert attempt_plaintext("127.0.0.1", server.port, "/metrics").outcome is (
+            PlaintextOutcome.SERVED
+        )
+        assert attempt_plaintext("127.0.0.1", server.port).outcome is PlaintextOutcome.NOT_FOUND
+    assert server.paths == ["/metrics", "/stats/prometheus"]
+
+
+def test_protected_is_false_only_for_served() -> None:
+    for outcome in PlaintextOutcome:
+        result = PlaintextResult("h", 1, "/", outcome, "", 0.0)
+        assert result.protected is (outcome is not PlaintextOutcome.SERVED)
+
+
+@pytest.mark.parametrize(("port", "path"), [(0, "/x"), (70000, "/x"), (80, "x")])
+def test_plaintext_bad_input(port: int, path: str) -> None:
+    with pytest.raises(UsageError):
+        attempt_plaintext("127.0.0.1", port, path)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # A proxy from the environment must not be used: point one at a closed port, so a
+    # probe that honoured it would fail every test.
+    with closed_port() as port:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        yield
