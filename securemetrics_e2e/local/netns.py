@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import subprocess
@@ -100,6 +101,23 @@ class Pod:
         return ["ip", "netns", "exec", self.netns, *argv]
 
 
+@functools.cache
+def _netns_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root (CAP_SYS_ADMIN)"
+    probe = f"smx-probe-{os.getpid()}"
+    proc = subprocess.run(
+        ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return f"`ip netns add` failed: {proc.stderr.strip() or 'no ip command'}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
+
+
+_loopback_networks = itertools.count()
+
+
 class PodNetwork:
     """Namespaces joined by a bridge in a private node namespace. Always :meth:`close`."""
 
@@ -124,17 +142,8 @@ class PodNetwork:
 
     @staticmethod
     def available() -> str | None:
-        """None when namespaces can be made here, else why not."""
-        if os.geteuid() != 0:
-            return "creating network namespaces needs root (CAP_SYS_ADMIN)"
-        probe = f"smx-probe-{os.getpid()}"
-        proc = subprocess.run(
-            ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            return f"`ip netns add` failed: {proc.stderr.strip() or 'no ip command'}"
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-        return None
+        """None when namespaces can be made here, else why not (asked once per process)."""
+        return _netns_unavailable_reason()
 
     def _add_netns(self, name: str) -> None:
         if os.path.exists(os.path.join(_NETNS_DIR, name)):
@@ -201,8 +210,10 @@ class LoopbackNetwork:
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        # a run-specific second octet keeps two concurrent runs on different addresses
-        self._octet = 100 + (os.getpid() % 150)
+        # a block of addresses of its own per network, so runs in other processes and
+        # other networks of this process do not collide
+        block = hash((os.getpid(), next(_loopback_networks))) % (150 * 250)
+        self._octets = f"127.{100 + block % 150}.{block // 150}"
         self.pods: dict[str, Pod] = {}
         self._indexes = itertools.count(2)
 
@@ -210,7 +221,7 @@ class LoopbackNetwork:
         index = next(self._indexes)
         if index > 254:
             raise EnvironmentProblem("a local loopback pod network holds at most 253 pods")
-        ip = f"127.{self._octet}.{(os.getpid() >> 8) % 250}.{index}"
+        ip = f"{self._octets}.{index}"
         pod = Pod(name=name, ip=ip, loopback=ip, netns=None)
         self.pods[name] = pod
         return pod

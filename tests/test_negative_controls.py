@@ -1,0 +1,94 @@
+"""Negative controls: each seeded misconfiguration makes the suite say FAIL, naming the check.
+
+A conformance suite that cannot fail proves nothing. Every fault below breaks the local
+mesh the way real deployments break; the scenario's checks must then fail, and exactly
+the checks that are about that breakage. The clean mesh passing every check is proven
+by the scenario suite itself (scenarios/).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from localmesh import requires_local_mesh
+
+from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.checks import run_checks
+from securemetrics_e2e.local.backend import LocalBackend
+from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+
+pytestmark = requires_local_mesh
+
+TARGETS = {"targets-up-merged", "targets-up-envoy"}
+EXPECTED: dict[Fault, tuple[str, set[str]]] = {
+    Fault.PLAINTEXT_SECURE_PORT: (
+        "native-sidecar",
+        {"listeners-tls-only", "mtls-scrape", "envoy-port-stats-only", "plaintext-refused"}
+        | TARGETS,
+    ),
+    Fault.CLIENT_CERT_OPTIONAL: (
+        "native-sidecar",
+        {"listeners-tls-only", "no-client-cert-refused"},
+    ),
+    Fault.FOREIGN_ROOT_TRUSTED: ("native-sidecar", {"foreign-ca-refused"}),
+    Fault.SCRAPE_JOB_PLAINTEXT: ("native-sidecar", TARGETS),
+    Fault.HARDENED_FLAG_MISSING: (
+        "hardened",
+        {"hardened-envoy-stats-localhost", "hardened-agent-forbidden"},
+    ),
+    Fault.EXPIRED_WORKLOAD_CERT: ("native-sidecar", {"mtls-scrape", "envoy-port-stats-only"}),
+    Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
+    Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
+}
+
+
+def _run_with_fault(fault: Fault) -> list[CheckOutcome]:
+    backend = LocalBackend(fault=fault)
+    try:
+        with backend.deployed(scenario(EXPECTED[fault][0]), MtlsMode.PERMISSIVE) as dep:
+            return run_checks(backend, dep)
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def control_results() -> dict[Fault, list[CheckOutcome]]:
+    # Independent meshes, so they run side by side: each pays Prometheus' first
+    # discovery cycle (up to 5 s) once, together instead of one after another.
+    with ThreadPoolExecutor(max_workers=len(EXPECTED)) as pool:
+        futures = {fault: pool.submit(_run_with_fault, fault) for fault in EXPECTED}
+        return {fault: future.result() for fault, future in futures.items()}
+
+
+def test_every_fault_has_a_control() -> None:
+    assert set(EXPECTED) == set(Fault)
+
+
+@pytest.mark.parametrize("fault", list(EXPECTED), ids=str)
+def test_fault_makes_the_verdict_fail_naming_its_checks(
+    fault: Fault, control_results: dict[Fault, list[CheckOutcome]]
+) -> None:
+    outcomes = control_results[fault]
+    result = RunResult(outcomes=outcomes)
+    failed = {o.check for o in outcomes if o.status is Status.FAIL}
+    assert not result.conformant
+    assert failed == EXPECTED[fault][1], {o.check: o.message for o in outcomes}
+    for o in outcomes:
+        if o.status is Status.FAIL:
+            assert o.code.startswith("SMC") and o.message
+
+
+def test_missing_annotation_is_reported_as_zero_targets(
+    control_results: dict[Fault, list[CheckOutcome]],
+) -> None:
+    messages = [o.message for o in control_results[Fault.SECURE_PORT_ANNOTATION_MISSING]]
+    assert any("ZERO targets" in m and "dropped by relabeling" in m for m in messages)
+
+
+def test_expired_certificate_is_named(control_results: dict[Fault, list[CheckOutcome]]) -> None:
+    scrape = next(
+        o for o in control_results[Fault.EXPIRED_WORKLOAD_CERT] if o.check == "mtls-scrape"
+    )
+    assert "expired" in scrape.message
