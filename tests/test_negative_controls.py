@@ -77,7 +77,8 @@ def test_fault_makes_the_verdict_fail_naming_its_checks(
     assert failed == EXPECTED[fault][1], {o.check: o.message for o in outcomes}
     for o in outcomes:
         if o.status is Status.FAIL:
-            assert o.code.startswith("SMC") and o.message
+            assert o.code.startswith("SMC")
+            assert o.message
 
 
 def test_missing_annotation_is_reported_as_zero_targets(
