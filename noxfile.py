@@ -45,7 +45,8 @@ def tests(session: nox.Session) -> None:
     """The library's own tests and the conformance scenarios on the local backend."""
     _system_packages(session)
     session.install("-e", ".[dev]")
-    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests", "scenarios"]))
+    args = session.posargs or ["tests", "scenarios", "--benchmark-skip"]
+    session.run("pytest", "-p", "no:cacheprovider", *args)
 
 
 @nox.session(python=PYTHON)
@@ -100,5 +101,11 @@ def bench(session: nox.Session) -> None:
     _system_packages(session)
     session.install("-e", ".[dev]")
     session.run(
-        "pytest", "-p", "no:cacheprovider", "tests/bench", "--benchmark-only", *session.posargs
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-s",
+        "tests/bench",
+        "--benchmark-only",
+        *session.posargs,
     )

@@ -325,6 +325,9 @@ def pytest_terminal_summary(
         for o in mine:
             if o.status is Status.FAIL:
                 tr.write_line(f"        {o.code} {o.check}: {o.message}")
+        if status is Status.PASS:
+            for note in scenario(name).notes:
+                tr.write_line(f"        note: {note}")
     counts = result.counts()
     verdict = "CONFORMANT" if result.conformant else "NOT CONFORMANT"
     elapsed = time.time() - result.measurements.get("start", time.time())
