@@ -1,0 +1,468 @@
+"""What the cluster backend applies for a scenario: objects rendered from the project's charts.
+
+Every object comes out of a chart in ``charts/`` rendered by a real Helm engine
+(:mod:`securemetrics_e2e.charts`); nothing here writes a manifest by hand. This module only
+decides which charts, with which values, for a (scenario, mTLS mode, Istio version, variant).
+
+Three kinds of output:
+
+* :func:`scenario_manifests` -> ``list[dict]``: complete objects to create (server-side apply
+  or create), ordered so that mesh configuration exists before the pods that read it at
+  start (a ``ProxyConfig`` before the Gateway whose Deployment Istio generates from it).
+* :func:`scenario_patches` -> ``list[Patch]``: changes to objects the suite does not own,
+  i.e. the classic ``istio-ingressgateway`` Deployment installed with Istio. Each is a
+  strategic-merge patch (``kubectl patch --type=strategic``; containers and env entries
+  merge by name). The mesh-gateways chart publishes it in a ConfigMap (so the chart stays
+  installable); that ConfigMap is not among the manifests, only the patch it carries.
+  Undo one by restoring the Deployment's pod template as read before patching: Istio's
+  gateway chart may already carry ``prometheus.io/path``, so deleting the patched keys is
+  not a faithful undo.
+* :func:`scraper_manifests` -> ``list[dict]``: the secure-metrics Prometheus (once per
+  cluster, in ``istio-system`` by default).
+
+Where ISTIO-FACTS.md says a path is only inferred, a scenario has *variants* that render
+each path, so a run reports what really happens (:func:`variants`, :func:`find_variant`):
+
+* ``gateway-api``: ``proxy-config`` (default; a ``ProxyConfig`` selecting the gateway pods
+  sets ``environmentVariables``, the path the code says reaches the agent) and
+  ``infrastructure-annotations`` (``proxy.istio.io/config`` in ``spec.infrastructure``,
+  the path istio.io documents).
+* sidecar scenarios with native ports (``native-sidecar``, ``hardened``,
+  ``servicemonitor``): ``as-documented`` (default) and ``exclude-capture``
+  (``traffic.sidecar.istio.io/excludeInboundPorts`` lists both secure ports, the fix the
+  facts propose should STRICT mode break them).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import yaml
+
+from securemetrics_e2e.catalog import (
+    SECURE_ENVOY_PORT,
+    SECURE_MERGED_PORT,
+    MetricsMode,
+    MtlsMode,
+    Scenario,
+    WorkloadKind,
+    WorkloadSpec,
+)
+from securemetrics_e2e.charts import render_chart
+from securemetrics_e2e.errors import UsageError
+
+if TYPE_CHECKING:
+    from securemetrics_e2e.versions import Capabilities, IstioVersion
+
+#: Release names, one per chart, so objects can be traced back to the chart that made them.
+POLICY_RELEASE: Final = "securemetrics-policy"
+WORKLOAD_RELEASE: Final = "securemetrics-workload"
+GATEWAYS_RELEASE: Final = "securemetrics-gateways"
+OPERATOR_RELEASE: Final = "securemetrics-prometheus-operator"
+SCRAPER_RELEASE: Final = "securemetrics-scraper"
+
+#: Suffix Istio appends to a Gateway API Gateway's name for its Deployment and ServiceAccount.
+GENERATED_GATEWAY_SUFFIX: Final = "-istio"
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class GatewayApiPath(enum.StrEnum):
+    """How the secure-port variables reach a Gateway API gateway's proxy."""
+
+    PROXY_CONFIG = "proxy-config"
+    INFRASTRUCTURE_ANNOTATIONS = "infrastructure-annotations"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to render a scenario where the facts leave the outcome open."""
+
+    name: str
+    description: str
+    gateway_api_path: GatewayApiPath = GatewayApiPath.PROXY_CONFIG
+    exclude_secure_ports_from_capture: bool = False
+
+
+DEFAULT_VARIANT: Final = Variant("default", "the only rendering of this scenario")
+_AS_DOCUMENTED: Final = Variant(
+    "as-documented", "secure ports left to the sidecar's inbound capture, as istio.io shows"
+)
+_EXCLUDE_CAPTURE: Final = Variant(
+    "exclude-capture",
+    "traffic.sidecar.istio.io/excludeInboundPorts lists both secure ports (the STRICT-mode fix)",
+    exclude_secure_ports_from_capture=True,
+)
+_GW_PROXY_CONFIG: Final = Variant(
+    "proxy-config",
+    "a ProxyConfig selecting the gateway pods sets environmentVariables",
+    gateway_api_path=GatewayApiPath.PROXY_CONFIG,
+)
+_GW_ANNOTATIONS: Final = Variant(
+    "infrastructure-annotations",
+    "proxy.istio.io/config proxyMetadata in spec.infrastructure.annotations, as istio.io shows",
+    gateway_api_path=GatewayApiPath.INFRASTRUCTURE_ANNOTATIONS,
+)
+
+
+def variants(scenario: Scenario) -> tuple[Variant, ...]:
+    """The variants of ``scenario``, the default (what an unqualified run deploys) first."""
+    native = {MetricsMode.NATIVE, MetricsMode.HARDENED}
+    if scenario.name == "gateway-api":
+        return (_GW_PROXY_CONFIG, _GW_ANNOTATIONS)
+    if any(w.kind is WorkloadKind.SIDECAR and w.mode in native for w in scenario.workloads):
+        return (_AS_DOCUMENTED, _EXCLUDE_CAPTURE)
+    return (DEFAULT_VARIANT,)
+
+
+def find_variant(scenario: Scenario, name: str | Variant | None) -> Variant:
+    """The variant of ``scenario`` called ``name`` (``None``: the default one)."""
+    known = variants(scenario)
+    if name is None:
+        return known[0]
+    wanted = name.name if isinstance(name, Variant) else name
+    for v in known:
+        if v.name == wanted:
+            return v
+    names = ", ".join(v.name for v in known)
+    raise UsageError(f"scenario {scenario.name!r} has no variant {wanted!r}; its variants: {names}")
+
+
+@dataclass(frozen=True)
+class Release:
+    """One chart rendered with its values: what ``helm install`` would be given."""
+
+    chart: str
+    release: str
+    namespace: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def render(self) -> list[dict[str, Any]]:
+        return render_chart(self.chart, self.values, release=self.release, namespace=self.namespace)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A strategic-merge patch to an object the suite does not own.
+
+    Apply ``body`` with ``Content-Type: application/strategic-merge-patch+json`` (the
+    Kubernetes Python client's ``patch_namespaced_deployment``, or ``kubectl patch
+    --type=strategic``).
+    """
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    body: Mapping[str, Any]
+
+
+def _capabilities(version: IstioVersion | str) -> Capabilities:
+    # Imported here: versions.py is owned by another module and loads nothing heavy, but
+    # keeping the import local keeps this module importable on its own.
+    from securemetrics_e2e.versions import capabilities
+
+    return capabilities(version)
+
+
+def _check_namespace(option: str, value: str) -> None:
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value) or len(value) > 63:
+        raise UsageError(
+            f"{option}={value!r} is not a Kubernetes namespace name "
+            "(lower-case letters, digits and '-', at most 63 characters)"
+        )
+
+
+def _workload(scenario: Scenario) -> WorkloadSpec:
+    if len(scenario.workloads) != 1:
+        raise UsageError(
+            f"scenario {scenario.name!r} declares {len(scenario.workloads)} workloads; "
+            "the charts deploy exactly one per scenario"
+        )
+    return scenario.workloads[0]
+
+
+def _httpbin_values(
+    workload: WorkloadSpec, chosen: Variant, *, expose_merged: bool
+) -> dict[str, Any]:
+    return {
+        "name": workload.name,
+        "serviceAccount": {"name": workload.service_account},
+        "service": {"exposeSecureMergedPort": expose_merged},
+        "metrics": {
+            "mode": workload.mode.value,
+            "envoyPort": SECURE_ENVOY_PORT,
+            "mergedPort": SECURE_MERGED_PORT,
+            "excludeSecurePortsFromCapture": chosen.exclude_secure_ports_from_capture,
+            "legacy": {"port": SECURE_ENVOY_PORT},
+        },
+    }
+
+
+def _gateway_values(
+    workload: WorkloadSpec, chosen: Variant, *, gateway_api: bool
+) -> dict[str, Any]:
+    ports = {"envoy": SECURE_ENVOY_PORT, "merged": SECURE_MERGED_PORT}
+    if gateway_api:
+        if not workload.name.endswith(GENERATED_GATEWAY_SUFFIX):
+            raise UsageError(
+                f"Gateway API workload {workload.name!r} must be named <gateway>"
+                f"{GENERATED_GATEWAY_SUFFIX}, the Deployment Istio generates for a Gateway"
+            )
+        # The catalog names the generated Deployment; the chart takes the Gateway's name.
+        path = (
+            "proxyConfig"
+            if chosen.gateway_api_path is GatewayApiPath.PROXY_CONFIG
+            else "infrastructureAnnotations"
+        )
+        return {
+            "ports": ports,
+            "gatewayApi": {
+                "enabled": True,
+                "name": workload.name.removesuffix(GENERATED_GATEWAY_SUFFIX),
+                "mode": workload.mode.value,
+                "path": path,
+            },
+        }
+    return {
+        "ports": ports,
+        "ingressgateway": {
+            "mode": workload.mode.value,
+            "renderPatch": True,
+            "deployment": workload.name,
+            "legacy": {"port": SECURE_ENVOY_PORT},
+        },
+    }
+
+
+def _operator_values(caps: Capabilities, workload: WorkloadSpec) -> dict[str, Any]:
+    image = caps.prometheus_image
+    return {
+        "prometheus": {"image": image, "version": image.rsplit(":", 1)[-1]},
+        "target": {
+            "app": workload.name,
+            # The merged-port ServiceMonitor needs the native secure port (Istio >= 1.31).
+            "mergedPort": {"enabled": caps.native_secure_ports},
+        },
+    }
+
+
+def scenario_releases(
+    scenario: Scenario,
+    mtls_mode: MtlsMode,
+    version: IstioVersion | str,
+    *,
+    namespace: str,
+    scraper_namespace: str = "istio-system",
+    gateway_namespace: str = "istio-system",
+    variant: str | Variant | None = None,
+) -> list[Release]:
+    """The chart releases behind :func:`scenario_manifests` and :func:`scenario_patches`.
+
+    Raises :class:`UsageError` for a namespace that is not a DNS label, a scenario
+    namespace shared with the scraper or the gateway (its PeerAuthentication would apply
+    there too; in the root namespace, to the whole mesh), a mode the scenario does not run
+    in, or an unknown variant; and the versions module's error for an unsupported version.
+    """
+    _check_namespace("namespace", namespace)
+    _check_namespace("scraper_namespace", scraper_namespace)
+    _check_namespace("gateway_namespace", gateway_namespace)
+    for option, other in (
+        ("scraper_namespace", scraper_namespace),
+        ("gateway_namespace", gateway_namespace),
+    ):
+        if namespace == other:
+            raise UsageError(
+                f"namespace={namespace!r} is also the {option}: a scenario needs a namespace "
+                "of its own, since its PeerAuthentication governs the whole namespace"
+            )
+    if mtls_mode not in scenario.mtls_modes:
+        modes = ", ".join(m.value for m in scenario.mtls_modes)
+        raise UsageError(
+            f"scenario {scenario.name!r} does not run in mTLS mode {mtls_mode!s}; "
+            f"its modes: {modes}"
+        )
+    caps = _capabilities(version)
+    chosen = find_variant(scenario, variant)
+    workload = _workload(scenario)
+
+    releases = [
+        Release(
+            "mesh-policy",
+            POLICY_RELEASE,
+            namespace,
+            {"peerAuthentication": {"mode": mtls_mode.value}},
+        )
+    ]
+    if workload.kind is WorkloadKind.SIDECAR:
+        operator = scenario.name == "servicemonitor"
+        releases.append(
+            Release(
+                "httpbin",
+                WORKLOAD_RELEASE,
+                namespace,
+                _httpbin_values(
+                    workload, chosen, expose_merged=operator and caps.native_secure_ports
+                ),
+            )
+        )
+        if operator:
+            releases.append(
+                Release(
+                    "prometheus-operator-scrape",
+                    OPERATOR_RELEASE,
+                    namespace,
+                    _operator_values(caps, workload),
+                )
+            )
+    else:
+        gateway_api = scenario.name == "gateway-api"
+        values = _gateway_values(workload, chosen, gateway_api=gateway_api)
+        # A generated (Gateway API) gateway lives in the scenario namespace; the classic one
+        # is Istio's own, in its namespace.
+        gw_namespace = namespace if gateway_api else gateway_namespace
+        releases.append(Release("mesh-gateways", GATEWAYS_RELEASE, gw_namespace, values))
+    return releases
+
+
+_PATCH_LABEL: Final = "securemetrics-e2e.io/patch"
+
+
+def _is_patch(release: Release, obj: Mapping[str, Any]) -> bool:
+    # The mesh-gateways chart publishes the classic ingress gateway's patch in a ConfigMap
+    # (templates/ingressgateway-patch.yaml): the patch is what the backend applies.
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return (
+        release.chart == "mesh-gateways"
+        and obj.get("kind") == "ConfigMap"
+        and labels.get(_PATCH_LABEL) == "strategic-merge"
+    )
+
+
+def _patch(obj: Mapping[str, Any]) -> Patch:
+    data = obj["data"]
+    return Patch(
+        api_version=data["apiVersion"],
+        kind=data["kind"],
+        name=data["name"],
+        namespace=obj["metadata"]["namespace"],
+        body=yaml.safe_load(data["patch.yaml"]),
+    )
+
+
+# Objects read by istiod or by a proxy at start go first, then identities and services, then
+# what creates pods, then what selects them.
+_PHASES: Final[dict[str, int]] = {
+    "PeerAuthentication": 0,
+    "ProxyConfig": 0,
+    "Sidecar": 0,
+    "ServiceEntry": 0,
+    "DestinationRule": 0,
+    "ServiceAccount": 1,
+    "Role": 1,
+    "RoleBinding": 1,
+    "ClusterRole": 1,
+    "ClusterRoleBinding": 1,
+    "ConfigMap": 1,
+    "Secret": 1,
+    "Service": 1,
+    "ServiceMonitor": 3,
+}
+
+
+def _phase(obj: Mapping[str, Any]) -> int:
+    return _PHASES.get(str(obj.get("kind")), 2)
+
+
+def scenario_manifests(
+    scenario: Scenario,
+    mtls_mode: MtlsMode,
+    version: IstioVersion | str,
+    *,
+    namespace: str,
+    scraper_namespace: str = "istio-system",
+    gateway_namespace: str = "istio-system",
+    variant: str | Variant | None = None,
+) -> list[dict[str, Any]]:
+    """Every complete object the cluster backend creates for the scenario, in apply order.
+
+    ``namespace`` is the scenario's own namespace (PeerAuthentication, workloads, a Gateway
+    API gateway, the Prometheus Operator objects); the classic ingress gateway's legacy
+    Gateway/ServiceEntry/VirtualService go to ``gateway_namespace``. The scraper is not
+    included (:func:`scraper_manifests`), nor are patches (:func:`scenario_patches`).
+    Scenario feature gating (e.g. native ports need Istio 1.31) is the catalog's business:
+    every scenario renders for every supported version.
+    """
+    releases = scenario_releases(
+        scenario,
+        mtls_mode,
+        version,
+        namespace=namespace,
+        scraper_namespace=scraper_namespace,
+        gateway_namespace=gateway_namespace,
+        variant=variant,
+    )
+    objects = [
+        obj for release in releases for obj in release.render() if not _is_patch(release, obj)
+    ]
+    return sorted(objects, key=_phase)  # stable: Helm's order within a phase
+
+
+def scenario_patches(
+    scenario: Scenario,
+    mtls_mode: MtlsMode,
+    version: IstioVersion | str,
+    *,
+    namespace: str,
+    scraper_namespace: str = "istio-system",
+    gateway_namespace: str = "istio-system",
+    variant: str | Variant | None = None,
+) -> list[Patch]:
+    """Strategic-merge patches to existing objects (the classic ``istio-ingressgateway``).
+
+    ``native-gateway`` patches in the secure-port env vars and the Prometheus annotations;
+    ``legacy-gateway`` only the annotation naming the legacy port. Other scenarios: none.
+    """
+    releases = scenario_releases(
+        scenario,
+        mtls_mode,
+        version,
+        namespace=namespace,
+        scraper_namespace=scraper_namespace,
+        gateway_namespace=gateway_namespace,
+        variant=variant,
+    )
+    patches = []
+    for release in releases:
+        for obj in release.render():
+            if _is_patch(release, obj):
+                patches.append(_patch(obj))
+    return patches
+
+
+def scraper_release(
+    *, namespace: str = "istio-system", version: IstioVersion | str | None = None
+) -> Release:
+    """The secure-metrics Prometheus release; with ``version``, that minor's sample image."""
+    _check_namespace("namespace", namespace)
+    values: dict[str, Any] = {}
+    if version is not None:
+        repository, tag = _capabilities(version).prometheus_image.rsplit(":", 1)
+        values["image"] = {"repository": repository, "tag": tag}
+    return Release("secure-metrics-prometheus", SCRAPER_RELEASE, namespace, values)
+
+
+def scraper_manifests(
+    *, namespace: str = "istio-system", version: IstioVersion | str | None = None
+) -> list[dict[str, Any]]:
+    """The scraper: ServiceAccount, ClusterRole(Binding), ConfigMap, Service, Deployment.
+
+    Its Deployment is named ``prometheus`` and its pods are labelled
+    ``app.kubernetes.io/name: prometheus``; the scrape configuration is
+    ``charts/secure-metrics-prometheus/files/prometheus.yml`` byte for byte.
+    """
+    return scraper_release(namespace=namespace, version=version).render()
