@@ -10,12 +10,13 @@ reason and one closing verdict line.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from securemetrics_e2e import progress
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import (
     SCENARIOS,
@@ -164,6 +165,7 @@ def sm_backend(pytestconfig: pytest.Config) -> Iterator[Backend]:
     try:
         yield backend
     finally:
+        run_result(pytestconfig).environment.update(backend.describe())
         backend.close()
 
 
@@ -178,6 +180,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(str(exc)) from None
     if chk is not None:
         variants = [v for v in variants if chk.applies(v.scenario)]
+    if not variants:
+        reason = f"check {chk.id if chk else '?'} applies to none of the selected scenarios"
+        metafunc.parametrize(
+            "deployment",
+            [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="none")],
+            indirect=True,
+            scope="session",
+        )
+        return
     metafunc.parametrize(
         "deployment", variants, indirect=True, scope="session", ids=[v.id for v in variants]
     )
@@ -206,7 +217,8 @@ class Fleet:
                     self._deployed[v] = reason
                     continue
                 try:
-                    self._deployed[v] = self.backend.deploy(v.scenario, v.mtls_mode)
+                    with progress.timed(v.id, progress.Phase.DEPLOY):
+                        self._deployed[v] = self.backend.deploy(v.scenario, v.mtls_mode)
                 except SecureMetricsError as exc:
                     self._deployed[v] = exc
         state = self._deployed.get(variant)
@@ -240,8 +252,14 @@ def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Deployment:
 
 
 @pytest.fixture
-def run_check(request: pytest.FixtureRequest, sm_backend: Backend, deployment: Deployment) -> None:
-    """Run the check named by the test's ``check`` marker against its deployment."""
+def run_check(
+    request: pytest.FixtureRequest, sm_backend: Backend, deployment: Deployment
+) -> Callable[[], None]:
+    """The check named by the test's ``check`` marker, bound to its deployment.
+
+    The test body calls it, so a misbehaving mesh is a test FAILURE (not a setup error)
+    and the check's time is the test's time.
+    """
     marker = request.node.get_closest_marker("check")
     if marker is None:
         raise pytest.UsageError(f"{request.node.nodeid} uses run_check without a check marker")
@@ -249,7 +267,11 @@ def run_check(request: pytest.FixtureRequest, sm_backend: Backend, deployment: D
     reason = skip_reason(chk, sm_backend)
     if reason is not None:
         pytest.skip(reason)
-    chk.run(sm_backend, deployment)
+
+    def run() -> None:
+        chk.run(sm_backend, deployment)
+
+    return run
 
 
 @pytest.hookimpl(wrapper=True)
@@ -261,7 +283,9 @@ def pytest_runtest_makereport(
     marker = item.get_closest_marker("check")
     if marker is None or callspec is None or "deployment" not in callspec.params:
         return report
-    variant: Variant = callspec.params["deployment"]
+    variant = callspec.params["deployment"]
+    if not isinstance(variant, Variant):  # an empty parameter set: no variant to report
+        return report
     if report.when == "call" or (report.when == "setup" and not report.passed):
         if report.passed:
             status, message = Status.PASS, ""

@@ -39,6 +39,8 @@ class RunResult:
     outcomes: list[CheckOutcome] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     measurements: dict[str, float] = field(default_factory=dict)
+    #: problems that stopped the run from judging the mesh (environment, usage), not findings
+    errors: list[str] = field(default_factory=list)
 
     def add(self, outcome: CheckOutcome) -> None:
         self.outcomes.append(outcome)
@@ -63,9 +65,12 @@ class RunResult:
 
     @property
     def conformant(self) -> bool:
-        """No check failed and at least one passed: a run that checked nothing proves nothing."""
+        """No check failed and at least one passed: a run that checked nothing proves nothing.
+
+        A run stopped by an environment or usage error is not conformant either.
+        """
         statuses = {o.status for o in self.outcomes}
-        return Status.FAIL not in statuses and Status.PASS in statuses
+        return not self.errors and Status.FAIL not in statuses and Status.PASS in statuses
 
     def counts(self) -> dict[Status, int]:
         counts = dict.fromkeys(Status, 0)

@@ -1,0 +1,622 @@
+"""The ``securemetrics-e2e`` command: run, plan, list, matrix, audit.
+
+Exit status (every command): 0 success / conformant, 1 not conformant (``run``) or
+warnings (``audit``), 3 errors (``audit``), 2 a usage or environment error, reported as one
+message naming the input and the fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
+
+from securemetrics_e2e import __version__
+from securemetrics_e2e.catalog import SCENARIOS, Feature, Profile, Scenario, scenario
+from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
+
+if TYPE_CHECKING:
+    from securemetrics_e2e.progress import Progress, ProgressPlugin
+    from securemetrics_e2e.results import RunResult
+
+PROG = "securemetrics-e2e"
+BACKENDS = ("local", "kind", "existing")
+PROFILES = ("core", "extended", "all")
+
+EXIT_OK = 0
+EXIT_NOT_CONFORMANT = 1
+EXIT_USAGE = 2
+
+#: CLI flag -> the pytest option it becomes for the cluster backends
+CLUSTER_FLAGS = {
+    "hub": "--istio-hub",
+    "tag": "--istio-tag",
+    "kubeconfig": "--kubeconfig",
+    "context": "--kube-context",
+    "keep": "--keep-cluster",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UsageError (exit 2 through :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------- paths
+
+
+def scenarios_dir() -> Path:
+    """The conformance scenarios: packaged in the wheel, or beside the package in a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_data" / "scenarios", package.parent / "scenarios"):
+        if (candidate / "test_secure_metrics.py").is_file():
+            return candidate
+    raise EnvironmentProblem(
+        f"the conformance scenarios are neither packaged in {package / '_data'} nor beside "
+        f"the package in {package.parent}; reinstall securemetrics-e2e"
+    )
+
+
+# ---------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: str
+    istio_version: str
+    profile: str
+    scenarios: tuple[Scenario, ...]
+    explicit: bool  # the user named scenarios
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        if self.profile != "all":
+            return (self.profile,)
+        return tuple(p.value for p in Profile)
+
+
+def select(args: argparse.Namespace) -> Selection:
+    """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
+    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
+
+    version = str(resolve(args.istio_version) if args.istio_version else DEFAULT_VERSION)
+    names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
+    if names:
+        chosen = [scenario(n) for n in dict.fromkeys(names)]
+        if args.profile != "all":
+            wrong = [s.name for s in chosen if s.profile.value != args.profile]
+            if wrong:
+                raise UsageError(
+                    f"scenario {', '.join(wrong)} is not in profile {args.profile!r}; "
+                    f"drop --profile or use --profile all"
+                )
+    else:
+        chosen = [s for s in SCENARIOS if args.profile in ("all", s.profile.value)]
+    return Selection(args.backend, version, args.profile, tuple(chosen), bool(names))
+
+
+def _local_preflight() -> dict[str, str]:
+    """The binaries the local backend runs; EnvironmentProblem naming how to get a missing one."""
+    from securemetrics_e2e.local.envoy import envoy_binary
+    from securemetrics_e2e.local.promserver import prometheus_binary
+
+    return {"prometheus": prometheus_binary(), "envoy": envoy_binary()}
+
+
+def _check_backend_flags(args: argparse.Namespace) -> None:
+    if args.backend == "local":
+        used = [f"--{k}" for k in ("hub", "tag", "kubeconfig", "context") if getattr(args, k)]
+        if getattr(args, "keep", False):
+            used.append("--keep")
+        if used:
+            raise UsageError(
+                f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
+                "images and keeps nothing after the run (use --backend kind or existing)"
+            )
+    elif getattr(args, "local_fault", None) or args.local_network != "auto":
+        raise UsageError("--local-network and --local-fault apply to --backend local only")
+
+
+# ---------------------------------------------------------------------- run
+
+
+def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
+    scenarios = scenarios_dir()
+    argv = [
+        str(scenarios),
+        # the user's own pytest configuration (cwd, ini files) must not change the run
+        "-c",
+        os.devnull,
+        "--rootdir",
+        str(scenarios.parent),
+        "-p",
+        "no:cacheprovider",
+        "--sm-backend",
+        sel.backend,
+        "--scenario",
+        ",".join(s.name for s in sel.scenarios),
+    ]
+    if sel.backend != "existing" or args.istio_version:
+        argv += ["--istio-version", sel.istio_version]
+    if not args.pytest_output:
+        argv += ["-p", "no:terminal"]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        argv += ["-p", "securemetrics_e2e.plugin"]
+    if sel.backend == "local":
+        argv += ["--local-network", args.local_network]
+        if args.local_fault:
+            argv += ["--local-fault", args.local_fault]
+    else:
+        for key, flag in CLUSTER_FLAGS.items():
+            value = getattr(args, key, None)
+            if value is True:
+                argv.append(flag)
+            elif value:
+                argv += [flag, str(value)]
+    return argv + list(args.pytest_args)
+
+
+def _terminal() -> TextIO:
+    """The real stdout, even while pytest captures fd 1 around each test phase."""
+    try:
+        fd = os.dup(sys.stdout.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return sys.stdout
+    return open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)
+
+
+def _distribution(args: argparse.Namespace) -> Any:
+    from securemetrics_e2e.report import Distribution
+
+    return Distribution(
+        organization=args.org or "",
+        project=args.project or "",
+        url=args.url or "",
+        version=args.dist_version or "",
+        contact=tuple(args.contact or ()),
+    )
+
+
+def _validate_run(args: argparse.Namespace) -> Selection:
+    """Every check that can fail before anything starts: usage first, then the machine."""
+    from securemetrics_e2e.report import report_format
+
+    _check_backend_flags(args)
+    if args.local_fault:
+        from securemetrics_e2e.local.faults import Fault
+
+        known = ", ".join(f.value for f in Fault)
+        if args.local_fault not in {f.value for f in Fault}:
+            raise UsageError(f"unknown --local-fault {args.local_fault!r}; known: {known}")
+    sel = select(args)
+    if args.report:
+        report_format(Path(args.report))  # fail now, not after a ten-minute run
+    if args.junit and Path(args.junit).suffix.lower() != ".xml":
+        raise UsageError(f"--junit {args.junit!r} must end in .xml")
+    if sel.backend == "local":
+        _local_preflight()
+    return sel
+
+
+#: pytest exit statuses that mean the run could not judge the mesh
+_PYTEST_STOPPED = {
+    2: "interrupted",
+    3: "internal error, traceback above",
+    4: "usage error, message above",
+    5: "no scenario test was collected",
+}
+
+
+def _run_pytest(argv: list[str], progress: Progress) -> tuple[RunResult, ProgressPlugin, int]:
+    """Run the scenarios in this process; the result, the observer and pytest's exit status."""
+    import pytest
+
+    from securemetrics_e2e.plugin import run_result
+    from securemetrics_e2e.progress import ProgressPlugin
+    from securemetrics_e2e.results import RunResult
+
+    observer = ProgressPlugin(progress)
+    captured: list[RunResult] = []
+
+    class _Capture:
+        @staticmethod
+        def pytest_sessionfinish(session: pytest.Session) -> None:
+            captured.append(run_result(session.config))
+
+    with progress.activated():
+        code = int(pytest.main(argv, plugins=[observer, _Capture()]))
+    result = captured[0] if captured else RunResult()
+    result.errors.extend(observer.errors)
+    result.errors.extend(f"environment: {p}" for p in observer.environment_problems)
+    if code in _PYTEST_STOPPED and not result.errors:
+        result.errors.append(f"pytest stopped: {_PYTEST_STOPPED[code]} (exit status {code})")
+    if code == 1 and result.conformant:
+        result.errors.append(
+            "pytest reported a failure outside the conformance checks; re-run with "
+            "--pytest-output to see it"
+        )
+    return result, observer, code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from securemetrics_e2e.progress import Progress, scenario_lines, verdict_line
+    from securemetrics_e2e.report import ReportMeta, write_report
+
+    sel = _validate_run(args)
+    argv = _pytest_args(args, sel)
+    term = _terminal()
+    try:
+        progress = Progress.for_terminal(term)
+        started = time.monotonic()
+        date = datetime.now(UTC)
+        # an existing cluster's installed Istio is used unless a version is asked for
+        asked = sel.istio_version if sel.backend != "existing" or args.istio_version else ""
+        progress.message(
+            f"{PROG} {__version__}: backend {sel.backend}, Istio {asked or 'as installed'}, "
+            f"profile {sel.profile}: {', '.join(s.name for s in sel.scenarios)}"
+        )
+        result, observer, _ = _run_pytest(argv, progress)
+        result.measurements["duration_s"] = time.monotonic() - started
+        env = {**observer.backend_description, **result.environment}
+        meta = ReportMeta.from_environment(
+            env,
+            distribution=_distribution(args),
+            istio_version=env.get("istio_version") or asked,
+            istio_hub=args.hub or env.get("istio_hub") or "",
+            istio_tag=args.tag or env.get("istio_tag") or "",
+            backend=env.get("backend") or sel.backend,
+            profiles=sel.profiles,
+            scenarios=tuple(s.name for s in sel.scenarios) if sel.explicit else (),
+            date=date,
+        )
+        for status, text in scenario_lines(result):
+            head = status.value if text.startswith(status.value) else ""
+            shown = progress.status_text(status) if head else ""
+            progress.write(shown + text.removeprefix(head))
+        progress.write(
+            verdict_line(
+                result,
+                backend=meta.backend,
+                istio_version=meta.istio_version or "unknown",
+                elapsed_s=result.measurements["duration_s"],
+            )
+        )
+        for error in result.errors:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        if args.report:
+            write_report(Path(args.report), result, meta)
+            progress.message(f"report: {args.report}")
+        if args.junit:
+            from securemetrics_e2e.junit import write_junit
+
+            write_junit(Path(args.junit), result, meta)
+            progress.message(f"junit: {args.junit}")
+    finally:
+        if term is not sys.stdout:
+            term.close()
+    if result.errors:
+        return EXIT_USAGE
+    return EXIT_OK if result.conformant else EXIT_NOT_CONFORMANT
+
+
+# ---------------------------------------------------------------------- plan
+
+
+def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
+    from securemetrics_e2e.checks import CHECKS, skip_reason
+    from securemetrics_e2e.local.backend import LocalBackend
+    from securemetrics_e2e.plugin import Variant, variant_skip_reason
+
+    backend = LocalBackend(network=args.local_network, istio_version=sel.istio_version)
+    lines = [
+        f"{PROG} run plan: backend local, Istio {sel.istio_version}, profile {sel.profile}",
+        "",
+        "Environment (read, not changed):",
+    ]
+    try:
+        found = _local_preflight()
+        lines += [f"  {name}: {path}" for name, path in found.items()]
+    except EnvironmentProblem as exc:
+        lines.append(f"  MISSING: {exc}")
+    network = {
+        "auto": "network namespaces when `ip netns add` works (root), else 127.0.0.0/8 addresses",
+        "netns": "network namespaces (fails without root)",
+        "loopback": "127.0.0.0/8 addresses (no pod isolation: hardened checks skip)",
+    }[args.local_network]
+    lines += [
+        f"  pod network: {network}",
+        "",
+        "Steps:",
+        "  1. create a temporary directory, a mesh CA and a foreign CA (for the negative checks)",
+        "  2. start the scraper pod: Prometheus loaded with "
+        "charts/secure-metrics-prometheus/files/prometheus.yml (file_sd instead of Kubernetes SD)",
+        "  3. per variant below: start one pod per workload (Envoy configured as pilot-agent "
+        "would, the agent's status port, the app), then run its checks",
+        "  4. stop every process, delete every namespace and the temporary directory",
+        "",
+        "Variants:",
+    ]
+    variants = [Variant(s, m) for s in sel.scenarios for m in s.mtls_modes]
+    for v in variants:
+        reason = variant_skip_reason(v, backend, sel.istio_version)
+        if reason:
+            lines.append(f"  SKIP {v.id}: {reason}")
+            continue
+        lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
+        for c in CHECKS:
+            if not c.applies(v.scenario):
+                continue
+            why = skip_reason(c, backend)
+            mark = f"skip: {why}" if why else c.code
+            lines.append(f"         {c.id:<32} {mark}")
+    return "\n".join(lines) + "\n"
+
+
+def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
+    from securemetrics_e2e.cluster.options import ClusterOptions
+    from securemetrics_e2e.cluster.plan import render_plan
+
+    options = ClusterOptions(
+        mode=sel.backend,
+        istio_version=sel.istio_version if sel.backend == "kind" or args.istio_version else None,
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        context=args.context,
+        keep_cluster=args.keep,
+        hub=args.hub,
+        tag=args.tag,
+        plan_only=True,
+    )
+    return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _check_backend_flags(args)
+    sel = select(args)
+    text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- list
+
+
+@dataclass(frozen=True)
+class _Capabilities:
+    """What ``variant_skip_reason`` reads of a backend: its name and features."""
+
+    name: str
+    features: frozenset[Feature]
+
+
+def _backend_capabilities(name: str, local_network: str) -> _Capabilities:
+    if name == "local":
+        from securemetrics_e2e.local.backend import LocalBackend
+
+        local = LocalBackend(network=local_network)
+        return _Capabilities("local", local.features)
+    # a cluster has every feature the catalog knows: istiod, inbound capture, the operator
+    return _Capabilities(name, frozenset(Feature))
+
+
+def applicability(
+    backends: Sequence[str], versions: Sequence[str], profile: str, local_network: str = "auto"
+) -> list[dict[str, Any]]:
+    """One row per scenario variant x Istio version x backend: whether it runs, and why not."""
+    from securemetrics_e2e.backend import Backend
+    from securemetrics_e2e.checks import CHECKS, skip_reason
+    from securemetrics_e2e.plugin import Variant, variant_skip_reason
+
+    caps = {b: _backend_capabilities(b, local_network) for b in backends}
+    rows = []
+    for s in SCENARIOS:
+        if profile not in ("all", s.profile.value):
+            continue
+        for m in s.mtls_modes:
+            v = Variant(s, m)
+            for b in backends:
+                # variant_skip_reason only reads .name and .features of the backend
+                backend = cast(Backend, caps[b])
+                for version in versions:
+                    reason = variant_skip_reason(v, backend, version)
+                    checks = [c for c in CHECKS if c.applies(s)]
+                    skipped = [c.id for c in checks if skip_reason(c, backend)]
+                    rows.append(
+                        {
+                            "id": v.id,
+                            "scenario": s.name,
+                            "variant": m.value,
+                            "profile": s.profile.value,
+                            "backend": b,
+                            "istioVersion": version,
+                            "applies": reason is None,
+                            "reason": reason or "",
+                            "checks": 0 if reason else len(checks) - len(skipped),
+                            "skippedChecks": [] if reason else skipped,
+                        }
+                    )
+    return rows
+
+
+def _render_list(rows: list[dict[str, Any]], versions: Sequence[str]) -> str:
+    notes: dict[str, int] = {}
+    table: dict[tuple[str, str, str], dict[str, str]] = {}
+    for r in rows:
+        key = (r["id"], r["profile"], r["backend"])
+        if r["applies"]:
+            cell = f"yes ({r['checks']})"
+            if r["skippedChecks"]:
+                why = f"checks skipped here: {', '.join(r['skippedChecks'])}"
+                cell += f" [{notes.setdefault(why, len(notes) + 1)}]"
+        else:
+            cell = f"no [{notes.setdefault(r['reason'], len(notes) + 1)}]"
+        table.setdefault(key, {})[r["istioVersion"]] = cell
+    header = ["SCENARIO[MODE]", "PROFILE", "BACKEND", *versions]
+    body = [[*key, *(cells.get(v, "") for v in versions)] for key, cells in table.items()]
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+           for row in [header, *body]]  # fmt: skip
+    out.append("")
+    out.append("yes (N): the variant runs, with N checks; no: it is skipped, because:")
+    out += [f"[{n}] {text}" for text, n in notes.items()]
+    return "\n".join(out) + "\n"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from securemetrics_e2e.versions import resolve, supported_versions
+
+    backends = list(dict.fromkeys(args.backend or BACKENDS))
+    if args.istio_version:
+        versions = [str(resolve(v)) for v in dict.fromkeys(args.istio_version)]
+    else:
+        versions = [str(v) for v in supported_versions()]
+    rows = applicability(backends, versions, args.profile, args.local_network)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        sys.stdout.write(_render_list(rows, versions))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- matrix
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
+
+    matrix = build_matrix(load_reports([Path(p) for p in args.reports]))
+    markdown = render_markdown(matrix)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown, encoding="utf-8")
+    if args.html:
+        Path(args.html).write_text(render_html(matrix), encoding="utf-8")
+    if not args.markdown and not args.html:
+        sys.stdout.write(markdown)
+    else:
+        written = [p for p in (args.markdown, args.html) if p]
+        print(
+            f"{PROG} matrix: {len(matrix.rows)} scenario variants x {len(matrix.columns)} runs "
+            f"-> {', '.join(written)}"
+        )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- audit
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from securemetrics_e2e.audit import Severity, audit, render_json, render_text
+
+    fail_on = Severity[args.fail_on.upper()]
+    result = audit([Path(p) for p in args.paths])
+    if args.format == "json":
+        sys.stdout.write(render_json(result, fail_on))
+    else:
+        sys.stdout.write(render_text(result))
+    return result.exit_status(fail_on)
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _selection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="local", help="where to run")
+    p.add_argument("--istio-version", help="e.g. 1.31.1 or 1.30 (default: latest supported)")
+    p.add_argument("--profile", choices=PROFILES, default="all", help="default: all")
+    p.add_argument(
+        "--scenario", action="append", help="only this scenario (repeatable, or comma-separated)"
+    )
+    p.add_argument("--hub", help="Istio image hub to install (cluster backends)")
+    p.add_argument("--tag", help="Istio image tag to install (cluster backends)")
+    p.add_argument("--kubeconfig", help="kubeconfig of the cluster (--backend existing)")
+    p.add_argument("--context", help="kubeconfig context (--backend existing)")
+    p.add_argument("--keep", action="store_true", help="keep the cluster and what the run deployed")
+    p.add_argument(
+        "--local-network",
+        choices=("auto", "netns", "loopback"),
+        default="auto",
+        help="local backend pods: network namespaces or 127.0.0.0/8 (default: auto)",
+    )
+    # negative controls: break the local mesh on purpose (tests and demos)
+    p.add_argument("--local-fault", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Prove that Prometheus scrapes Istio sidecars and gateways over mutual "
+        "TLS, and that the plaintext metrics ports are closed.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the conformance scenarios and give a verdict")
+    _selection_options(run)
+    run.add_argument("--report", help="write the conformance report (.json, .yaml or .yml)")
+    run.add_argument("--junit", help="write JUnit XML (.xml)")
+    dist = run.add_argument_group("distribution under test (recorded in the report)")
+    dist.add_argument("--org", help="organization, e.g. 'Example Corp.'")
+    dist.add_argument("--project", help="distribution name, e.g. 'Example Mesh'")
+    dist.add_argument("--url", help="distribution URL")
+    dist.add_argument("--version", dest="dist_version", help="distribution version")
+    dist.add_argument("--contact", action="append", help="contact (repeatable)")
+    run.add_argument(
+        "--pytest-output",
+        action="store_true",
+        help="show pytest's own output (tracebacks) as well as the progress lines",
+    )
+    run.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments, e.g. -- -x")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="show what `run` would do, touching nothing")
+    _selection_options(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    lst = sub.add_parser("list", help="scenarios x Istio versions x backends: what applies")
+    lst.add_argument("--backend", action="append", choices=BACKENDS, help="repeatable")
+    lst.add_argument("--istio-version", action="append", help="repeatable")
+    lst.add_argument("--profile", choices=PROFILES, default="all")
+    lst.add_argument("--local-network", choices=("auto", "netns", "loopback"), default="auto")
+    lst.add_argument("--format", choices=("text", "json"), default="text")
+    lst.set_defaults(func=cmd_list)
+
+    mtx = sub.add_parser("matrix", help="merge reports into one Markdown / HTML table")
+    mtx.add_argument("reports", nargs="+", help="report files or directories of reports")
+    mtx.add_argument("--markdown", help="write Markdown here (default: print it)")
+    mtx.add_argument("--html", help="write HTML here")
+    mtx.set_defaults(func=cmd_matrix)
+
+    aud = sub.add_parser("audit", help="check your Prometheus config and manifests")
+    aud.add_argument("paths", nargs="+", help="files or directories (.yaml, .yml, .json)")
+    aud.add_argument("--format", choices=("text", "json"), default="text")
+    aud.add_argument(
+        "--fail-on",
+        choices=("error", "warning", "info"),
+        default="warning",
+        help="lowest severity that makes the exit status non-zero (default: warning)",
+    )
+    aud.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except SecureMetricsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,122 @@
+"""JUnit XML from the same run the report describes, for CI systems that read JUnit.
+
+One ``<testsuite>`` per scenario variant (``native-sidecar[STRICT]``), one ``<testcase>``
+per check with the variant as ``classname`` and the check id as ``name``. A failure's
+``type`` is its finding code and its text carries the message and the diagnostics path;
+a skip carries its reason. The run's metadata (backend, Istio, Kubernetes, distribution)
+goes into ``<properties>`` of each suite, where Jenkins, GitLab and GitHub reporters show it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from pathlib import Path
+
+from securemetrics_e2e.report import ReportMeta, check_title, variant_id
+from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+
+
+def _properties(meta: ReportMeta, profile: str) -> list[tuple[str, str]]:
+    props = [
+        ("securemetrics.suite_version", meta.suite_version),
+        ("securemetrics.backend", meta.backend),
+        ("securemetrics.profile", profile),
+        ("istio.version", meta.istio_version),
+        ("istio.hub", meta.istio_hub),
+        ("istio.tag", meta.istio_tag),
+        ("kubernetes.version", meta.kubernetes_version),
+        ("distribution.organization", meta.distribution.organization),
+        ("distribution.project", meta.distribution.project),
+        ("distribution.version", meta.distribution.version),
+    ]
+    return [(k, v) for k, v in props if v]
+
+
+def _testcase(parent: ET.Element, o: CheckOutcome, classname: str) -> None:
+    case = ET.SubElement(
+        parent,
+        "testcase",
+        classname=classname,
+        name=o.check,
+        time=f"{o.duration_s:.3f}",
+    )
+    title = check_title(o.check)
+    if o.status is Status.FAIL:
+        text = [o.message]
+        if title:
+            text.append(f"check: {title}")
+        if o.diagnostics:
+            text.append(f"diagnostics: {o.diagnostics}")
+        if o.nodeid:
+            text.append(f"re-run: pytest '{o.nodeid}'")
+        failure = ET.SubElement(case, "failure", message=f"{o.code} {o.message}", type=o.code)
+        failure.text = "\n".join(text)
+    elif o.status is Status.SKIP:
+        ET.SubElement(case, "skipped", message=o.message or "skipped")
+    elif title:
+        out = ET.SubElement(case, "system-out")
+        out.text = title
+
+
+def build_junit(result: RunResult, meta: ReportMeta | None = None) -> ET.Element:
+    """The JUnit document of ``result`` (its ``<testsuites>`` root)."""
+    if meta is None:
+        meta = ReportMeta.from_environment(result.environment)
+    stamp = (meta.date or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+    counts = result.counts()
+    root = ET.Element(
+        "testsuites",
+        name="securemetrics-e2e",
+        tests=str(len(result.outcomes)),
+        failures=str(counts[Status.FAIL]),
+        errors=str(len(result.errors)),
+        skipped=str(counts[Status.SKIP]),
+        time=f"{sum(o.duration_s for o in result.outcomes):.3f}",
+    )
+    for scenario, variant in result.scenarios():
+        mine = [o for o in result.outcomes if o.scenario == scenario and o.variant == variant]
+        name = variant_id(scenario, variant)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=name,
+            tests=str(len(mine)),
+            failures=str(sum(o.status is Status.FAIL for o in mine)),
+            errors="0",
+            skipped=str(sum(o.status is Status.SKIP for o in mine)),
+            time=f"{sum(o.duration_s for o in mine):.3f}",
+            timestamp=stamp.replace("+00:00", ""),
+        )
+        props = ET.SubElement(suite, "properties")
+        for key, value in _properties(meta, mine[0].profile):
+            ET.SubElement(props, "property", name=key, value=value)
+        for o in mine:
+            _testcase(suite, o, name)
+    if result.errors:
+        # An error that stopped the run is not a check result, but CI must see it.
+        suite = ET.SubElement(
+            root, "testsuite", name="securemetrics-e2e", tests="1", failures="0", errors="1"
+        )
+        case = ET.SubElement(suite, "testcase", classname="securemetrics-e2e", name="run")
+        error = ET.SubElement(case, "error", message=result.errors[0], type="EnvironmentError")
+        error.text = "\n".join(result.errors)
+    ET.indent(root)
+    return root
+
+
+def write_junit(path: Path, result: RunResult, meta: ReportMeta | None = None) -> None:
+    """Write the JUnit XML of ``result`` to ``path`` (atomically)."""
+    tree = ET.ElementTree(build_junit(result, meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            tree.write(f, encoding="utf-8", xml_declaration=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,383 @@
+"""Live progress of a run on the terminal: one line per scenario phase, then the verdict.
+
+A conformance run on a cluster takes minutes; a silent terminal looks hung. Each line says
+when (seconds since the run started), which scenario variant, which phase (deploy, wait,
+probe, verify), how it ended and how long the phase took::
+
+    [   2.41s] native-sidecar[PERMISSIVE]   deploy  PASS    2.31s
+    [   3.02s] native-sidecar[PERMISSIVE]   probe   PASS    0.58s  6 checks
+    [   4.10s] native-sidecar[STRICT]       -       SKIP           backend local cannot ...
+
+Producers do not need to know whether anybody listens: :func:`emit` and :func:`timed`
+do nothing unless a :class:`Progress` is active (the CLI activates one for ``run``).
+:class:`ProgressPlugin` turns the check results pytest reports into probe / verify lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import sys
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import pytest
+
+from securemetrics_e2e.results import RunResult, Status
+
+
+class Phase(enum.StrEnum):
+    DEPLOY = "deploy"  # render / apply / start what the scenario needs
+    WAIT = "wait"  # wait for proxies, certificates and the scraper to be ready
+    PROBE = "probe"  # the suite's own probes: listeners, mTLS, plaintext, credentials
+    VERIFY = "verify"  # what Prometheus itself scraped
+
+
+#: checks answered by Prometheus' own view of its targets; every other check is a probe
+_VERIFY_PREFIX = "targets-up"
+
+
+def phase_of(check_id: str) -> Phase:
+    return Phase.VERIFY if check_id.startswith(_VERIFY_PREFIX) else Phase.PROBE
+
+
+def variant_id(scenario: str, mtls_mode: str) -> str:
+    """The id progress lines, reports and JUnit use for a scenario variant."""
+    return f"{scenario}[{mtls_mode}]"
+
+
+_COLOURS = {Status.PASS: "32", Status.FAIL: "31", Status.SKIP: "33"}
+
+
+class Progress:
+    """Writes progress lines to a terminal stream (stdout by default)."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, start: float | None = None, colour: bool = False
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.start = time.monotonic() if start is None else start
+        self.colour = colour
+        self.lines = 0
+        #: seconds reported for deploy and wait phases, so check timings can leave them out
+        self.setup_seconds = 0.0
+
+    @classmethod
+    def for_terminal(cls, stream: TextIO | None = None) -> Progress:
+        """Colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+        out = stream if stream is not None else sys.stdout
+        tty = hasattr(out, "isatty") and out.isatty()
+        return cls(out, colour=tty and "NO_COLOR" not in os.environ)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def status_text(self, status: Status) -> str:
+        text = f"{status.value:4}"
+        return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if self.colour else text
+
+    def write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.lines += 1
+
+    def phase(
+        self,
+        variant: str,
+        phase: Phase | str,
+        elapsed_s: float | None,
+        status: Status = Status.PASS,
+        detail: str = "",
+    ) -> None:
+        """One line: ``variant`` finished ``phase`` with ``status`` after ``elapsed_s``."""
+        if phase in (Phase.DEPLOY, Phase.WAIT) and elapsed_s is not None:
+            self.setup_seconds += elapsed_s
+        took = f"{elapsed_s:7.2f}s" if elapsed_s is not None else " " * 8
+        when = f"[{self.elapsed():8.2f}s]"
+        line = f"{when} {variant:<30} {phase!s:<7} {self.status_text(status)} {took}"
+        if detail:
+            line += f"  {detail}"
+        self.write(line.rstrip())
+
+    def message(self, text: str) -> None:
+        self.write(text)
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[Progress]:
+        """Make this the progress that :func:`emit` and :func:`timed` write to."""
+        _ACTIVE.append(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.remove(self)
+
+
+#: the activated progresses, innermost last (a stack, so nested activations unwind cleanly)
+_ACTIVE: list[Progress] = []
+
+
+def active() -> Progress | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def emit(
+    variant: str,
+    phase: Phase | str,
+    elapsed_s: float | None,
+    status: Status = Status.PASS,
+    detail: str = "",
+) -> None:
+    """Report a finished phase to the active :class:`Progress`; nothing when none is active."""
+    progress = active()
+    if progress is not None:
+        progress.phase(variant, phase, elapsed_s, status, detail)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+@contextlib.contextmanager
+def timed(variant: str, phase: Phase | str, detail: str = "") -> Iterator[None]:
+    """Time the body and :func:`emit` it: PASS when it returns, FAIL (re-raised) when it raises."""
+    started = time.monotonic()
+    try:
+        yield
+    except BaseException as exc:
+        emit(variant, phase, time.monotonic() - started, Status.FAIL, _first_line(exc))
+        raise
+    emit(variant, phase, time.monotonic() - started, Status.PASS, detail)
+
+
+# ------------------------------------------------------------------ pytest integration
+
+
+@dataclass
+class _Group:
+    """The checks of one variant in one phase; a line is written when the last one reports."""
+
+    variant: str
+    phase: Phase
+    pending: int
+    statuses: list[Status] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> Status:
+        if Status.FAIL in self.statuses:
+            return Status.FAIL
+        if Status.PASS in self.statuses:
+            return Status.PASS
+        return Status.SKIP
+
+    def detail(self) -> str:
+        n = len(self.statuses)
+        counted = f"{n} check{'s' if n != 1 else ''}"
+        if self.status is Status.FAIL:
+            return f"{counted}; failed: {', '.join(dict.fromkeys(self.codes))}"
+        if self.status is Status.SKIP:
+            return self.reasons[0] if self.reasons else counted
+        skipped = self.statuses.count(Status.SKIP)
+        return f"{counted}, {skipped} skipped" if skipped else counted
+
+
+def _check_id(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("check")
+    return str(marker.args[0]) if marker and marker.args else None
+
+
+def _variant_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    param = callspec.params.get("deployment") if callspec is not None else None
+    vid = getattr(param, "id", None)
+    return vid if isinstance(vid, str) else None
+
+
+class ProgressPlugin:
+    """A pytest plugin writing probe / verify lines per variant, and capturing run errors.
+
+    Registered by the CLI (``pytest.main(..., plugins=[ProgressPlugin(progress)])``).
+    Deploy and wait lines come from whoever deploys, through :func:`emit` / :func:`timed`;
+    until that is wired, the first deployment's setup time is reported as one deploy line.
+    """
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._groups: dict[tuple[str, Phase], _Group] = {}
+        self._variant_groups: dict[str, list[_Group]] = {}
+        self._item_group: dict[str, _Group] = {}
+        self._deploy_seen = False
+        self._backend: Any = None
+        self._setup_seconds_before = 0.0
+        self._setup_took: dict[str, float] = {}
+        self._lines_at_start = 0
+        self.errors: list[str] = []
+        self.environment_problems: list[str] = []
+        self.backend_description: dict[str, str] = {}
+        self.collected = 0
+
+    # collection: know how many checks each (variant, phase) group waits for
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._lines_at_start = self.progress.lines
+        for item in session.items:
+            check_id, vid = _check_id(item), _variant_of(item)
+            if check_id is None or vid is None:
+                continue
+            self.collected += 1
+            key = (vid, phase_of(check_id))
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(vid, key[1], 0)
+                self._variant_groups.setdefault(vid, []).append(group)
+            group.pending += 1
+            self._item_group[item.nodeid] = group
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            text = str(report.longrepr).strip().splitlines()
+            self.errors.append(f"collecting {report.nodeid or 'the scenarios'}: {text[-1]}")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(
+        self, fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+    ) -> Generator[None, object, object]:
+        value = yield
+        if fixturedef.argname == "sm_backend" and hasattr(value, "describe"):
+            self._backend = value
+        return value
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._setup_seconds_before = self.progress.setup_seconds
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        exc = call.excinfo.value if call.excinfo is not None else None
+        from securemetrics_e2e.errors import EnvironmentProblem
+
+        if isinstance(exc, EnvironmentProblem):
+            problem = _first_line(exc)
+            if problem not in self.environment_problems:
+                self.environment_problems.append(problem)
+        if report.when == "setup":
+            # A check runs in its fixture's setup; deployments reported through emit() /
+            # timed() during that setup are theirs, not the check's.
+            took = report.duration - (self.progress.setup_seconds - self._setup_seconds_before)
+            if not self._deploy_seen:
+                self._deploy_seen = True
+                if self.progress.lines == self._lines_at_start:
+                    # nobody reported deployments: the first setup deployed every variant
+                    status = Status.FAIL if report.failed else Status.PASS
+                    self.progress.phase("all selected variants", Phase.DEPLOY, took, status)
+                    took = 0.0
+            self._setup_took[item.nodeid] = max(took, 0.0)
+        group = self._item_group.get(item.nodeid)
+        if group is None:
+            return report
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            group.seconds += self._setup_took.get(item.nodeid, 0.0)
+            if report.when == "call":
+                group.seconds += report.duration
+            if report.passed:
+                group.statuses.append(Status.PASS)
+            elif report.skipped:
+                group.statuses.append(Status.SKIP)
+                longrepr = report.longrepr
+                reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+                group.reasons.append(reason.removeprefix("Skipped: "))
+            else:
+                group.statuses.append(Status.FAIL)
+                group.codes.append(self._code(item, exc))
+            group.pending -= 1
+            if group.pending == 0:
+                self._group_done(group)
+        return report
+
+    @staticmethod
+    def _code(item: pytest.Item, exc: BaseException | None) -> str:
+        code = getattr(exc, "code", None)
+        if isinstance(code, str) and code:
+            return code
+        return _check_id(item) or "error"
+
+    def _group_done(self, group: _Group) -> None:
+        # An all-skipped group waits for its variant: a variant that cannot run here at all
+        # gets one line with the reason instead of one per phase.
+        groups = self._variant_groups[group.variant]
+        if group.status is not Status.SKIP:
+            self._write(group)
+        if any(g.pending for g in groups):
+            return
+        skipped = [g for g in groups if g.status is Status.SKIP]
+        reasons = {r for g in skipped for r in g.reasons}
+        if len(skipped) == len(groups) and len(reasons) == 1:
+            self.progress.phase(group.variant, "-", None, Status.SKIP, reasons.pop())
+            return
+        for g in skipped:
+            self._write(g)
+
+    def _write(self, group: _Group) -> None:
+        self.progress.phase(group.variant, group.phase, group.seconds, group.status, group.detail())
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        # pytest.exit(...) from the plugin (e.g. the backend cannot be created) and Ctrl-C
+        msg = getattr(excinfo.value, "msg", None) or str(excinfo.value) or excinfo.typename
+        self.errors.append(str(msg).removeprefix("securemetrics-e2e: "))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._backend is not None:
+            try:
+                self.backend_description = dict(self._backend.describe())
+            except Exception as exc:  # a report without backend details beats no report
+                self.backend_description = {"describe_error": _first_line(exc)}
+
+
+# ------------------------------------------------------------------ summary lines
+
+
+def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
+    """PASS / FAIL / SKIP per scenario variant with the reason or the failed checks."""
+    lines: list[tuple[Status, str]] = []
+    for name, variant in result.scenarios():
+        status = result.scenario_status(name, variant)
+        mine = [o for o in result.outcomes if o.scenario == name and o.variant == variant]
+        line = f"{status.value:4}  {variant_id(name, variant)}"
+        if status is Status.SKIP:
+            line += f"  -- {mine[0].message}"
+        elif status is Status.FAIL:
+            failed = [o for o in mine if o.status is Status.FAIL]
+            line += "  -- " + ", ".join(f"{o.code} {o.check}" for o in failed)
+        lines.append((status, line))
+        for o in mine:
+            if o.status is Status.FAIL:
+                lines.append((status, f"        {o.code} {o.check}: {o.message}"))
+                if o.diagnostics:
+                    lines.append((status, f"        diagnostics: {o.diagnostics}"))
+    return lines
+
+
+def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed_s: float) -> str:
+    """The one closing line: CONFORMANT or NOT CONFORMANT, with the counts behind it."""
+    counts = result.counts()
+    if result.errors:
+        verdict = "ERROR"
+    elif result.conformant:
+        verdict = "CONFORMANT"
+    else:
+        verdict = "NOT CONFORMANT"
+    why = ""
+    if not result.errors and not counts[Status.PASS] and not counts[Status.FAIL]:
+        why = "nothing was checked; "
+    return (
+        f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
+        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
+        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s)"
+    )

@@ -1,0 +1,286 @@
+"""The `securemetrics-e2e` command: run (exit codes, progress, report, JUnit), plan, list.
+
+Two real local runs, started side by side in subprocesses exactly as a user starts the
+command: a clean mesh (exit 0) and one with a seeded fault (exit 1). Usage and
+environment errors (exit 2) are checked in-process: they must stop before anything runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from securemetrics_e2e import __version__
+from securemetrics_e2e.checks import CHECKS
+from securemetrics_e2e.cli import applicability, main
+from securemetrics_e2e.progress import Phase, Progress, emit, timed, verdict_line
+from securemetrics_e2e.report import load_report
+from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from tests.localmesh import netns_names, requires_local_mesh
+
+PHASE_LINE = re.compile(
+    r"^\[\s*[\d.]+s\] (?P<variant>.+?)\s+(?P<phase>deploy|wait|probe|verify|-)\s+"
+    r"(?P<status>PASS|FAIL|SKIP)\b"
+)
+SCENARIOS = "native-sidecar,hardened"
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "securemetrics_e2e", *args]
+
+
+class Run:
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.cwd = cwd
+        env = {**os.environ, "NO_COLOR": "1"}
+        self.process = subprocess.Popen(
+            _command(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self.stdout = self.stderr = ""
+        self.code: int | None = None
+
+    def wait(self) -> Run:
+        self.stdout, self.stderr = self.process.communicate(timeout=120)
+        self.code = self.process.returncode
+        return self
+
+    def phases(self) -> list[tuple[str, str, str]]:
+        return [
+            (m["variant"], m["phase"], m["status"])
+            for line in self.stdout.splitlines()
+            if (m := PHASE_LINE.match(line))
+        ]
+
+
+def _ours(pid: int) -> set[str]:
+    """Network namespaces and work directories of the local backend run in process ``pid``.
+
+    Other test sessions may run local meshes on this machine at the same time: only names
+    carrying this process's run id prefix are this test's business.
+    """
+    prefix = f"smx-{pid:x}"
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return {n for n in netns_names() if n.startswith(prefix)} | {
+        p.name for p in tmp.glob(f"{prefix}*")
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    good_dir = tmp_path_factory.mktemp("good")
+    bad_dir = tmp_path_factory.mktemp("bad")
+    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--version", "2.4.1",
+            "--contact", "mesh@example.com", "--url", "https://mesh.example"]  # fmt: skip
+    started = {
+        "good": Run(good_dir, "run", "--scenario", SCENARIOS, "--report", "out/report.yaml",
+                    "--junit", "out/junit.xml", *meta),
+        "bad": Run(bad_dir, "run", "--scenario", SCENARIOS, "--local-fault",
+                   "foreign-root-trusted", "--report", "report.json", "--junit", "junit.xml"),
+    }  # fmt: skip
+    yield {name: run.wait() for name, run in started.items()}
+    for run in started.values():
+        assert _ours(run.process.pid) == set(), "a run left namespaces or directories behind"
+
+
+@requires_local_mesh
+def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) -> None:
+    run = runs["good"]
+    assert run.code == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"securemetrics-e2e {__version__}: backend local, Istio 1.31.1")
+    phases = run.phases()
+    assert any(phase == "deploy" and status == "PASS" for _, phase, status in phases)
+    for variant in ("native-sidecar[PERMISSIVE]", "hardened[PERMISSIVE]"):
+        assert (variant, "probe", "PASS") in phases
+        assert (variant, "verify", "PASS") in phases
+    skipped = [line for line in lines if line.startswith("[") and " SKIP " in line]
+    assert len(skipped) == 2
+    assert all("cannot provide inbound-capture" in line for line in skipped)
+    verdict = next(line for line in lines if line.startswith("securemetrics-e2e verdict:"))
+    assert re.match(
+        r"securemetrics-e2e verdict: CONFORMANT \(18 passed, 0 failed, 18 skipped checks; "
+        r"backend local, Istio 1\.31\.1, [\d.]+s\)$",
+        verdict,
+    )
+    assert lines[-2:] == ["report: out/report.yaml", "junit: out/junit.xml"]
+    assert run.stderr == ""
+
+
+@requires_local_mesh
+def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
+    run = runs["good"]
+    doc = load_report(run.cwd / "out" / "report.yaml")  # schema-validated
+    assert doc["verdict"]["conformant"] is True
+    assert doc["verdict"]["result"] == "partial"  # STRICT variants skip on this backend
+    assert doc["distribution"]["project"] == "Example Mesh"
+    assert doc["distribution"]["contact"] == ["mesh@example.com"]
+    assert doc["backend"]["name"] == "local"
+    assert doc["backend"]["details"]["network"] in ("netns", "loopback")
+    assert doc["istio"]["version"] == "1.31.1"
+    assert doc["selection"]["scenarios"] == ["native-sidecar", "hardened"]
+    (core,) = [p for p in doc["profiles"] if p["name"] == "core"]
+    named = {e["check"] for e in core["passed"] if e["id"] == "native-sidecar[PERMISSIVE]"}
+    applies = {c.id for c in CHECKS if not c.id.startswith("hardened")}
+    assert named == applies  # every passed check named, not just counted
+    assert all(e["reason"] for e in core["skipped"])
+
+    root = ET.parse(run.cwd / "out" / "junit.xml").getroot()  # noqa: S314 - written by the run
+    assert int(root.get("tests", "0")) == sum(doc["verdict"]["statistics"].values())
+    assert root.get("failures") == "0"
+    classnames = {c.get("classname") for c in root.iter("testcase")}
+    assert "hardened[PERMISSIVE]" in classnames
+
+
+@requires_local_mesh
+def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> None:
+    run = runs["bad"]
+    assert run.code == 1, run.stdout + run.stderr
+    assert ("native-sidecar[PERMISSIVE]", "probe", "FAIL") in run.phases()
+    assert "securemetrics-e2e verdict: NOT CONFORMANT (" in run.stdout
+    assert "SMC006 foreign-ca-refused: httpbin:" in run.stdout
+    doc = load_report(run.cwd / "report.json")
+    failed = [e for p in doc["profiles"] for e in p["failed"]]
+    assert {(e["id"], e["code"], e["check"]) for e in failed} == {
+        ("native-sidecar[PERMISSIVE]", "SMC006", "foreign-ca-refused"),
+        ("hardened[PERMISSIVE]", "SMC006", "foreign-ca-refused"),
+    }
+    assert doc["backend"]["details"]["fault"] == "foreign-root-trusted"
+    root = ET.parse(run.cwd / "junit.xml").getroot()  # noqa: S314 - written by the run
+    failures = root.findall("testsuite/testcase/failure")
+    assert {f.get("type") for f in failures} == {"SMC006"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--scenario", "nope"], "unknown scenario 'nope'; known scenarios: native-sidecar"),
+        (["run", "--istio-version", "1.20"], "Istio version '1.20' names minor 1.20"),
+        (["run", "--report", "r.txt"], "must end in .json, .yaml or .yml"),
+        (["run", "--junit", "j.json"], "--junit 'j.json' must end in .xml"),
+        (["run", "--profile", "core", "--scenario", "gateway-api"], "not in profile 'core'"),
+        (["run", "--hub", "registry.example/istio"], "--hub: only for a cluster backend"),
+        (["run", "--local-fault", "nope"], "unknown --local-fault 'nope'; known: plaintext"),
+        (["run", "--backend", "kind", "--local-network", "netns"], "--backend local only"),
+        (["run", "--backend", "cloud"], "invalid choice: 'cloud'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_runs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("securemetrics-e2e: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_prometheus_is_an_environment_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    assert main(["run", "--scenario", "native-sidecar"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no `prometheus` on PATH" in err
+    assert "apt-get install prometheus" in err
+
+
+def test_plan_local_touches_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    before = _ours(os.getpid())
+    args = ["plan", "--scenario", SCENARIOS, "--local-network", "loopback"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "backend local, Istio 1.31.1" in out
+    assert "RUN  native-sidecar[PERMISSIVE] (core)" in out
+    assert "SKIP native-sidecar[STRICT]: backend local cannot provide inbound-capture" in out
+    # on 127.0.0.0/8 there is no "outside the pod": the hardened variant cannot run
+    assert "SKIP hardened[PERMISSIVE]: backend local cannot provide pod-isolation" in out
+    assert re.search(r"^\s+foreign-ca-refused\s+SMC006$", out, re.MULTILINE)
+    assert _ours(os.getpid()) == before
+
+
+def test_plan_cluster_uses_the_cluster_planner(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--backend", "kind", "--scenario", "legacy-sidecar", "--istio-version", "1.30"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Istio 1.30.5" in out
+    assert "istioctl install" in out
+
+
+def test_list_says_where_each_variant_applies_and_why_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = applicability(["local", "kind"], ["1.30.5", "1.31.1"], "all")
+    by = {(r["id"], r["backend"], r["istioVersion"]): r for r in rows}
+    assert by[("native-sidecar[PERMISSIVE]", "local", "1.31.1")]["applies"] is True
+    native_130 = by[("native-sidecar[PERMISSIVE]", "kind", "1.30.5")]
+    assert native_130["applies"] is False
+    assert native_130["reason"] == (
+        "Istio 1.30.5 lacks native-secure-ports (needs Istio >= 1.31.0)"
+    )
+    strict_local = by[("legacy-sidecar[STRICT]", "local", "1.30.5")]
+    assert strict_local["reason"] == "backend local cannot provide inbound-capture (cluster-only)"
+    assert by[("legacy-sidecar[STRICT]", "kind", "1.30.5")]["applies"] is True
+    assert by[("servicemonitor[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
+    assert len(rows) == 11 * 2 * 2  # 11 scenario variants
+
+    assert main(["list", "--backend", "local", "--istio-version", "1.31", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["istioVersion"] for r in listed} == {"1.31.1"}
+    assert {r["backend"] for r in listed} == {"local"}
+
+    assert main(["list", "--profile", "extended"]) == 0
+    text = capsys.readouterr().out
+    header, *body = text.split("\n\n")[0].splitlines()
+    assert header.split() == ["SCENARIO[MODE]", "PROFILE", "BACKEND", "1.28.10", "1.29.8",
+                              "1.30.5", "1.31.1"]  # fmt: skip
+    assert all(line.split()[1] == "extended" for line in body)
+    assert "backend local cannot provide istio-control-plane, prometheus-operator" in text
+
+
+def test_version_flag_and_module_entry_point() -> None:
+    done = subprocess.run(_command("--version"), capture_output=True, text=True, check=False)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"securemetrics-e2e {__version__}"
+
+
+def test_progress_api() -> None:
+    out = io.StringIO()
+    progress = Progress(out, start=0.0)
+    emit("native-sidecar[STRICT]", Phase.DEPLOY, 1.0)  # nobody listening: nothing, no error
+    with progress.activated():
+        emit("native-sidecar[STRICT]", Phase.WAIT, 2.5, Status.PASS, "3 pods ready")
+        with pytest.raises(RuntimeError, match="boom"), timed("hardened[STRICT]", Phase.DEPLOY):
+            raise RuntimeError("boom\nsecond line")
+    emit("native-sidecar[STRICT]", Phase.DEPLOY, 1.0)  # deactivated again
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.match(
+        r"^\[\s*[\d.]+s\] native-sidecar\[STRICT\]\s+wait\s+PASS\s+2\.50s  3 pods", lines[0]
+    )
+    assert re.match(
+        r"^\[\s*[\d.]+s\] hardened\[STRICT\]\s+deploy\s+FAIL\s+[\d.]+s  boom$", lines[1]
+    )
+    assert progress.setup_seconds >= 2.5
+
+
+def test_verdict_line_says_when_nothing_was_checked() -> None:
+    skipped = RunResult(outcomes=[CheckOutcome("a", "PERMISSIVE", "mtls-scrape", Status.SKIP)])
+    line = verdict_line(skipped, backend="local", istio_version="1.31.1", elapsed_s=1.0)
+    assert line.startswith("securemetrics-e2e verdict: NOT CONFORMANT (nothing was checked; ")
+    skipped.errors.append("environment: x")
+    assert "verdict: ERROR" in verdict_line(
+        skipped, backend="local", istio_version="1", elapsed_s=0
+    )
