@@ -63,18 +63,7 @@ def conformance(session: nox.Session) -> None:
     """The conformance suite on the local backend: PASS/FAIL/SKIP per scenario and a verdict."""
     _system_packages(session)
     session.install("-e", ".")
-    session.run(
-        "pytest",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "--no-header",
-        "-rN",
-        "scenarios",
-        "--sm-backend",
-        "local",
-        *session.posargs,
-    )
+    session.run("securemetrics-e2e", "run", "--backend", "local", *session.posargs)
 
 
 @nox.session(python=PYTHON)
