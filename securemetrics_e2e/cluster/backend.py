@@ -1,0 +1,763 @@
+"""The cluster backend: the conformance scenarios on kind or an existing cluster with Istio.
+
+:func:`make_cluster_backend` prepares the cluster (see :mod:`.setup`), installs or
+detects Istio and deploys the secure-metrics Prometheus; :class:`ClusterBackend`
+implements the :class:`~securemetrics_e2e.backend.Backend` operations:
+
+* ``deploy``: the scenario's chart-rendered objects, run-labelled, applied server-side
+  in a namespace of its own with sidecar injection; patches to Istio's ingress gateway
+  saved and undone; rollouts watched with fail-fast; diagnostics on failure.
+* ``listeners``: ``pilot-agent request GET config_dump`` in ``istio-proxy``, parsed by
+  :func:`securemetrics_e2e.configdump.listeners_from_config_dump`.
+* ``scrape``: curl from the scraper's ``istio-proxy`` with ``/etc/istio-certs`` (the path
+  Prometheus takes), plus the project's SPIFFE-checking probe through a verified
+  port-forward where the pod's port is reachable that way.
+* ``plaintext``: curl from inside the target pod or from the scraper pod.
+* ``prometheus``: the scraper's API through the Kubernetes API service proxy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
+from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario
+from securemetrics_e2e.cluster import diagnostics, istio, pins
+from securemetrics_e2e.cluster.errors import DeployFailed
+from securemetrics_e2e.cluster.kube import KubeAPI, Obj, connect
+from securemetrics_e2e.cluster.options import (
+    ClusterOptions,
+    add_cluster_options,
+    options_from_pytest,
+)
+from securemetrics_e2e.cluster.plan import (
+    SCRAPER_DEPLOYMENT,
+    Plan,
+    ScraperPlan,
+    VariantPlan,
+    kind_cluster_name,
+    render_plan,
+    scraper_plan,
+    variant_plan,
+)
+from securemetrics_e2e.cluster.probing import Prober
+from securemetrics_e2e.cluster.resources import (
+    Workload as Rollout,
+)
+from securemetrics_e2e.cluster.resources import (
+    delete_objects,
+    delete_run_namespaces,
+    is_ours,
+    running_pods,
+    wait_rollouts,
+    with_run_label,
+)
+from securemetrics_e2e.cluster.setup import (
+    KindHandle,
+    PhaseTimer,
+    Progress,
+    Undo,
+    check_container_runtime,
+    kind_cluster,
+    resolve_istio,
+    run_command,
+    stderr_progress,
+)
+from securemetrics_e2e.cluster.tools import (
+    ToolCache,
+    istioctl_spec,
+    kind_spec,
+    kubectl_spec,
+    resolve_tool,
+)
+from securemetrics_e2e.configdump import listeners_from_config_dump
+from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
+from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.versions import DEFAULT_VERSION, IstioVersion, capabilities, resolve
+
+__all__ = [
+    "ClusterBackend",
+    "ClusterOptions",
+    "add_cluster_options",
+    "backend_from_pytest",
+    "make_cluster_backend",
+    "plan_from_pytest",
+    "render_plan",
+]
+
+PROXY = "istio-proxy"
+CONFIG_DUMP = ("pilot-agent", "request", "GET", "config_dump")
+
+
+@dataclasses.dataclass
+class _Active:
+    plan: VariantPlan
+    deployment: Deployment
+
+
+class ClusterBackend(Backend):
+    """The :class:`Backend` operations on a cluster prepared by :func:`make_cluster_backend`."""
+
+    target_timeout = 120.0  # Prometheus discovers, then scrapes every 15 s
+
+    def __init__(
+        self,
+        options: ClusterOptions,
+        *,
+        version: IstioVersion,
+        api: KubeAPI,
+        target: istio.KubeTarget,
+        kubectl: str,
+        istioctl: str | None,
+        cache: ToolCache,
+        istio_namespace: str = "istio-system",
+        gateway_namespace: str = "istio-system",
+        trust_domain: str = "cluster.local",
+        server_version: str = "",
+        istio_installed_by_run: bool = False,
+        undo: Undo | None = None,
+        timer: PhaseTimer | None = None,
+        kind: KindHandle | None = None,
+    ) -> None:
+        self.options = options
+        self.name = options.mode
+        self.version = version
+        self.caps = capabilities(version)
+        self.api = api
+        self.target = target
+        self.kubectl = kubectl
+        self.istioctl = istioctl
+        self.cache = cache
+        self.istio_namespace = istio_namespace
+        self.gateway_namespace = gateway_namespace
+        self.trust_domain = trust_domain
+        self.server_version = server_version
+        self.istio_installed_by_run = istio_installed_by_run
+        self.undo = undo or Undo()
+        self.timer = timer or PhaseTimer(stderr_progress)
+        self.kind = kind
+        self.scraper: ScraperPlan = scraper_plan(version, options.run_id, revision=options.revision)
+        self._active: dict[tuple[str, MtlsMode], _Active] = {}
+        self._saved_templates: dict[tuple[str, str, str], Any] = {}
+        self.prober = Prober(
+            api=api,
+            scraper=self.scraper,
+            kubectl=kubectl,
+            target=target,
+            trust_domain=trust_domain,
+            run_id=options.run_id,
+            progress=self.timer.progress,
+        )
+        self._gateway_api: str | None = None
+        self._operator_ready = False
+        self._closed = False
+
+    # -- facts -------------------------------------------------------------------------
+
+    @property
+    def features(self) -> frozenset[Feature]:
+        features = {
+            Feature.POD_ISOLATION,
+            Feature.INBOUND_CAPTURE,
+            Feature.ISTIO_CONTROL_PLANE,
+            Feature.PROMETHEUS_OPERATOR,
+        }
+        if self.caps.native_secure_ports:
+            features.add(Feature.NATIVE_SECURE_PORTS)
+        if self.caps.localhost_only_metrics:
+            features.add(Feature.LOCALHOST_ONLY_METRICS)
+        return frozenset(features)
+
+    def describe(self) -> dict[str, str]:
+        facts = {
+            "backend": self.name,
+            "istio_version": str(self.version),
+            "istio_installed_by_run": "yes" if self.istio_installed_by_run else "no",
+            "kubernetes_version": self.server_version,
+            "network": "Kubernetes pod network",
+            "run_id": self.options.run_id,
+            "trust_domain": self.trust_domain,
+        }
+        if self.kind is not None:
+            facts["cluster"] = f"kind {self.kind.name}"
+        elif self.target.context:
+            facts["cluster"] = f"context {self.target.context}"
+        for key, value in (
+            ("istio_hub", self.options.hub),
+            ("istio_tag", self.options.tag),
+            ("istio_revision", self.options.revision),
+            ("gateway_api", self._gateway_api),
+        ):
+            if value:
+                facts[key] = value
+        return facts
+
+    def variant(self, scenario: Scenario, mode: MtlsMode) -> VariantPlan:
+        return variant_plan(
+            scenario,
+            mode,
+            self.version,
+            self.options.run_id,
+            istio_namespace=self.gateway_namespace,
+            revision=self.options.revision,
+        )
+
+    # -- deploy / teardown -------------------------------------------------------------
+
+    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
+        key = (scenario.name, mtls_mode)
+        if key in self._active:
+            return self._active[key].deployment
+        plan = self.variant(scenario, mtls_mode)
+        self._check_deployable(plan, [a.plan for a in self._active.values()])
+        outcome = self._deploy_plans([plan])[key]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def deploy_many(
+        self, variants: Sequence[tuple[Scenario, MtlsMode]]
+    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
+        """Deploy independent variants side by side and return each one's outcome.
+
+        Everything is applied first, then the rollouts are awaited, so pods of all
+        namespaces start together and the whole takes about as long as the slowest.
+        A variant that would change what an earlier one holds (the classic ingress
+        gateway) is left out of the result: deploy it after tearing the other down.
+        """
+        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        plans: list[VariantPlan] = []
+        for scenario, mode in variants:
+            key = (scenario.name, mode)
+            if key in self._active:
+                results[key] = self._active[key].deployment
+                continue
+            plan = self.variant(scenario, mode)
+            try:
+                self._check_deployable(plan, [a.plan for a in self._active.values()] + plans)
+            except DeployFailed:
+                continue  # deferred: conflicts with a variant deployed now
+            except SecureMetricsError as exc:
+                results[key] = exc
+                continue
+            plans.append(plan)
+        results.update(self._deploy_plans(plans))
+        return results
+
+    @staticmethod
+    def _check_deployable(plan: VariantPlan, others: Sequence[VariantPlan]) -> None:
+        if plan.skip is not None:
+            raise UsageError(f"{plan.id} cannot run here: {plan.skip}")
+        for other in others:
+            shared = plan.exclusive & other.exclusive
+            if shared:
+                raise DeployFailed(
+                    f"{plan.id} changes {', '.join(sorted(shared))}, which {other.id} "
+                    "holds while it is deployed: deploy them one after the other (tear the "
+                    "other down first)"
+                )
+
+    def _deploy_plans(
+        self, plans: Sequence[VariantPlan]
+    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
+        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        if not plans:
+            return results
+        label = plans[0].id if len(plans) == 1 else f"{len(plans)} variants"
+        pending: list[VariantPlan] = []
+        try:
+            with self.timer.phase(f"deploy {label}"):
+                if any(p.needs_gateway_api for p in plans):
+                    self._ensure_gateway_api()
+                if any(p.needs_operator for p in plans):
+                    self._ensure_operator()
+                for plan in plans:
+                    pending.append(plan)
+                    try:
+                        self._apply_plan(plan)
+                    except SecureMetricsError as exc:
+                        results[(plan.scenario.name, plan.mtls_mode)] = exc
+                        pending.remove(plan)
+                        self._remove(plan)
+                for plan in list(pending):
+                    key = (plan.scenario.name, plan.mtls_mode)
+                    try:
+                        wait_rollouts(
+                            self.api,
+                            plan.rollouts,
+                            timeout=self.options.rollout_timeout,
+                            on_failure=partial(self._capture_one, plan),
+                        )
+                        workloads = tuple(self._locate(plan))
+                    except SecureMetricsError as exc:
+                        results[key] = exc
+                        pending.remove(plan)
+                        self._remove(plan)
+                        continue
+                    deployment = Deployment(
+                        plan.scenario, plan.mtls_mode, plan.namespace, workloads
+                    )
+                    self._active[key] = _Active(plan, deployment)
+                    results[key] = deployment
+                    pending.remove(plan)
+        except BaseException:
+            for plan in pending:  # interrupted: nothing half-deployed stays behind
+                self._remove(plan)
+            raise
+        return results
+
+    def _apply_plan(self, plan: VariantPlan) -> None:
+        for obj in plan.manifests:
+            self.api.apply(obj)
+        for patch in plan.patches:
+            self._patch(patch.api_version, patch.kind, patch.name, patch.namespace, patch.body)
+
+    def teardown(self, deployment: Deployment) -> None:
+        active = self._active.pop((deployment.scenario.name, deployment.mtls_mode), None)
+        if active is not None:
+            self._remove(active.plan)
+
+    def _remove(self, plan: VariantPlan) -> None:
+        self.prober.forget(plan.namespace)
+        held = {p.name for a in self._active.values() if a.plan is not plan for p in a.plan.patches}
+        for patch in plan.patches:
+            if patch.name not in held:
+                self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        outside = [
+            m
+            for m in plan.manifests
+            if m.get("kind") != "Namespace"
+            and (m.get("metadata") or {}).get("namespace") not in (None, plan.namespace)
+        ]
+        delete_objects(self.api, outside, self.options.run_id)
+        namespace = self.api.get("v1", "Namespace", plan.namespace)
+        if namespace is not None and is_ours(namespace, self.options.run_id):
+            self.api.delete("v1", "Namespace", plan.namespace)
+
+    def _patch(self, api_version: str, kind: str, name: str, namespace: str, body: Any) -> None:
+        key = (kind, namespace, name)
+        live = self.api.get(api_version, kind, name, namespace)
+        if live is None:
+            raise DeployFailed(
+                f"{kind.lower()}/{name} does not exist in {namespace}: Istio was installed "
+                "without it (the default profile has it); install it or run other scenarios "
+                "with --scenario"
+            )
+        self._saved_templates.setdefault(key, istio.deployment_template(live))
+        self.api.patch(api_version, kind, name, namespace, dict(body), patch_type="strategic")
+
+    def _restore(self, api_version: str, kind: str, name: str, namespace: str) -> None:
+        saved = self._saved_templates.pop((kind, namespace, name), None)
+        if saved is None:
+            return
+        self.api.patch(
+            api_version,
+            kind,
+            name,
+            namespace,
+            [{"op": "replace", "path": "/spec/template", "value": saved}],
+            patch_type="json",
+        )
+
+    def _locate(self, plan: VariantPlan) -> list[Workload]:
+        specs = {w.name: w for w in plan.scenario.workloads}
+        found = []
+        for loc in plan.locators:
+            pods = running_pods(self.api, loc.namespace, loc.selector)
+            if not pods:
+                raise DeployFailed(
+                    f"no running pod of {loc.name} ({loc.selector}) in {loc.namespace}"
+                )
+            pod = pods[0]
+            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            found.append(
+                Workload(
+                    spec=specs[loc.name],
+                    namespace=loc.namespace,
+                    pod_name=str(meta.get("name", "")),
+                    pod_ip=str(status.get("podIP", "")),
+                    spiffe_id=SpiffeId.for_workload(
+                        self.trust_domain, loc.namespace, loc.service_account
+                    ),
+                )
+            )
+        return found
+
+    # -- shared installs ---------------------------------------------------------------
+
+    def _apply_owned(self, objects: Sequence[Obj], what: str) -> None:
+        labelled = [with_run_label(o, self.options.run_id) for o in objects]
+        for obj in labelled:
+            self.api.apply(obj)
+        if not self.options.keep_cluster:
+            self.undo.push(
+                f"delete {what}", lambda: delete_objects(self.api, labelled, self.options.run_id)
+            )
+
+    def _ensure_gateway_api(self) -> None:
+        if self._gateway_api is not None:
+            return
+        wanted = self.caps.gateway_api_version
+        installed = istio.gateway_api_installed(self.api)
+        if installed is None:
+            with self.timer.phase(f"Gateway API {wanted} CRDs"):
+                objects = istio.gateway_api_objects(wanted, self.cache)
+                self._apply_owned(objects, f"Gateway API {wanted} CRDs")
+                self._wait_established(
+                    [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+                )
+            self._gateway_api = f"{wanted} (installed by this run)"
+        else:
+            if installed != wanted:
+                self.timer.progress(
+                    f"[cluster] note: Gateway API {installed} is installed; Istio "
+                    f"{self.version} expects {wanted} (istioctl analyze reports IST0176)"
+                )
+            self._gateway_api = f"{installed} (found installed)"
+
+    def _ensure_operator(self) -> None:
+        if self._operator_ready:
+            return
+        crd, running = istio.operator_installed(self.api)
+        if not running:
+            with self.timer.phase(f"Prometheus Operator {pins.PROMETHEUS_OPERATOR_VERSION}"):
+                objects = istio.operator_objects(self.cache, include_crds=not crd)
+                self._apply_owned(objects, "the Prometheus Operator bundle")
+                self._wait_established(
+                    [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+                )
+                deployments = [
+                    Rollout(
+                        "Deployment",
+                        o["metadata"]["name"],
+                        o["metadata"].get("namespace", "default"),
+                    )
+                    for o in objects
+                    if o["kind"] == "Deployment"
+                ]
+                wait_rollouts(self.api, deployments, timeout=self.options.rollout_timeout)
+        self._operator_ready = True
+
+    def _wait_established(self, crds: Sequence[Obj], timeout: float = 60.0) -> None:
+        from securemetrics_e2e.waiting import NotYet, wait_for
+
+        def established() -> None:
+            for crd in crds:
+                live = self.api.get(
+                    "apiextensions.k8s.io/v1", "CustomResourceDefinition", crd["metadata"]["name"]
+                )
+                conditions = ((live or {}).get("status") or {}).get("conditions") or []
+                if not any(
+                    c.get("type") == "Established" and c.get("status") == "True" for c in conditions
+                ):
+                    raise NotYet(f"CRD {crd['metadata']['name']} not established yet")
+
+        wait_for("installed CRDs to be established", established, timeout=timeout)
+
+    # -- observing ---------------------------------------------------------------------
+
+    def listeners(self, workload: Workload) -> list[Listener]:
+        result = self.api.exec(
+            workload.namespace, workload.pod_name, PROXY, CONFIG_DUMP, timeout=60
+        )
+        if result.exit_code != 0:
+            raise SecureMetricsError(
+                f"`{' '.join(CONFIG_DUMP)}` in {workload.namespace}/{workload.pod_name} "
+                f"({PROXY}) failed with exit {result.exit_code}: {result.stderr.strip()[:300]}"
+            )
+        try:
+            dump = json.loads(result.stdout)
+        except ValueError as exc:
+            raise SecureMetricsError(
+                f"config_dump of {workload.namespace}/{workload.pod_name} is not JSON ({exc}): "
+                f"{result.stdout[:200]!r}"
+            ) from None
+        return listeners_from_config_dump(dump)
+
+    def scrape(
+        self,
+        workload: Workload,
+        port: int,
+        path: str = "/stats/prometheus",
+        credential: Credential = Credential.SCRAPER,
+    ) -> ScrapeResult:
+        return self.prober.scrape(workload, port, path, credential)
+
+    def plaintext(
+        self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
+    ) -> PlaintextResult:
+        return self.prober.plaintext(workload, port, origin, path)
+
+    def prometheus(self) -> PrometheusAPI:
+        return PrometheusAPI(
+            self.api.service_proxy_url(
+                self.scraper.namespace, self.scraper.service, self.scraper.port
+            ),
+            session=self.api.http_session(),
+            timeout=10.0,
+        )
+
+    def deploy_scraper(self) -> None:
+        """The secure-metrics Prometheus, in a run-labelled namespace of its own."""
+        with self.timer.phase("scraper"):
+            for obj in self.scraper.manifests:
+                self.api.apply(obj)
+            wait_rollouts(
+                self.api,
+                [Rollout("Deployment", SCRAPER_DEPLOYMENT, self.scraper.namespace)],
+                timeout=self.options.rollout_timeout,
+                on_failure=lambda message: self._capture([], "scraper", message),
+            )
+
+    # -- diagnostics and the end -------------------------------------------------------
+
+    def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path:
+        """Write diagnostics for ``deployment`` (or every active one); call before teardown."""
+        if deployment is not None:
+            active = self._active.get((deployment.scenario.name, deployment.mtls_mode))
+            plans = [active.plan] if active else []
+            label = f"{deployment.scenario.name}-{deployment.mtls_mode.value}"
+        else:
+            plans = [a.plan for a in self._active.values()]
+            label = "run"
+        return self._capture(plans, label, reason)
+
+    def _capture_one(self, plan: VariantPlan, reason: str) -> Path:
+        return self._capture([plan], plan.id, reason)
+
+    def _capture(self, plans: Sequence[VariantPlan], label: str, reason: str) -> Path:
+        namespaces = [p.namespace for p in plans]
+        if any(p.patches for p in plans):
+            namespaces.append(self.gateway_namespace)
+        namespaces.append(self.scraper.namespace)
+
+        def targets() -> Any:
+            api = self.prometheus()
+            return {
+                "active": [dataclasses.asdict(t) for t in api.active_targets()],
+                "config": api.config_yaml(),
+            }
+
+        directory = diagnostics.collect(
+            self.api,
+            artifacts_dir=self.options.artifacts_dir,
+            label=label,
+            reason=reason,
+            namespaces=namespaces,
+            istioctl=self.istioctl,
+            target=self.target,
+            prometheus_targets=targets,
+        )
+        self.timer.progress(f"[cluster] diagnostics for {label}: {directory}")
+        return directory
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self.timer.phase("teardown"):
+            self.prober.close()
+            for active in list(self._active.values()):
+                self._remove(active.plan)
+            self._active.clear()
+            delete_objects(self.api, list(self.scraper.manifests), self.options.run_id)
+            self.undo.run(self.timer.progress)
+            if not (self.kind is not None and self.kind.created and not self.options.keep_cluster):
+                # the cluster stays: make sure nothing labelled with this run does
+                delete_run_namespaces(self.api, self.options.run_id)
+            close = getattr(self.api, "close", None)
+            if callable(close):
+                close()
+        self.timer.progress(self.timer.summary())
+
+
+# -- building one ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Cluster:
+    api: Any  # KubernetesAPI
+    target: istio.KubeTarget
+    kubectl: Path
+    kind: KindHandle | None
+
+
+def _prepare_cluster(
+    options: ClusterOptions, version: IstioVersion, timer: PhaseTimer, cache: ToolCache, undo: Undo
+) -> _Cluster:
+    """Preflight, tools and the cluster: kind (created or reused) or the kubeconfig's."""
+    if options.mode == "kind":
+        with timer.phase("preflight"):
+            check_container_runtime()
+        with timer.phase("tools"):
+            kind_bin = resolve_tool(kind_spec(), cache, override=options.kind_bin).path
+            kubectl = resolve_tool(kubectl_spec(), cache, override=options.kubectl_bin).path
+        name = kind_cluster_name(options, version)
+        image = options.kind_image or pins.node_image(capabilities(version).kubernetes_range)
+        with timer.phase("cluster"):
+            kind = kind_cluster(name, image, kind_bin, kubectl, timer=timer)
+            if kind.created and not options.keep_cluster:
+                undo.push(f"delete kind cluster {name}", kind.delete)
+        target = istio.KubeTarget(kind.kubeconfig, f"kind-{name}")
+        api = connect(
+            target.kubeconfig, target.context, discovery_cache=cache.root / "discovery" / name
+        )
+        return _Cluster(api, target, kubectl, kind)
+    with timer.phase("preflight"):
+        api = connect(
+            options.kubeconfig,
+            options.context,
+            discovery_cache=cache.root / "discovery" / "existing",
+        )
+        target = istio.KubeTarget(options.kubeconfig, api.info.context)
+    with timer.phase("tools"):
+        kubectl = resolve_tool(kubectl_spec(), cache, override=options.kubectl_bin).path
+    return _Cluster(api, target, kubectl, None)
+
+
+@dataclasses.dataclass
+class _Istio:
+    version: IstioVersion
+    istioctl: Path
+    namespace: str
+    installed_by_run: bool
+
+
+def _prepare_istio(
+    options: ClusterOptions,
+    requested: IstioVersion | None,
+    cluster: _Cluster,
+    timer: PhaseTimer,
+    cache: ToolCache,
+    undo: Undo,
+) -> _Istio:
+    """Use the installed istiod (when its version fits) or install the requested Istio."""
+    installed = resolve_istio(cluster.api, str(requested) if requested else None, options.revision)
+    if installed is not None:
+        if installed.version is not None:
+            version = resolve(installed.version)
+        elif requested is not None:
+            version = requested
+        else:
+            raise UsageError(
+                f"the installed istiod image {installed.image} names no version; pass "
+                "--istio-version with the version it runs"
+            )
+        spec = istioctl_spec(str(version))
+        istioctl = resolve_tool(spec, cache, override=options.istioctl_bin).path
+        timer.progress(f"[cluster] using installed Istio {version} in {installed.namespace}")
+        return _Istio(version, istioctl, installed.namespace, False)
+    version = requested or DEFAULT_VERSION
+    istioctl = resolve_tool(istioctl_spec(str(version)), cache, override=options.istioctl_bin).path
+    target = cluster.target
+    install = istio.install_command(
+        str(istioctl), target, hub=options.hub, tag=options.tag, revision=options.revision
+    )
+    run_command(install, timeout=900, what=f"istioctl install ({version})", progress=timer.progress)
+    if not options.keep_cluster:
+        uninstall = istio.uninstall_command(str(istioctl), target, revision=options.revision)
+        undo.push(
+            "istioctl uninstall",
+            lambda: run_command(
+                uninstall, timeout=600, what="istioctl uninstall", progress=timer.progress
+            ),
+        )
+    return _Istio(version, istioctl, "istio-system", True)
+
+
+def make_cluster_backend(
+    options: ClusterOptions, *, progress: Progress | None = None
+) -> ClusterBackend:
+    """Prepare the cluster and return the backend; undo everything if a step fails.
+
+    Bad input fails before anything is touched: the options and the Istio version, then
+    (kind) the container runtime or (existing) the kubeconfig and the API server, each
+    within seconds.
+    """
+    options = options.validated()
+    requested = resolve(options.istio_version) if options.istio_version else None
+    timer = PhaseTimer(progress or stderr_progress)
+    cache = ToolCache(options.cache_dir)
+    undo = Undo()
+    try:
+        cluster = _prepare_cluster(options, requested or DEFAULT_VERSION, timer, cache, undo)
+        api = cluster.api
+        server_version = api.server_version()
+        with timer.phase("istio"):
+            mesh = _prepare_istio(options, requested, cluster, timer, cache, undo)
+        gateways = api.list("apps/v1", "Deployment", None, label_selector=istio.INGRESS_SELECTOR)
+        gateway_ns = str(gateways[0]["metadata"]["namespace"]) if gateways else mesh.namespace
+        backend = ClusterBackend(
+            options.with_version(str(mesh.version)),
+            version=mesh.version,
+            api=api,
+            target=cluster.target,
+            kubectl=str(cluster.kubectl),
+            istioctl=str(mesh.istioctl),
+            cache=cache,
+            istio_namespace=mesh.namespace,
+            gateway_namespace=gateway_ns,
+            trust_domain=istio.trust_domain(api, mesh.namespace, options.revision),
+            server_version=server_version,
+            istio_installed_by_run=mesh.installed_by_run,
+            undo=undo,
+            timer=timer,
+            kind=cluster.kind,
+        )
+    except BaseException:
+        undo.run(timer.progress)
+        raise
+    try:
+        backend.deploy_scraper()
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+# -- pytest ----------------------------------------------------------------------------
+
+
+def plan_from_pytest(config: Any, version: str | None) -> Plan:
+    """The plan of the run pytest's options describe (for ``--plan``)."""
+    from securemetrics_e2e.catalog import SCENARIOS, scenario
+
+    options = options_from_pytest(config, version)
+    names = [n for opt in (config.getoption("--scenario") or []) for n in opt.split(",") if n]
+    chosen = [scenario(n) for n in names] if names else list(SCENARIOS)
+    return render_plan(options, chosen)
+
+
+def print_plan(config: Any, version: str | None) -> None:
+    """Write the plan to the terminal, past pytest's output capture."""
+    text = plan_from_pytest(config, version).render_text()
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    disabled = capture.global_and_fixture_disabled() if capture is not None else None
+    if disabled is not None:
+        with disabled:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(text)
+
+
+def backend_from_pytest(config: Any, version: str | None) -> ClusterBackend:
+    """The backend pytest's options describe; with ``--plan``, print the plan and exit."""
+    if config.getoption("--plan"):
+        import pytest
+
+        print_plan(config, version)
+        pytest.exit("--plan: the plan above was printed; nothing was executed", returncode=0)
+    progress: Callable[[str], None] = stderr_progress
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        progress = reporter.write_line
+    return make_cluster_backend(options_from_pytest(config, version), progress=progress)

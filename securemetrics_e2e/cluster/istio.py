@@ -1,0 +1,187 @@
+"""Istio on the cluster: istioctl commands, detecting an installed control plane,
+Gateway API CRDs and the Prometheus Operator bundle.
+
+Commands are built here as argument lists and run by the backend, so the plan shows
+exactly what the backend would run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from securemetrics_e2e.cluster.errors import DownloadFailed
+from securemetrics_e2e.cluster.kube import KubeAPI, Obj
+from securemetrics_e2e.cluster.pins import (
+    GATEWAY_BUNDLE_ANNOTATION,
+    GATEWAY_CRD,
+    OPERATOR_SELECTOR,
+    PROMETHEUS_OPERATOR_BUNDLE,
+    SERVICEMONITOR_CRD,
+    gateway_api_files,
+)
+from securemetrics_e2e.cluster.tools import ToolCache, fetch_pinned
+
+ISTIOD_SELECTOR = "app=istiod"
+INGRESS_GATEWAY = "istio-ingressgateway"
+INGRESS_SELECTOR = "app=istio-ingressgateway"
+CRD_API = "apiextensions.k8s.io/v1"
+_VERSION_IN_TAG = re.compile(r":v?(\d+\.\d+\.\d+(?:-(?:alpha|beta|rc)\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class KubeTarget:
+    """How istioctl and kubectl find the cluster."""
+
+    kubeconfig: Path | None
+    context: str | None
+
+    def args(self) -> list[str]:
+        out = []
+        if self.kubeconfig is not None:
+            out += ["--kubeconfig", str(self.kubeconfig)]
+        if self.context:
+            out += ["--context", self.context]
+        return out
+
+
+@dataclass(frozen=True)
+class InstalledIstio:
+    """An istiod found on the cluster."""
+
+    version: str | None  # from its image tag; None when the tag names no version
+    namespace: str
+    revision: str | None
+    image: str
+
+
+def install_command(
+    istioctl: str,
+    target: KubeTarget,
+    *,
+    hub: str | None = None,
+    tag: str | None = None,
+    revision: str | None = None,
+) -> list[str]:
+    """``istioctl install`` with the default profile (istiod + istio-ingressgateway)."""
+    cmd = [istioctl, "install", "-y", *target.args(), "--set", "profile=default"]
+    if hub:
+        cmd += ["--set", f"hub={hub}"]
+    if tag:
+        cmd += ["--set", f"tag={tag}"]
+    if revision:
+        cmd += ["--set", f"revision={revision}"]
+    return cmd
+
+
+def uninstall_command(istioctl: str, target: KubeTarget, *, revision: str | None) -> list[str]:
+    """Remove what :func:`install_command` installed (``--purge`` only without a revision)."""
+    cmd = [istioctl, "uninstall", "-y", *target.args()]
+    return cmd + (["--revision", revision] if revision else ["--purge"])
+
+
+def analyze_command(istioctl: str, target: KubeTarget, namespace: str) -> list[str]:
+    return [istioctl, "analyze", *target.args(), "-n", namespace]
+
+
+def listeners_command(istioctl: str, target: KubeTarget, pod: str, namespace: str) -> list[str]:
+    return [istioctl, "proxy-config", "listeners", *target.args(), pod, "-n", namespace]
+
+
+def version_from_image(image: str) -> str | None:
+    match = _VERSION_IN_TAG.search(image.split("@", 1)[0])
+    return match.group(1) if match else None
+
+
+def detect_istio(api: KubeAPI, revision: str | None = None) -> InstalledIstio | None:
+    """The istiod serving ``revision`` (default: the one without a revision), if any."""
+    candidates = api.list("apps/v1", "Deployment", None, label_selector=ISTIOD_SELECTOR)
+    for dep in candidates:
+        meta = dep.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        rev = labels.get("istio.io/rev")
+        rev = None if rev in (None, "", "default") else str(rev)
+        if rev != revision:
+            continue
+        containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+            "containers"
+        ) or [{}]
+        image = str(containers[0].get("image", ""))
+        return InstalledIstio(version_from_image(image), str(meta.get("namespace", "")), rev, image)
+    return None
+
+
+def trust_domain(api: KubeAPI, istio_namespace: str, revision: str | None) -> str:
+    """The mesh's trust domain from the ``istio`` ConfigMap (``cluster.local`` by default)."""
+    name = f"istio-{revision}" if revision else "istio"
+    cm = api.get("v1", "ConfigMap", name, istio_namespace) or {}
+    mesh_text = (cm.get("data") or {}).get("mesh", "")
+    try:
+        mesh = yaml.safe_load(mesh_text) if mesh_text else {}
+    except yaml.YAMLError:
+        mesh = {}
+    domain = (mesh or {}).get("trustDomain") if isinstance(mesh, dict) else None
+    return str(domain) if domain else "cluster.local"
+
+
+# -- Gateway API CRDs -------------------------------------------------------------------
+
+
+def gateway_api_installed(api: KubeAPI) -> str | None:
+    """The installed Gateway API bundle version ("unknown" without the annotation), or None."""
+    crd = api.get(CRD_API, "CustomResourceDefinition", GATEWAY_CRD)
+    if crd is None:
+        return None
+    annotations = (crd.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(GATEWAY_BUNDLE_ANNOTATION, "unknown"))
+
+
+def gateway_api_objects(version: str, cache: ToolCache) -> list[Obj]:
+    """The CRDs (and the safe-upgrades policy) of Gateway API ``version``, verified."""
+    objects: list[Obj] = []
+    for item in gateway_api_files(version):
+        objects += parse_documents(fetch_pinned(item, cache), item.url)
+    return objects
+
+
+# -- Prometheus Operator ----------------------------------------------------------------
+
+
+def operator_installed(api: KubeAPI) -> tuple[bool, bool]:
+    """(ServiceMonitor CRD present, an operator Deployment present anywhere)."""
+    crd = api.get(CRD_API, "CustomResourceDefinition", SERVICEMONITOR_CRD) is not None
+    operators = api.list("apps/v1", "Deployment", None, label_selector=OPERATOR_SELECTOR)
+    return crd, bool(operators)
+
+
+def operator_objects(cache: ToolCache, *, include_crds: bool = True) -> list[Obj]:
+    """The operator bundle's objects, verified; without CRDs when someone else owns them."""
+    data = fetch_pinned(PROMETHEUS_OPERATOR_BUNDLE, cache)
+    objects = parse_documents(data, PROMETHEUS_OPERATOR_BUNDLE.url)
+    if not include_crds:
+        objects = [o for o in objects if o.get("kind") != "CustomResourceDefinition"]
+    return objects
+
+
+def parse_documents(data: bytes | str, source: str) -> list[Obj]:
+    try:
+        docs = list(yaml.safe_load_all(data))
+    except yaml.YAMLError as exc:
+        raise DownloadFailed(f"{source} is not valid YAML: {exc}") from None
+    objects = [d for d in docs if isinstance(d, dict) and d.get("kind")]
+    if not objects:
+        raise DownloadFailed(f"{source} holds no Kubernetes objects")
+    return objects
+
+
+def deployment_template(obj: Mapping[str, Any]) -> Any:
+    return ((obj.get("spec") or {}).get("template")) or {}
+
+
+def kinds(objects: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"{o.get('kind')}/{(o.get('metadata') or {}).get('name')}" for o in objects]

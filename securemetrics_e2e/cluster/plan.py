@@ -1,0 +1,579 @@
+"""The ordered plan of a cluster run: every command and every manifest, touching nothing.
+
+The backend builds what it applies with the same functions (:func:`variant_plan`,
+:func:`scraper_plan`, the command builders of :mod:`.istio`), so the plan is what a run
+does, not a description of it. Steps whose execution depends on what the cluster
+already holds (an installed Istio, Gateway API CRDs, a Prometheus Operator) say so.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from securemetrics_e2e.catalog import SCENARIOS, Feature, MtlsMode, Scenario, WorkloadKind
+from securemetrics_e2e.cluster import istio, pins
+from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
+from securemetrics_e2e.cluster.options import ClusterOptions
+from securemetrics_e2e.cluster.resources import Workload, namespace_manifest, with_run_label
+from securemetrics_e2e.cluster.tools import (
+    ToolCache,
+    describe_resolution,
+    istioctl_spec,
+    kind_spec,
+    kubectl_spec,
+)
+from securemetrics_e2e.manifests import (
+    GENERATED_GATEWAY_SUFFIX,
+    Patch,
+    scenario_manifests,
+    scenario_patches,
+    scraper_manifests,
+)
+from securemetrics_e2e.versions import Capabilities, IstioVersion, capabilities, resolve
+
+ISTIO_NAMESPACE = "istio-system"
+SCRAPER_DEPLOYMENT = "prometheus"
+SCRAPER_SELECTOR = "app.kubernetes.io/name=prometheus"
+
+
+def kind_cluster_name(options: ClusterOptions, version: IstioVersion) -> str:
+    """One kind cluster per Istio minor, so ``--keep-cluster`` runs reuse it."""
+    return options.cluster_name or f"sm-e2e-{version.major}-{version.minor}"
+
+
+def kind_kubeconfig(name: str) -> Path:
+    # where pytest-kind-ng's KindCluster keeps it (relative to the working directory)
+    return Path(".pytest-kind") / name / "kubeconfig"
+
+
+def scenario_namespace(scenario: Scenario, mode: MtlsMode, run_id: str) -> str:
+    return f"sm-{scenario.name}-{mode.value.lower()}-{run_id}"
+
+
+def scraper_namespace(run_id: str) -> str:
+    return f"sm-scraper-{run_id}"
+
+
+def version_skip_reason(scenario: Scenario, caps: Capabilities) -> str | None:
+    """Why the Istio version cannot run ``scenario``; the cluster itself lacks nothing."""
+    missing = []
+    if Feature.NATIVE_SECURE_PORTS in scenario.features and not caps.native_secure_ports:
+        missing.append(Feature.NATIVE_SECURE_PORTS.value)
+    if Feature.LOCALHOST_ONLY_METRICS in scenario.features and not caps.localhost_only_metrics:
+        missing.append(Feature.LOCALHOST_ONLY_METRICS.value)
+    if missing:
+        return f"Istio {caps.version} lacks {', '.join(missing)} (needs Istio >= 1.31.0)"
+    return None
+
+
+@dataclass(frozen=True)
+class WorkloadLocator:
+    """Where the pods of one catalog workload are found once deployed."""
+
+    name: str
+    namespace: str
+    selector: str
+    service_account: str
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """Everything the backend does to deploy one (scenario, mTLS mode)."""
+
+    scenario: Scenario
+    mtls_mode: MtlsMode
+    namespace: str
+    manifests: tuple[Obj, ...]  # the namespace first, all run-labelled
+    patches: tuple[Patch, ...]
+    rollouts: tuple[Workload, ...]
+    locators: tuple[WorkloadLocator, ...]
+    skip: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario.name} [{self.mtls_mode.value}]"
+
+    @property
+    def needs_gateway_api(self) -> bool:
+        return any(
+            o.get("apiVersion", "").startswith("gateway.networking.k8s.io/") for o in self.manifests
+        )
+
+    @property
+    def needs_operator(self) -> bool:
+        return any(
+            o.get("apiVersion", "").startswith("monitoring.coreos.com/") for o in self.manifests
+        )
+
+    @property
+    def exclusive(self) -> frozenset[str]:
+        """Objects outside the namespace this variant changes (no two variants at once)."""
+        return frozenset(f"{p.kind}/{p.namespace}/{p.name}" for p in self.patches)
+
+
+def variant_plan(
+    scenario: Scenario,
+    mode: MtlsMode,
+    version: IstioVersion,
+    run_id: str,
+    *,
+    istio_namespace: str = ISTIO_NAMESPACE,
+    revision: str | None = None,
+) -> VariantPlan:
+    caps = capabilities(version)
+    namespace = scenario_namespace(scenario, mode, run_id)
+    skip = version_skip_reason(scenario, caps)
+    if skip is not None:
+        return VariantPlan(scenario, mode, namespace, (), (), (), (), skip)
+    rendered = scenario_manifests(
+        scenario,
+        mode,
+        version,
+        namespace=namespace,
+        scraper_namespace=scraper_namespace(run_id),
+        gateway_namespace=istio_namespace,
+    )
+    patches = scenario_patches(
+        scenario,
+        mode,
+        version,
+        namespace=namespace,
+        scraper_namespace=scraper_namespace(run_id),
+        gateway_namespace=istio_namespace,
+    )
+    manifests = [namespace_manifest(namespace, run_id, revision=revision)]
+    manifests += [with_run_label(obj, run_id) for obj in rendered]
+    rollouts: list[Workload] = []
+    for obj in manifests:
+        kind, meta = obj.get("kind"), obj.get("metadata") or {}
+        ns = str(meta.get("namespace", namespace))
+        if kind in ("Deployment", "StatefulSet", "DaemonSet"):
+            rollouts.append(Workload(str(kind), str(meta["name"]), ns))
+        elif kind == "Gateway" and obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
+            rollouts.append(Workload("Deployment", f"{meta['name']}{GENERATED_GATEWAY_SUFFIX}", ns))
+        elif kind == "Prometheus":
+            # the operator names the StatefulSet it generates prometheus-<name>
+            rollouts.append(Workload("StatefulSet", f"prometheus-{meta['name']}", ns))
+    rollouts += [Workload(p.kind, p.name, p.namespace) for p in patches]
+    return VariantPlan(
+        scenario,
+        mode,
+        namespace,
+        tuple(manifests),
+        tuple(patches),
+        tuple(rollouts),
+        tuple(_locators(scenario, manifests, namespace, istio_namespace)),
+    )
+
+
+def _locators(
+    scenario: Scenario, manifests: Sequence[Obj], namespace: str, istio_namespace: str
+) -> Iterable[WorkloadLocator]:
+    for spec in scenario.workloads:
+        if spec.kind is WorkloadKind.SIDECAR:
+            dep = next(
+                (
+                    o
+                    for o in manifests
+                    if o.get("kind") == "Deployment" and o["metadata"]["name"] == spec.name
+                ),
+                None,
+            )
+            labels = ((dep or {}).get("spec") or {}).get("selector", {}).get("matchLabels") or {
+                "app": spec.name
+            }
+            selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            yield WorkloadLocator(spec.name, namespace, selector, spec.service_account)
+        elif spec.name.endswith(GENERATED_GATEWAY_SUFFIX) and scenario.name == "gateway-api":
+            gateway = spec.name.removesuffix(GENERATED_GATEWAY_SUFFIX)
+            yield WorkloadLocator(
+                spec.name,
+                namespace,
+                f"gateway.networking.k8s.io/gateway-name={gateway}",
+                spec.service_account,
+            )
+        else:
+            yield WorkloadLocator(
+                spec.name, istio_namespace, istio.INGRESS_SELECTOR, spec.service_account
+            )
+
+
+@dataclass(frozen=True)
+class ScraperPlan:
+    namespace: str
+    manifests: tuple[Obj, ...]
+    service: str
+    port: int
+
+
+def scraper_plan(version: IstioVersion, run_id: str, *, revision: str | None = None) -> ScraperPlan:
+    namespace = scraper_namespace(run_id)
+    rendered = scraper_manifests(namespace=namespace, version=version)
+    manifests = [namespace_manifest(namespace, run_id, revision=revision)]
+    manifests += [with_run_label(obj, run_id) for obj in rendered]
+    service = next(o for o in rendered if o.get("kind") == "Service")
+    port = int(service["spec"]["ports"][0]["port"])
+    return ScraperPlan(namespace, tuple(manifests), str(service["metadata"]["name"]), port)
+
+
+# -- the whole plan -------------------------------------------------------------------------
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (config files, proxy config) as literal blocks, as people write them."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def dump_yaml(objects: Iterable[Obj]) -> str:
+    """YAML documents, keys in their given order, multi-line strings as blocks."""
+    return yaml.dump_all(list(objects), Dumper=_BlockDumper, sort_keys=False, width=100)
+
+
+@dataclass
+class Step:
+    phase: str
+    title: str
+    commands: list[list[str]] = field(default_factory=list)
+    manifests: list[Obj] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The ordered steps of one run, and the variants it skips with their reasons."""
+
+    options: ClusterOptions
+    version: IstioVersion
+    steps: list[Step]
+    variants: list[VariantPlan]
+    teardown: list[Step]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(v.id, v.skip) for v in self.variants if v.skip is not None]
+
+    def commands(self) -> list[list[str]]:
+        return [c for s in [*self.steps, *self.teardown] for c in s.commands]
+
+    def manifests(self) -> list[Obj]:
+        return [m for s in self.steps for m in s.manifests]
+
+    def render_text(self) -> str:
+        caps = capabilities(self.version)
+        o = self.options
+        lines = [
+            f"securemetrics-e2e cluster plan, run {o.run_id}",
+            f"Istio {self.version} (Kubernetes {caps.kubernetes_range}, Gateway API "
+            f"{caps.gateway_api_version}); cluster: "
+            + ("kind" if o.mode == "kind" else "existing (never created or deleted)"),
+            f"every object the run creates carries the label {RUN_LABEL}={o.run_id}; "
+            f"applies are server-side with field manager {FIELD_MANAGER}",
+            "",
+        ]
+        number = 0
+        for title, steps in (("STEPS", self.steps), ("TEARDOWN", self.teardown)):
+            lines.append(title)
+            for step in steps:
+                number += 1
+                lines.append(f"{number:3}. [{step.phase}] {step.title}")
+                lines += [f"       {d}" for d in step.details]
+                lines += [f"       $ {shlex.join(c)}" for c in step.commands]
+                if step.manifests:
+                    text = dump_yaml(step.manifests)
+                    lines += ["       ---"] + [f"       {line}" for line in text.splitlines()]
+            lines.append("")
+        lines.append("SKIPPED")
+        lines += [f"  - {vid}: {reason}" for vid, reason in self.skipped] or ["  (none)"]
+        return "\n".join(lines) + "\n"
+
+
+def _pairs(
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None,
+) -> list[tuple[Scenario, MtlsMode]]:
+    pairs: list[tuple[Scenario, MtlsMode]] = []
+    for item in SCENARIOS if scenarios is None else scenarios:
+        if isinstance(item, Scenario):
+            pairs += [(item, m) for m in item.mtls_modes]
+        else:
+            pairs.append(item)
+    return pairs
+
+
+def planned_version(options: ClusterOptions) -> IstioVersion:
+    from securemetrics_e2e.versions import DEFAULT_VERSION
+
+    return resolve(options.istio_version) if options.istio_version else DEFAULT_VERSION
+
+
+def render_plan(
+    options: ClusterOptions,
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None = None,
+    *,
+    cache: ToolCache | None = None,
+) -> Plan:
+    """What a run with ``options`` would do for ``scenarios`` (default: all), in order."""
+    options = options.validated()
+    version = planned_version(options)
+    caps = capabilities(version)
+    cache = cache or ToolCache(options.cache_dir)
+    run_id = options.run_id
+    if options.mode == "kind":
+        name = kind_cluster_name(options, version)
+        kubeconfig: Path | None = kind_kubeconfig(name)
+        context: str | None = f"kind-{name}"
+    else:
+        name, kubeconfig, context = "", options.kubeconfig, options.context
+    target = istio.KubeTarget(kubeconfig, context)
+    istioctl = str(options.istioctl_bin or "istioctl")
+    variants = [
+        variant_plan(s, m, version, run_id, revision=options.revision) for s, m in _pairs(scenarios)
+    ]
+    active = [v for v in variants if v.skip is None]
+    steps: list[Step] = []
+
+    tools = [
+        describe_resolution(kubectl_spec(), cache, override=options.kubectl_bin),
+        describe_resolution(istioctl_spec(str(version)), cache, override=options.istioctl_bin),
+    ]
+    if options.mode == "kind":
+        tools.insert(0, describe_resolution(kind_spec(), cache, override=options.kind_bin))
+    steps.append(
+        Step("tools", "resolve the tools (flag, PATH, or verified download)", details=tools)
+    )
+
+    if options.mode == "kind":
+        image = options.kind_image or pins.node_image(caps.kubernetes_range)
+        kind = str(options.kind_bin or "kind")
+        steps.append(
+            Step(
+                "cluster",
+                "check that the container runtime answers (kind needs Docker or Podman)",
+                commands=[["docker", "info", "--format", "{{.ServerVersion}}"]],
+            )
+        )
+        steps.append(
+            Step(
+                "cluster",
+                f"create kind cluster {name} with node image {image}, or reuse it if it exists "
+                "(pytest-kind-ng KindCluster)",
+                commands=[
+                    [kind, "get", "clusters"],
+                    [
+                        kind,
+                        "create",
+                        "cluster",
+                        f"--name={name}",
+                        f"--kubeconfig={kubeconfig}",
+                        f"--image={image}",
+                    ],
+                ],
+            )
+        )
+    else:
+        steps.append(
+            Step(
+                "cluster",
+                "use the existing cluster of kubeconfig "
+                f"{options.kubeconfig or '$KUBECONFIG or ~/.kube/config'}"
+                f"{f', context {options.context}' if options.context else ', its current context'}"
+                "; check that its API server answers within 5 s",
+            )
+        )
+    steps.append(
+        Step(
+            "istio",
+            f"if an istiod{f' of revision {options.revision}' if options.revision else ''} is "
+            f"installed, run against it (its version must be {version}); otherwise install "
+            f"Istio {version} with the default profile (istiod + istio-ingressgateway)",
+            commands=[
+                istio.install_command(
+                    istioctl, target, hub=options.hub, tag=options.tag, revision=options.revision
+                )
+            ],
+            details=[
+                "wait for deployment/istiod and deployment/istio-ingressgateway in istio-system"
+            ],
+        )
+    )
+    if any(v.needs_gateway_api for v in active):
+        files = pins.gateway_api_files(caps.gateway_api_version)
+        steps.append(
+            Step(
+                "crds",
+                f"unless CRD {pins.GATEWAY_CRD} exists: apply the Gateway API "
+                f"{caps.gateway_api_version} CRDs server-side, each file checked against its "
+                "pinned sha256 and labelled with the run label",
+                details=[f"{f.url} sha256 {f.sha256}" for f in files],
+            )
+        )
+    if any(v.needs_operator for v in active):
+        bundle = pins.PROMETHEUS_OPERATOR_BUNDLE
+        steps.append(
+            Step(
+                "operator",
+                f"unless a Prometheus Operator runs: apply Prometheus Operator "
+                f"{pins.PROMETHEUS_OPERATOR_VERSION} (CRDs + operator, namespace default) "
+                "server-side, checked against its pinned sha256, labelled with the run label; "
+                "wait for deployment/prometheus-operator",
+                details=[f"{bundle.url} sha256 {bundle.sha256}"],
+            )
+        )
+    scraper = scraper_plan(version, run_id, revision=options.revision)
+    steps.append(
+        Step(
+            "scraper",
+            f"deploy the secure-metrics Prometheus in {scraper.namespace}; wait for "
+            f"deployment/{SCRAPER_DEPLOYMENT}; its API is read through the Kubernetes API "
+            f"service proxy /api/v1/namespaces/{scraper.namespace}/services/"
+            f"{scraper.service}:{scraper.port}/proxy/",
+            manifests=list(scraper.manifests),
+        )
+    )
+    for index, v in enumerate(active):
+        holder = next((o for o in active[:index] if o.exclusive & v.exclusive), None)
+        steps += _variant_steps(v, after=holder)
+    teardown = _teardown_steps(options, active, scraper, target, istioctl, name, kubeconfig)
+    return Plan(options, version, steps, variants, teardown)
+
+
+def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[Step]:
+    steps: list[Step] = []
+    details = []
+    if after is not None:
+        shared = ", ".join(sorted(v.exclusive & after.exclusive))
+        details.append(
+            f"only once {after.id} is torn down: both change {shared}, so they never run "
+            "at the same time"
+        )
+    steps.append(
+        Step(
+            f"{v.scenario.name} {v.mtls_mode.value}",
+            f"deploy {v.id} in namespace {v.namespace} (sidecar injection on)",
+            manifests=list(v.manifests),
+            details=details,
+        )
+    )
+    for p in v.patches:
+        steps.append(
+            Step(
+                f"{v.scenario.name} {v.mtls_mode.value}",
+                f"patch {p.kind.lower()}/{p.name} in {p.namespace} (strategic merge; its "
+                "pod template is saved first and restored at teardown)",
+                details=yaml.safe_dump(dict(p.body), sort_keys=False).splitlines(),
+            )
+        )
+    steps.append(
+        Step(
+            f"{v.scenario.name} {v.mtls_mode.value}",
+            "wait for rollouts, failing fast on ImagePullBackOff/CrashLoopBackOff: "
+            + ", ".join(str(w) for w in v.rollouts),
+            details=[
+                "then, per check: config_dump via `pilot-agent request GET config_dump` in "
+                "istio-proxy; mTLS scrape with curl and /etc/istio-certs from the scraper's "
+                "istio-proxy plus the SPIFFE-checking probe through a verified kubectl "
+                "port-forward; plaintext attempts from the target pod and the scraper pod",
+            ],
+        )
+    )
+
+    return steps
+
+
+def _teardown_steps(
+    options: ClusterOptions,
+    active: Sequence[VariantPlan],
+    scraper: ScraperPlan,
+    target: istio.KubeTarget,
+    istioctl: str,
+    name: str,
+    kubeconfig: Path | None,
+) -> list[Step]:
+    run_id = options.run_id
+    teardown: list[Step] = []
+    namespaces = [scraper.namespace] + [v.namespace for v in active]
+    teardown.append(
+        Step(
+            "diagnostics",
+            f"on any failure, before anything below: capture pods, events, logs, config_dumps, "
+            f"istioctl analyze / proxy-config and Prometheus targets into {options.artifacts_dir}/",
+        )
+    )
+    teardown.append(
+        Step(
+            "cleanup",
+            f"delete the namespaces labelled {RUN_LABEL}={run_id} (and only those): "
+            + ", ".join(namespaces),
+        )
+    )
+    outside = [
+        m
+        for v in [*active]
+        for m in v.manifests
+        if (m.get("metadata") or {}).get("namespace") not in (None, v.namespace)
+        and m.get("kind") != "Namespace"
+    ]
+    cluster_scoped = [
+        m for m in scraper.manifests if m.get("kind") in ("ClusterRole", "ClusterRoleBinding")
+    ]
+    teardown.append(
+        Step(
+            "cleanup",
+            "delete the run-labelled objects outside those namespaces: "
+            + ", ".join(istio.kinds(outside + cluster_scoped)),
+        )
+    )
+    patched = sorted(
+        {f"{p.kind.lower()}/{p.name} in {p.namespace}" for v in active for p in v.patches}
+    )
+    if patched:
+        teardown.append(Step("cleanup", "restore the saved pod templates of " + ", ".join(patched)))
+    if not options.keep_cluster:
+        installs = []
+        if any(v.needs_operator for v in active):
+            installs.append("the Prometheus Operator bundle objects")
+        if any(v.needs_gateway_api for v in active):
+            installs.append("the Gateway API CRDs")
+        if installs:
+            teardown.append(
+                Step("cleanup", "if this run installed them: delete " + " and ".join(installs))
+            )
+        teardown.append(
+            Step(
+                "istio",
+                "if this run installed Istio: uninstall it",
+                commands=[istio.uninstall_command(istioctl, target, revision=options.revision)],
+            )
+        )
+        if options.mode == "kind":
+            teardown.append(
+                Step(
+                    "cluster",
+                    f"delete kind cluster {name} (--keep-cluster keeps it for the next run)",
+                    commands=[
+                        [
+                            str(options.kind_bin or "kind"),
+                            "delete",
+                            "cluster",
+                            f"--name={name}",
+                            f"--kubeconfig={kubeconfig}",
+                        ]
+                    ],
+                )
+            )
+    else:
+        teardown.append(
+            Step("keep", "--keep-cluster: keep the cluster, Istio and the installed CRDs/operator")
+        )
+    return teardown
