@@ -12,11 +12,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario, WorkloadKind, WorkloadSpec
+from securemetrics_e2e.errors import SecureMetricsError
 
 if TYPE_CHECKING:
     from securemetrics_e2e.pki import SpiffeId
@@ -69,7 +71,7 @@ class Listener:
     name: str
     address: str
     port: int
-    tls_only: bool  # every filter chain matches transport_protocol "tls"
+    tls_only: bool  # every filter chain only accepts TLS (matches or terminates it)
     client_cert_required: bool  # every TLS context sets require_client_certificate
     route_prefixes: tuple[str, ...]  # HTTP route prefixes across its filter chains
     upstream_clusters: tuple[str, ...] = ()
@@ -139,6 +141,27 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def prometheus(self) -> PrometheusAPI:
         """A client for the scraper's Prometheus HTTP API."""
+
+    def deploy_many(
+        self, variants: Sequence[tuple[Scenario, MtlsMode]]
+    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
+        """Deploy several variants; a variant missing from the result is deferred.
+
+        A backend may leave out a variant that would change what another one holds
+        (on a cluster, two scenarios patching the same ingress gateway); deploy it
+        again once the other is torn down. This default deploys one after the other.
+        """
+        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        for scenario, mode in variants:
+            try:
+                results[(scenario.name, mode)] = self.deploy(scenario, mode)
+            except SecureMetricsError as exc:
+                results[(scenario.name, mode)] = exc
+        return results
+
+    def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
+        """Save what explains a failure (proxy config, logs, targets) before teardown."""
+        return None
 
     def targets(self, job: str) -> list[Target]:
         """The active targets of a Prometheus scrape job."""

@@ -26,7 +26,7 @@ from securemetrics_e2e.catalog import (
     mode_features,
     scenario,
 )
-from securemetrics_e2e.checks import Check, check, skip_reason
+from securemetrics_e2e.checks import Check, CheckFailed, check, skip_reason
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
@@ -195,43 +195,67 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 class Fleet:
-    """Every selected variant, deployed together on first use and removed at the end.
+    """The selected variants: deployed together on first use, each removed when its tests end.
 
-    Deploying all variants at once lets Prometheus discover them in one go (its
-    discovery manager sends updates at most every 5 s) and mirrors a cluster, where the
-    variants' namespaces are independent and are rolled out side by side.
+    Deploying every variant at once lets Prometheus discover them in one go (its
+    discovery manager sends updates at most every 5 s) and lets a cluster roll the
+    variants' namespaces out side by side. A variant the backend defers (it would
+    change what another holds, e.g. the classic ingress gateway) is deployed when its
+    tests come, after pytest has released the other.
     """
 
     def __init__(self, backend: Backend, variants: list[Variant], version: str) -> None:
         self.backend = backend
         self.variants = variants
         self.version = version
-        self._deployed: dict[Variant, Deployment | BaseException | str] | None = None
+        self._state: dict[Variant, Deployment | SecureMetricsError | str] | None = None
+
+    def _deploy(self, variants: list[Variant]) -> None:
+        assert self._state is not None
+        runnable = []
+        for v in variants:
+            reason = variant_skip_reason(v, self.backend, self.version)
+            if reason is None:
+                runnable.append(v)
+            else:
+                self._state[v] = reason
+        if not runnable:
+            return
+        label = runnable[0].id if len(runnable) == 1 else "all selected variants"
+        with progress.timed(label, progress.Phase.DEPLOY):
+            results = self.backend.deploy_many([(v.scenario, v.mtls_mode) for v in runnable])
+        for v in runnable:
+            outcome = results.get((v.scenario.name, v.mtls_mode))
+            if outcome is not None:
+                self._state[v] = outcome
 
     def get(self, variant: Variant) -> Deployment:
-        if self._deployed is None:
-            self._deployed = {}
-            for v in self.variants:
-                reason = variant_skip_reason(v, self.backend, self.version)
-                if reason is not None:
-                    self._deployed[v] = reason
-                    continue
-                try:
-                    with progress.timed(v.id, progress.Phase.DEPLOY):
-                        self._deployed[v] = self.backend.deploy(v.scenario, v.mtls_mode)
-                except SecureMetricsError as exc:
-                    self._deployed[v] = exc
-        state = self._deployed.get(variant)
+        if self._state is None:
+            self._state = {}
+            self._deploy(self.variants)
+        if variant not in self._state:
+            self._deploy([variant])  # deferred until now
+        state = self._state.get(variant)
         if state is None:
-            raise UsageError(f"variant {variant.id} was not selected for this run")
+            raise SecureMetricsError(
+                f"{variant.id} could not be deployed: it conflicts with a variant still deployed"
+            )
         if isinstance(state, str):
             pytest.skip(state)
         if isinstance(state, BaseException):
             raise state
         return state
 
+    def release(self, variant: Variant) -> None:
+        """Tear ``variant`` down: pytest is done with its tests."""
+        state = (self._state or {}).pop(variant, None)
+        if isinstance(state, Deployment):
+            self.backend.teardown(state)
+        if self._state is not None and state is not None:
+            self._state[variant] = "already torn down"
+
     def close(self) -> None:
-        for state in (self._deployed or {}).values():
+        for state in (self._state or {}).values():
             if isinstance(state, Deployment):
                 self.backend.teardown(state)
 
@@ -246,9 +270,17 @@ def sm_fleet(pytestconfig: pytest.Config, sm_backend: Backend) -> Iterator[Fleet
 
 
 @pytest.fixture(scope="session")
-def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Deployment:
-    """The scenario variant of this test, deployed (with all the others) once per session."""
-    return sm_fleet.get(request.param)
+def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Iterator[Deployment]:
+    """The scenario variant of this test, deployed (with all the others) once per session.
+
+    pytest orders tests so that each variant's tests run together and finalizes this
+    fixture when it moves on: that is when the variant is torn down.
+    """
+    variant: Variant = request.param
+    try:
+        yield sm_fleet.get(variant)
+    finally:
+        sm_fleet.release(variant)
 
 
 @pytest.fixture
@@ -287,6 +319,7 @@ def pytest_runtest_makereport(
     if not isinstance(variant, Variant):  # an empty parameter set: no variant to report
         return report
     if report.when == "call" or (report.when == "setup" and not report.passed):
+        diagnostics = ""
         if report.passed:
             status, message = Status.PASS, ""
         elif report.skipped:
@@ -298,6 +331,12 @@ def pytest_runtest_makereport(
             status = Status.FAIL
             exc = call.excinfo.value if call.excinfo is not None else None
             message = getattr(exc, "message", None) or (str(exc) if exc else str(report.longrepr))
+            diagnostics = _capture(item, message)
+            if isinstance(exc, CheckFailed):
+                # the finding says everything: no traceback through the suite's internals
+                report.longrepr = str(exc) + (
+                    f"\ndiagnostics: {diagnostics}" if diagnostics else ""
+                )
         chk = check(marker.args[0])
         item.config.stash[_RESULT_KEY].add(
             CheckOutcome(
@@ -310,9 +349,23 @@ def pytest_runtest_makereport(
                 profile=variant.scenario.profile.value,
                 duration_s=report.duration,
                 nodeid=item.nodeid,
+                diagnostics=diagnostics if status is Status.FAIL else "",
             )
         )
     return report
+
+
+def _capture(item: pytest.Item, message: str) -> str:
+    """Diagnostics of the failing variant, captured now: before anything is torn down."""
+    funcargs = getattr(item, "funcargs", {})
+    backend, deployment = funcargs.get("sm_backend"), funcargs.get("deployment")
+    if not isinstance(backend, Backend) or not isinstance(deployment, Deployment):
+        return ""
+    try:
+        path = backend.capture_diagnostics(deployment, message)
+    except Exception as exc:  # diagnostics must never hide the failure itself
+        return f"(capturing diagnostics failed: {exc})"
+    return "" if path is None else str(path)
 
 
 def run_result(config: pytest.Config) -> RunResult:
