@@ -1,0 +1,461 @@
+"""Continuity: certificates rotate while Prometheus scrapes, and scraping never stops.
+
+Users rarely meet "it never worked"; they meet "it stopped later": workload certificates
+copied once for Prometheus that expired (istio#28050), upgrades that dropped targets
+(istio#19874). :func:`run_rotation` rotates the workload's and the scraper's short-lived
+certificates several times; after each rotation the suite's probe must see the NEW
+workload certificate and Prometheus must scrape the workload UP again. Then
+:func:`measure_continuity` reads the ``up`` samples of both jobs for the whole window
+from Prometheus itself: the fraction of successful scrapes and the longest time without
+one. Goal: 100% and no gap longer than two scrape intervals.
+
+The ``up`` samples are read raw (a range selector), not with a stepped range query: a
+stepped query repeats the last sample for up to five minutes, so a scrape that never
+happened would look like one that succeeded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from cryptography import x509
+
+from securemetrics_e2e.backend import Workload
+from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.pki import WorkloadIdentity
+from securemetrics_e2e.probe import ScrapeResult
+from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
+
+STATS_PATH = "/stats/prometheus"
+#: the longest time without a successful scrape, in scrape intervals, that still passes
+MAX_GAP_INTERVALS = 2.0
+
+
+class RotatingBackend(Protocol):
+    """What a backend offers to drive certificate rotation (the local backend does)."""
+
+    def prometheus(self) -> PrometheusAPI: ...
+
+    def scrape(self, workload: Workload, port: int, path: str = ...) -> ScrapeResult: ...
+
+    def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity: ...
+
+    def rotate_workload(self, workload: Workload) -> WorkloadIdentity: ...
+
+    def issue_scraper(self, lifetime: timedelta) -> WorkloadIdentity: ...
+
+    def rotate_scraper(self) -> WorkloadIdentity: ...
+
+    def scraper_identity(self) -> WorkloadIdentity: ...
+
+    def identity_of(self, workload: Workload) -> WorkloadIdentity: ...
+
+    def reset_scraper_connections(self, workload: Workload) -> None: ...
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class JobContinuity:
+    """How one scrape job scraped one workload over the window."""
+
+    job: str
+    scrapes: int
+    successes: int
+    longest_gap_s: float  # longest time inside the window without a successful scrape
+    last_error: str = ""  # Prometheus' lastError of the target at the end of the window
+
+    @property
+    def fraction(self) -> float:
+        return self.successes / self.scrapes if self.scrapes else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.job}: {self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes), "
+            f"longest gap {self.longest_gap_s:.1f}s"
+        )
+
+
+@dataclass(frozen=True)
+class Continuity:
+    """Scraping continuity of one workload, measured from Prometheus' ``up`` samples."""
+
+    workload: str
+    start: datetime
+    end: datetime
+    interval_s: float
+    jobs: tuple[JobContinuity, ...]
+    expired: tuple[str, ...] = ()  # certificates found expired at the end, described
+
+    @property
+    def max_gap_s(self) -> float:
+        return MAX_GAP_INTERVALS * self.interval_s
+
+    def problems(self) -> list[str]:
+        found = []
+        for job in self.jobs:
+            why = []
+            if job.scrapes == 0:
+                why.append("no scrapes at all in the window")
+            elif job.successes < job.scrapes:
+                why.append(f"{job.scrapes - job.successes} failed scrape(s)")
+            if job.longest_gap_s > self.max_gap_s:
+                why.append(f"gap {job.longest_gap_s:.1f}s > {self.max_gap_s:g}s")
+            if why:
+                error = f"; last error: {job.last_error}" if job.last_error else ""
+                found.append(f"{job.summary()} ({', '.join(why)}){error}")
+        return found
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.jobs) and not self.problems()
+
+    def verdict_line(self) -> str:
+        """One line for the report and the verdict: PASS/FAIL and every job's numbers."""
+        status = "PASS" if self.ok else "FAIL"
+        window = (self.end - self.start).total_seconds()
+        jobs = "; ".join(j.summary() for j in self.jobs) or "no jobs"
+        return f"continuity {status} {self.workload} over {window:.1f}s: {jobs}"
+
+    def failure_message(self) -> str:
+        """What went wrong, naming certificate expiry when that is the cause ("" if ok)."""
+        if self.ok:
+            return ""
+        parts = [f"scraping of {self.workload} was not continuous:", *self.problems()]
+        if self.expired:
+            parts.append("certificate expiry: " + "; ".join(self.expired))
+        return " ".join(parts)
+
+
+def _expired(certificates: Mapping[str, x509.Certificate], now: datetime) -> tuple[str, ...]:
+    return tuple(
+        f"the {what} (serial {cert.serial_number:x}) expired at "
+        f"{cert.not_valid_after_utc.isoformat()} and was not renewed (cf. istio#28050)"
+        for what, cert in certificates.items()
+        if cert.not_valid_after_utc < now
+    )
+
+
+def _selector(job: str, workload: Workload) -> str:
+    return f'up{{job="{job}",namespace="{workload.namespace}",pod="{workload.pod_name}"}}'
+
+
+def _samples(api: PrometheusAPI, selector: str, start: datetime) -> list[tuple[float, bool]]:
+    # The range selector ends at "now" (query has no time parameter), so it reaches
+    # back far enough to cover the window; samples outside it are dropped by the caller.
+    seconds = math.ceil((datetime.now(UTC) - start).total_seconds()) + 2
+    series = api.query(f"{selector}[{seconds}s]")
+    points = [(float(ts), value == "1") for s in series for ts, value in s.get("values", [])]
+    return sorted(points)
+
+
+def _job_continuity(
+    api: PrometheusAPI, job: str, workload: Workload, start: datetime, end: datetime
+) -> JobContinuity:
+    lo, hi = start.timestamp(), end.timestamp()
+    points = [
+        (ts, up) for ts, up in _samples(api, _selector(job, workload), start) if lo <= ts <= hi
+    ]
+    good = [ts for ts, up in points if up]
+    edges = [lo, *good, hi]
+    gap = max(b - a for a, b in itertools.pairwise(edges))
+    mine = [
+        t
+        for t in api.active_targets(job)
+        if t.labels.get("pod") == workload.pod_name
+        and t.labels.get("namespace") == workload.namespace
+    ]
+    return JobContinuity(
+        job=job,
+        scrapes=len(points),
+        successes=len(good),
+        longest_gap_s=gap,
+        last_error=next((t.last_error for t in mine if t.last_error), ""),
+    )
+
+
+def measure_continuity(
+    api: PrometheusAPI,
+    workload: Workload,
+    jobs: Sequence[str],
+    start: datetime,
+    end: datetime,
+    *,
+    interval_s: float,
+    certificates: Mapping[str, x509.Certificate] | None = None,
+    expiry_checked_at: datetime | None = None,
+) -> Continuity:
+    """Continuity of ``workload``'s scrapes by ``jobs`` over ``[start, end]``.
+
+    ``certificates`` (described by name, e.g. "scraper client certificate") are checked
+    for expiry at ``expiry_checked_at`` (default: now), so that a failure caused by one
+    names it.
+    """
+    if end <= start:
+        raise UsageError(f"continuity window ends ({end}) before it starts ({start})")
+    if not jobs:
+        raise UsageError(f"no scrape jobs given for workload {workload.name}")
+    measured = tuple(_job_continuity(api, job, workload, start, end) for job in jobs)
+    return Continuity(
+        workload=workload.name,
+        start=start,
+        end=end,
+        interval_s=interval_s,
+        jobs=measured,
+        expired=_expired(certificates or {}, expiry_checked_at or datetime.now(UTC)),
+    )
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    """One rotation and what followed it."""
+
+    index: int
+    workload_serial: int
+    scraper_serial: int
+    probe_serial: int | None  # what the probe last saw the workload present
+    problem: str = ""  # "" when the new certificate was served and every job scraped UP
+
+
+@dataclass(frozen=True)
+class RotationRun:
+    steps: tuple[RotationStep, ...]
+    continuity: Continuity
+
+    @property
+    def ok(self) -> bool:
+        return self.continuity.ok and not any(s.problem for s in self.steps)
+
+    def failure_message(self) -> str:
+        parts = [f"rotation {s.index}: {s.problem}" for s in self.steps if s.problem]
+        if not self.continuity.ok:
+            parts.append(self.continuity.failure_message())
+        return "; ".join(parts)
+
+
+def _wait_new_certificate(
+    backend: RotatingBackend, workload: Workload, port: int, serial: int, timeout: float
+) -> tuple[int | None, str, datetime | None]:
+    """Wait until the probe sees ``workload`` serve certificate ``serial`` on ``port``.
+
+    Returns the serial last seen, "" or the problem, and when a probe first failed.
+    """
+    seen: list[ScrapeResult] = []
+    failed: list[datetime] = []
+
+    def served() -> None:
+        result = backend.scrape(workload, port, STATS_PATH)
+        seen[:] = [result]
+        if not result.ok:
+            failed.append(datetime.now(UTC))
+            raise NotYet(f"{result.outcome.value}: {result.detail}")
+        if result.peer_serial != serial:
+            raise NotYet(f"peer serial {result.peer_serial}, expected {serial:x}")
+
+    try:
+        wait_for(f"{workload.name}:{port} to serve certificate {serial:x}", served, timeout=timeout)
+    except WaitTimeout as exc:
+        last = seen[0].peer_serial if seen else None
+        return last, str(exc), min(failed, default=None)
+    return serial, "", None
+
+
+def _wait_scraped_up(
+    api: PrometheusAPI, workload: Workload, jobs: Sequence[str], after: datetime, timeout: float
+) -> tuple[str, datetime | None]:
+    """Wait until every job scraped ``workload`` UP after ``after``.
+
+    Returns ("", None), or the problem and when Prometheus first saw a failed scrape.
+    """
+    failed: list[datetime] = []
+
+    def judged() -> None:
+        for job in jobs:
+            mine = [
+                t
+                for t in api.active_targets(job)
+                if t.labels.get("pod") == workload.pod_name
+                and t.labels.get("namespace") == workload.namespace
+            ]
+            if not mine:
+                raise NotYet(f"job {job}: no target for pod {workload.pod_name}")
+            for t in mine:
+                if t.last_scrape is None or t.last_scrape <= after:
+                    raise NotYet(f"job {job}: {t.scrape_url} not scraped again yet")
+                if t.health != "up":
+                    failed.append(t.last_scrape)
+                    raise NotYet(f"job {job}: {t.describe()}")
+
+    try:
+        wait_for(f"jobs {', '.join(jobs)} to scrape {workload.name} UP", judged, timeout=timeout)
+    except WaitTimeout as exc:
+        return str(exc), min(failed, default=None)
+    return "", None
+
+
+def run_rotation(
+    backend: RotatingBackend,
+    workload: Workload,
+    *,
+    rotations: int = 3,
+    lifetime: timedelta = timedelta(seconds=4),
+    interval_s: float = 1.0,
+) -> RotationRun:
+    """Rotate ``workload``'s and the scraper's certificates while Prometheus scrapes.
+
+    Both get fresh certificates of ``lifetime``; then, at least ``rotations`` times and
+    until the window has outlived the first certificates (so one that was not renewed
+    must have expired inside it), both are re-issued and each rotation must be followed
+    by the probe seeing the new workload certificate and by every job scraping UP over
+    a fresh connection. The first rotation that fails ends the rotations; the window
+    still runs on for a few scrape intervals, so that Prometheus records the failure.
+    """
+    if rotations < 1:
+        raise UsageError(f"rotations must be at least 1, got {rotations}")
+    if lifetime.total_seconds() < 4 * interval_s:
+        raise UsageError(
+            f"certificate lifetime {lifetime} is shorter than four scrape intervals "
+            f"({4 * interval_s:g}s): a rotation could not be confirmed before expiry"
+        )
+    jobs = list(workload.spec.jobs)
+    ports = sorted(set(workload.spec.jobs.values()))
+    api = backend.prometheus()
+    step_timeout = 3 * interval_s + 1.0
+    settle, _ = _wait_scraped_up(api, workload, jobs, datetime.now(UTC), step_timeout * 3)
+    if settle:
+        raise UsageError(f"{workload.name} was not scraped UP before rotation: {settle}")
+
+    start = datetime.now(UTC)
+    first = backend.issue_workload(workload, lifetime)
+    backend.issue_scraper(lifetime)
+    outlive = first.not_after + timedelta(seconds=MAX_GAP_INTERVALS * interval_s)
+    steps: list[RotationStep] = []
+    failed_at: datetime | None = None
+    while len(steps) < rotations or datetime.now(UTC) < outlive:
+        identity = backend.rotate_workload(workload)
+        scraper = backend.rotate_scraper()
+        problems = []
+        failures: list[datetime] = []
+        seen: int | None = None
+        for port in ports:
+            seen, problem, when = _wait_new_certificate(
+                backend, workload, port, identity.serial, step_timeout
+            )
+            if problem:
+                problems.append(problem)
+                failures += [when] if when else []
+                break
+        # Envoy judges a client certificate only in the handshake, and Prometheus keeps
+        # connections alive: without a fresh connection an expired scraper certificate
+        # would go unnoticed.
+        _wait_quiet(api, workload, jobs, interval_s)
+        reset_at = datetime.now(UTC)
+        backend.reset_scraper_connections(workload)
+        problem, when = _wait_scraped_up(api, workload, jobs, reset_at, step_timeout)
+        if problem:
+            problems.append(problem)
+            failures += [when] if when else []
+        steps.append(
+            RotationStep(
+                index=len(steps) + 1,
+                workload_serial=identity.serial,
+                scraper_serial=scraper.serial,
+                probe_serial=seen,
+                problem="; ".join(problems),
+            )
+        )
+        if problems:
+            # Certificates are judged when the first failure was seen: the workload's,
+            # renewed until then, must not be blamed for expiring after rotation stopped.
+            failed_at = min(failures, default=datetime.now(UTC))
+            # A job that reconnected just before a certificate expired keeps that
+            # connection: make every job handshake again with what the files hold now.
+            _wait_quiet(api, workload, jobs, interval_s)
+            backend.reset_scraper_connections(workload)
+            _wait_failed_scrapes(api, workload, jobs, interval_s)
+            break
+    end = datetime.now(UTC)
+    continuity = measure_continuity(
+        api,
+        workload,
+        jobs,
+        start,
+        end,
+        interval_s=interval_s,
+        expiry_checked_at=failed_at,
+        certificates={
+            "scraper client certificate (OUTPUT_CERTS cert-chain.pem)": (
+                backend.scraper_identity().cert
+            ),
+            f"{workload.name} workload certificate": backend.identity_of(workload).cert,
+        },
+    )
+    return RotationRun(tuple(steps), continuity)
+
+
+def _wait_quiet(
+    api: PrometheusAPI, workload: Workload, jobs: Sequence[str], interval_s: float
+) -> None:
+    """Wait for a moment when no job is scraping ``workload``.
+
+    Dropping a connection in the middle of a scrape fails that scrape ("connection
+    abort"), which would be the harness' fault, not the mesh's. Prometheus scrapes each
+    target at a fixed phase of the interval, known from its last scrape: wait until
+    now is at least an eighth of an interval away from every target's phase.
+    """
+    margin = interval_s / 8
+
+    def quiet() -> None:
+        now = datetime.now(UTC)
+        for job in jobs:
+            for t in api.active_targets(job):
+                if t.labels.get("pod") != workload.pod_name or t.last_scrape is None:
+                    continue
+                phase = (now - t.last_scrape).total_seconds() % interval_s
+                if phase < margin or phase > interval_s - margin:
+                    raise NotYet(f"job {job} scrapes {t.scrape_url} about now")
+
+    try:
+        wait_for(
+            f"a moment when no job scrapes {workload.name}",
+            quiet,
+            timeout=2 * interval_s,
+            interval=interval_s / 20,
+            max_interval=interval_s / 20,
+        )
+    except WaitTimeout:
+        return  # two jobs in phase: reset anyway; a failed scrape then shows as a finding
+
+
+def _wait_failed_scrapes(
+    api: PrometheusAPI, workload: Workload, jobs: Sequence[str], interval_s: float
+) -> None:
+    """Let Prometheus record a few failed scrapes, so the window shows the outage."""
+    after = datetime.now(UTC)
+    want = math.ceil(MAX_GAP_INTERVALS) + 1
+
+    def recorded() -> None:
+        for job in jobs:
+            for t in api.active_targets(job):
+                if t.labels.get("pod") != workload.pod_name:
+                    continue
+                if t.last_scrape is None or t.last_scrape < after + timedelta(
+                    seconds=want * interval_s
+                ):
+                    raise NotYet(f"job {job}: last scrape {t.last_scrape}")
+
+    # Not finding them is fine: the measurement then reports whatever was recorded.
+    try:
+        wait_for("Prometheus to record the outage", recorded, timeout=(want + 2) * interval_s)
+    except WaitTimeout:
+        return
