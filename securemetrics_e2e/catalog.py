@@ -32,6 +32,13 @@ class Feature(enum.StrEnum):
     INBOUND_CAPTURE = "inbound-capture"  # the sidecar intercepts inbound traffic (cluster)
     ISTIO_CONTROL_PLANE = "istio-control-plane"  # istiod, injection, CRDs (cluster)
     PROMETHEUS_OPERATOR = "prometheus-operator"  # cluster
+    CERT_ROTATION = "cert-rotation"  # the backend can drive certificate rotation on demand
+
+
+#: features only a real cluster has (istiod, iptables capture, the operator)
+CLUSTER_ONLY = frozenset(
+    {Feature.INBOUND_CAPTURE, Feature.ISTIO_CONTROL_PLANE, Feature.PROMETHEUS_OPERATOR}
+)
 
 
 class WorkloadKind(enum.StrEnum):
@@ -95,6 +102,8 @@ class Scenario:
     workloads: tuple[WorkloadSpec, ...]
     mtls_modes: tuple[MtlsMode, ...] = (MtlsMode.PERMISSIVE,)
     notes: tuple[str, ...] = field(default=())
+    #: a continuity scenario: checked over a window of time, by its own checks only
+    continuity: bool = False
 
 
 HTTPBIN = "httpbin"
@@ -181,6 +190,17 @@ SCENARIOS: tuple[Scenario, ...] = (
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
     ),
 )
+
+ROTATION = Scenario(
+    name="rotation",
+    description="Workload and scraper certificates rotated several times while Prometheus "
+    "scrapes: every rotation is served, no scrape is lost.",
+    profile=Profile.EXTENDED,
+    features=frozenset({Feature.NATIVE_SECURE_PORTS, Feature.CERT_ROTATION}),
+    workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin"),),
+    continuity=True,
+)
+SCENARIOS = (*SCENARIOS, ROTATION)
 
 _BY_NAME = {s.name: s for s in SCENARIOS}
 

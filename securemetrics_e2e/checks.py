@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Origin, Workload
@@ -29,6 +30,8 @@ from securemetrics_e2e.results import CheckOutcome, Status
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 STATS_PATH = "/stats/prometheus"
+#: the lifetime of certificates handed back after a continuity check shortened them
+LONG_LIVED = timedelta(hours=24)
 #: a target seen DOWN in this many distinct scrapes fails without waiting for the timeout
 DOWN_SCRAPES = 3
 
@@ -48,16 +51,22 @@ class Check:
     id: str
     code: str
     title: str
-    body: Callable[[Check, Backend, Deployment], None]
+    body: Callable[[Check, Backend, Deployment], object]
     applies: Callable[[Scenario], bool] = lambda s: True
     needs: frozenset[Feature] = frozenset()
+    #: a continuity check runs on continuity scenarios only, and snapshot checks never do
+    continuity: bool = False
+
+    def applies_to(self, scenario: Scenario) -> bool:
+        return self.continuity == scenario.continuity and self.applies(scenario)
 
     def fail(self, message: str) -> CheckFailed:
         return CheckFailed(self.id, self.code, message)
 
-    def run(self, backend: Backend, deployment: Deployment) -> None:
-        """Raise :class:`CheckFailed` if ``deployment`` misbehaves."""
-        self.body(self, backend, deployment)
+    def run(self, backend: Backend, deployment: Deployment) -> object:
+        """Raise :class:`CheckFailed` if ``deployment`` misbehaves; else return what was
+        measured (continuity checks), or None."""
+        return self.body(self, backend, deployment)
 
 
 def _secure_ports(w: Workload) -> Iterator[tuple[str, int]]:
@@ -269,6 +278,24 @@ def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> No
         raise check.fail("; ".join(problems))
 
 
+def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> object:
+    from securemetrics_e2e.continuity import RotatingBackend, run_rotation
+
+    if not isinstance(backend, RotatingBackend):
+        raise check.fail(f"backend {backend.name} cannot drive certificate rotation")
+    workload = dep.workloads[0]
+    try:
+        run = run_rotation(backend, workload)
+    finally:
+        # the scraper's identity is shared with every other scenario: give it back a
+        # certificate that outlives the run, as the agent would keep renewing it
+        backend.issue_scraper(LONG_LIVED)
+        backend.issue_workload(workload, LONG_LIVED)
+    if not run.ok:
+        raise check.fail(f"{run.failure_message()} ({run.continuity.verdict_line()})")
+    return run.continuity
+
+
 def _is_hardened(s: Scenario) -> bool:
     return any(w.mode is MetricsMode.HARDENED for w in s.workloads)
 
@@ -345,6 +372,16 @@ ENVOY_UP = Check(
     applies=_has_envoy_port,
 )
 
+ROTATION = Check(
+    "rotation-continuity",
+    "SMC011",
+    "Rotated workload and scraper certificates are served at once, and Prometheus loses no "
+    "scrape (100% up, no gap longer than two intervals)",
+    _rotation_continuity,
+    needs=frozenset({Feature.CERT_ROTATION}),
+    continuity=True,
+)
+
 CHECKS: tuple[Check, ...] = (
     LISTENERS,
     MTLS_SCRAPE,
@@ -356,6 +393,7 @@ CHECKS: tuple[Check, ...] = (
     HARDENED_AGENT,
     MERGED_UP,
     ENVOY_UP,
+    ROTATION,
 )
 
 
@@ -377,7 +415,7 @@ def run_checks(backend: Backend, dep: Deployment, variant: str = "") -> list[Che
     """Every check that applies to ``dep``'s scenario, as outcomes (for controls and the CLI)."""
     outcomes = []
     for c in CHECKS:
-        if not c.applies(dep.scenario):
+        if not c.applies_to(dep.scenario):
             continue
         start = time.monotonic()
         reason = skip_reason(c, backend)

@@ -141,6 +141,9 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
         str(scenarios.parent),
         "-p",
         "no:cacheprovider",
+        # a benchmark plugin installed beside us would leave .benchmarks/ in the user's cwd
+        "-p",
+        "no:benchmark",
         "--sm-backend",
         sel.backend,
         "--scenario",
@@ -354,7 +357,7 @@ def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
             continue
         lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
         for c in CHECKS:
-            if not c.applies(v.scenario):
+            if not c.applies_to(v.scenario):
                 continue
             why = skip_reason(c, backend)
             mark = f"skip: {why}" if why else c.code
@@ -404,8 +407,11 @@ def _backend_capabilities(name: str, local_network: str) -> _Capabilities:
 
         local = LocalBackend(network=local_network)
         return _Capabilities("local", local.features)
-    # a cluster has every feature the catalog knows: istiod, inbound capture, the operator
-    return _Capabilities(name, frozenset(Feature))
+    from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
+
+    # version-gated features are judged by variant_skip_reason against the version
+    gated = {Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS}
+    return _Capabilities(name, CLUSTER_FEATURES | gated)
 
 
 def applicability(
@@ -428,7 +434,7 @@ def applicability(
                 backend = cast(Backend, caps[b])
                 for version in versions:
                     reason = variant_skip_reason(v, backend, version)
-                    checks = [c for c in CHECKS if c.applies(s)]
+                    checks = [c for c in CHECKS if c.applies_to(s)]
                     skipped = [c.id for c in checks if skip_reason(c, backend)]
                     rows.append(
                         {

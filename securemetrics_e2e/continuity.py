@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 
@@ -37,6 +37,7 @@ STATS_PATH = "/stats/prometheus"
 MAX_GAP_INTERVALS = 2.0
 
 
+@runtime_checkable
 class RotatingBackend(Protocol):
     """What a backend offers to drive certificate rotation (the local backend does)."""
 

@@ -17,21 +17,19 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e import progress
+from securemetrics_e2e.applicability import skip_reason as skip_reason_for
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import (
     SCENARIOS,
-    Feature,
     MtlsMode,
     Scenario,
-    mode_features,
     scenario,
 )
 from securemetrics_e2e.checks import Check, CheckFailed, check, skip_reason
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
-from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from securemetrics_e2e.results import CheckOutcome, ContinuityRecord, RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
-_VERSION_GATED = frozenset({Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS})
 
 
 @dataclass(frozen=True)
@@ -101,28 +99,15 @@ def istio_version(config: pytest.Config) -> str:
     return str(resolve(text) if text else DEFAULT_VERSION)
 
 
-def version_features(version: str) -> frozenset[Feature]:
-    from securemetrics_e2e.versions import capabilities, resolve
-
-    caps = capabilities(resolve(version))
-    features = set()
-    if caps.native_secure_ports:
-        features.add(Feature.NATIVE_SECURE_PORTS)
-    if caps.localhost_only_metrics:
-        features.add(Feature.LOCALHOST_ONLY_METRICS)
-    return frozenset(features)
-
-
 def variant_skip_reason(variant: Variant, backend: Backend, version: str) -> str | None:
     """Why ``variant`` cannot run on ``backend`` at ``version``, or None when it can."""
-    needed = variant.scenario.features | mode_features(variant.mtls_mode)
-    lacking_version = sorted(f.value for f in needed & _VERSION_GATED - version_features(version))
-    if lacking_version:
-        return f"Istio {version} lacks {', '.join(lacking_version)} (needs Istio >= 1.31.0)"
-    lacking = sorted(f.value for f in needed - backend.features - _VERSION_GATED)
-    if lacking:
-        return f"backend {backend.name} cannot provide {', '.join(lacking)} (cluster-only)"
-    return None
+    return skip_reason_for(
+        variant.scenario,
+        variant.mtls_mode,
+        backend=backend.name,
+        backend_features=backend.features,
+        version=version,
+    )
 
 
 def selected_variants(config: pytest.Config) -> list[Variant]:
@@ -179,7 +164,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if chk is not None:
-        variants = [v for v in variants if chk.applies(v.scenario)]
+        variants = [v for v in variants if chk.applies_to(v.scenario)]
     if not variants:
         reason = f"check {chk.id if chk else '?'} applies to none of the selected scenarios"
         metafunc.parametrize(
@@ -301,9 +286,29 @@ def run_check(
         pytest.skip(reason)
 
     def run() -> None:
-        chk.run(sm_backend, deployment)
+        measured = chk.run(sm_backend, deployment)
+        if measured is not None:
+            _record_continuity(request.config, deployment, measured)
 
     return run
+
+
+def _record_continuity(config: pytest.Config, deployment: Deployment, measured: object) -> None:
+    from securemetrics_e2e.continuity import Continuity
+
+    if not isinstance(measured, Continuity):
+        return
+    for job in measured.jobs:
+        run_result(config).continuity.append(
+            ContinuityRecord(
+                scenario=deployment.scenario.name,
+                variant=deployment.mtls_mode.value,
+                job=job.job,
+                scrapes=job.scrapes,
+                successes=job.successes,
+                longest_gap_s=job.longest_gap_s,
+            )
+        )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -405,18 +410,19 @@ def pytest_terminal_summary(
         if status is Status.PASS:
             for note in scenario(name).notes:
                 tr.write_line(f"        note: {note}")
-    counts = result.counts()
-    verdict = "CONFORMANT" if result.conformant else "NOT CONFORMANT"
+    for rec in result.continuity:
+        tr.write_line(
+            f"continuity {rec.scenario} [{rec.variant}] {rec.job}: {rec.fraction:.1%} up "
+            f"({rec.successes}/{rec.scrapes} scrapes), longest gap {rec.longest_gap_s:.1f}s"
+        )
     elapsed = time.time() - result.measurements.get("start", time.time())
-    tr.write_line(
-        f"securemetrics-e2e verdict: {verdict} ({counts[Status.PASS]} passed, "
-        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
-        f"backend {config.getoption('--sm-backend')}, Istio {istio_version(config)}, "
-        f"{elapsed:.1f}s)",
-        bold=True,
-        red=not result.conformant,
-        green=result.conformant,
+    line = progress.verdict_line(
+        result,
+        backend=config.getoption("--sm-backend"),
+        istio_version=istio_version(config),
+        elapsed_s=elapsed,
     )
+    tr.write_line(line, bold=True, red=not result.conformant, green=result.conformant)
     path = config.getoption("--sm-report")
     if path:
         from securemetrics_e2e.report import write_report

@@ -376,8 +376,13 @@ def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed
     why = ""
     if not result.errors and not counts[Status.PASS] and not counts[Status.FAIL]:
         why = "nothing was checked; "
+    continuity = ""
+    if result.continuity:
+        worst = min(rec.fraction for rec in result.continuity)
+        gap = max(rec.longest_gap_s for rec in result.continuity)
+        continuity = f"; continuity {worst:.1%} up, longest gap {gap:.1f}s"
     return (
         f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
         f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
-        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s)"
+        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity})"
     )

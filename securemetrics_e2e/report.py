@@ -236,6 +236,18 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
             _profile(name, [o for o in result.outcomes if o.profile == name], result.errors)
             for name in profiles
         ],
+        "continuity": [
+            {
+                "scenario": rec.scenario,
+                "variant": rec.variant,
+                "job": rec.job,
+                "scrapes": rec.scrapes,
+                "successes": rec.successes,
+                "fraction": round(rec.fraction, 6),
+                "longestGapSeconds": round(rec.longest_gap_s, 3),
+            }
+            for rec in result.continuity
+        ],
     }
     validate_report(doc)
     return doc

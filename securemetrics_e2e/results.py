@@ -32,6 +32,22 @@ class CheckOutcome:
     nodeid: str = ""  # the pytest node id, for JUnit and re-running one check
 
 
+@dataclass(frozen=True)
+class ContinuityRecord:
+    """How continuously one job scraped one workload over a scenario's window."""
+
+    scenario: str
+    variant: str
+    job: str
+    scrapes: int
+    successes: int
+    longest_gap_s: float
+
+    @property
+    def fraction(self) -> float:
+        return self.successes / self.scrapes if self.scrapes else 0.0
+
+
 @dataclass
 class RunResult:
     """Everything one run checked, in the order it ran."""
@@ -39,6 +55,7 @@ class RunResult:
     outcomes: list[CheckOutcome] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     measurements: dict[str, float] = field(default_factory=dict)
+    continuity: list[ContinuityRecord] = field(default_factory=list)
     #: problems that stopped the run from judging the mesh (environment, usage), not findings
     errors: list[str] = field(default_factory=list)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e import __version__
+from securemetrics_e2e.catalog import scenario
 from securemetrics_e2e.checks import CHECKS
 from securemetrics_e2e.cli import applicability, main
 from securemetrics_e2e.progress import Phase, Progress, emit, timed, verdict_line
@@ -130,7 +131,9 @@ def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
     assert doc["selection"]["scenarios"] == ["native-sidecar", "hardened"]
     (core,) = [p for p in doc["profiles"] if p["name"] == "core"]
     named = {e["check"] for e in core["passed"] if e["id"] == "native-sidecar[PERMISSIVE]"}
-    applies = {c.id for c in CHECKS if not c.id.startswith("hardened")}
+    applies = {c.id for c in CHECKS if c.applies_to(scenario("native-sidecar"))}
+    assert applies
+    assert not any(a.startswith("hardened") for a in applies)
     assert named == applies  # every passed check named, not just counted
     assert all(e["reason"] for e in core["skipped"])
 
@@ -234,7 +237,10 @@ def test_list_says_where_each_variant_applies_and_why_not(
     assert strict_local["reason"] == "backend local cannot provide inbound-capture (cluster-only)"
     assert by[("legacy-sidecar[STRICT]", "kind", "1.30.5")]["applies"] is True
     assert by[("servicemonitor[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
-    assert len(rows) == 11 * 2 * 2  # 11 scenario variants
+    assert len(rows) == 12 * 2 * 2  # 12 scenario variants x 2 backends x 2 versions
+    rotation_kind = by[("rotation[PERMISSIVE]", "kind", "1.31.1")]
+    assert rotation_kind["applies"] is False
+    assert "cert-rotation" in rotation_kind["reason"]
 
     assert main(["list", "--backend", "local", "--istio-version", "1.31", "--format", "json"]) == 0
     listed = json.loads(capsys.readouterr().out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from securemetrics_e2e.catalog import SCENARIOS, Feature, MtlsMode, Scenario, WorkloadKind
+from securemetrics_e2e.catalog import SCENARIOS, MtlsMode, Scenario, WorkloadKind
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
@@ -59,16 +59,20 @@ def scraper_namespace(run_id: str) -> str:
     return f"sm-scraper-{run_id}"
 
 
-def version_skip_reason(scenario: Scenario, caps: Capabilities) -> str | None:
-    """Why the Istio version cannot run ``scenario``; the cluster itself lacks nothing."""
-    missing = []
-    if Feature.NATIVE_SECURE_PORTS in scenario.features and not caps.native_secure_ports:
-        missing.append(Feature.NATIVE_SECURE_PORTS.value)
-    if Feature.LOCALHOST_ONLY_METRICS in scenario.features and not caps.localhost_only_metrics:
-        missing.append(Feature.LOCALHOST_ONLY_METRICS.value)
-    if missing:
-        return f"Istio {caps.version} lacks {', '.join(missing)} (needs Istio >= 1.31.0)"
-    return None
+def version_skip_reason(
+    scenario: Scenario, caps: Capabilities, mode: MtlsMode = MtlsMode.PERMISSIVE
+) -> str | None:
+    """Why the Istio version (or a cluster) cannot run ``scenario`` in ``mode``."""
+    from securemetrics_e2e.applicability import VERSION_GATED, skip_reason
+    from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
+
+    return skip_reason(
+        scenario,
+        mode,
+        backend="cluster",
+        backend_features=CLUSTER_FEATURES | VERSION_GATED,
+        version=str(caps.version),
+    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def variant_plan(
 ) -> VariantPlan:
     caps = capabilities(version)
     namespace = scenario_namespace(scenario, mode, run_id)
-    skip = version_skip_reason(scenario, caps)
+    skip = version_skip_reason(scenario, caps, mode)
     if skip is not None:
         return VariantPlan(scenario, mode, namespace, (), (), (), (), skip)
     rendered = scenario_manifests(

@@ -200,7 +200,11 @@ class LocalBackend(Backend):
     def features(self) -> frozenset[Feature]:
         # The data plane of any version can be rebuilt here; what needs istiod, iptables
         # capture or the Prometheus Operator cannot.
-        features = {Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS}
+        features = {
+            Feature.NATIVE_SECURE_PORTS,
+            Feature.LOCALHOST_ONLY_METRICS,
+            Feature.CERT_ROTATION,  # the run's own CA re-issues through file-based SDS
+        }
         if self._network_choice != "loopback" and (
             not self._started or isinstance(self.network, PodNetwork)
         ):

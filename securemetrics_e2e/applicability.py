@@ -1,0 +1,48 @@
+"""Whether a scenario variant can run on a backend at an Istio version, and why not.
+
+One place for the rule, used by the pytest plugin (to skip with the reason), the CLI's
+``list`` and the cluster plan: a variant needs its scenario's features plus its mTLS
+mode's; version-gated features come from the Istio version, the others from the
+backend.
+"""
+
+from __future__ import annotations
+
+from securemetrics_e2e.catalog import CLUSTER_ONLY, Feature, MtlsMode, Scenario, mode_features
+
+VERSION_GATED = frozenset({Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS})
+
+
+def version_features(version: str) -> frozenset[Feature]:
+    """The version-gated features Istio ``version`` has."""
+    from securemetrics_e2e.versions import capabilities, resolve
+
+    caps = capabilities(resolve(version))
+    features = set()
+    if caps.native_secure_ports:
+        features.add(Feature.NATIVE_SECURE_PORTS)
+    if caps.localhost_only_metrics:
+        features.add(Feature.LOCALHOST_ONLY_METRICS)
+    return frozenset(features)
+
+
+def skip_reason(
+    scenario: Scenario,
+    mtls_mode: MtlsMode,
+    *,
+    backend: str,
+    backend_features: frozenset[Feature],
+    version: str,
+) -> str | None:
+    """Why the variant cannot run, or None when it can."""
+    needed = scenario.features | mode_features(mtls_mode)
+    lacking_version = needed & VERSION_GATED - version_features(version)
+    if lacking_version:
+        names = ", ".join(sorted(f.value for f in lacking_version))
+        return f"Istio {version} lacks {names} (needs Istio >= 1.31.0)"
+    lacking = needed - backend_features - VERSION_GATED
+    if lacking:
+        names = ", ".join(sorted(f.value for f in lacking))
+        why = "cluster-only" if lacking <= CLUSTER_ONLY else "not available on this backend"
+        return f"backend {backend} cannot provide {names} ({why})"
+    return None
