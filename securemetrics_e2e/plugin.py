@@ -131,8 +131,12 @@ def make_backend(config: pytest.Config) -> Backend:
             raise UsageError(
                 f"unknown --local-fault {fault_name!r}; known faults: {known}"
             ) from None
+        artifacts = config.getoption("--sm-artifacts", default=None) or "artifacts"
         return LocalBackend(
-            network=config.getoption("--local-network"), istio_version=version, fault=fault
+            network=config.getoption("--local-network"),
+            istio_version=version,
+            fault=fault,
+            artifacts_dir=Path(artifacts),
         )
     from securemetrics_e2e.cluster.backend import backend_from_pytest
 

@@ -113,10 +113,12 @@ class LocalBackend(Backend):
         trust_domain: str = "cluster.local",
         istio_version: str = "",
         workdir: Path | None = None,
+        artifacts_dir: Path = Path("artifacts"),
     ) -> None:
         if network not in ("auto", "netns", "loopback"):
             raise UsageError(f"unknown local network {network!r}; use auto, netns or loopback")
         self.fault = fault
+        self.artifacts_dir = artifacts_dir
         self.istio_version = istio_version
         self._network_choice = network
         self._scrape_interval = scrape_interval
@@ -326,6 +328,17 @@ class LocalBackend(Backend):
             w.envoy.stop()
             self.network.remove_pod(w.pod.name)
         self._publish_pods()
+
+    def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
+        if deployment is None or not self._started:
+            return None
+        from securemetrics_e2e.local.diagnostics import capture
+
+        return capture(self, deployment, reason, self.artifacts_dir)
+
+    def runtime_of(self, workload: Workload) -> _WorkloadRuntime:
+        """The processes and files behind ``workload`` (for diagnostics and rotation)."""
+        return self._runtime(workload)
 
     def _runtime(self, workload: Workload) -> _WorkloadRuntime:
         for runtime in self._active.values():
