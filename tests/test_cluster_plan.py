@@ -23,8 +23,8 @@ from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.versions import capabilities, resolve, supported_versions
 
 RUN = "t3st01"
-NATIVE = {"native-sidecar", "native-gateway", "gateway-api", "hardened"}
-OTHERS = {"legacy-sidecar", "legacy-gateway", "servicemonitor"}  # no native-port feature
+NATIVE = {"native-sidecar", "native-gateway", "gateway-api", "hardened", "servicemonitor"}
+OTHERS = {"legacy-sidecar", "legacy-gateway"}  # no native-port feature
 
 
 @pytest.fixture(autouse=True)
@@ -105,9 +105,9 @@ def test_versioned_downloads_and_images(tmp_path: Path, version: str) -> None:
             assert f"{item.url} sha256 {item.sha256}" in text
     else:
         assert "gateway-api/" not in text
-    # the servicemonitor scenario runs on every version: the operator bundle is planned
+    # the operator bundle only when the servicemonitor scenario runs (native ports, 1.31+)
     bundle = pins.PROMETHEUS_OPERATOR_BUNDLE
-    assert f"{bundle.url} sha256 {bundle.sha256}" in text
+    assert (f"{bundle.url} sha256 {bundle.sha256}" in text) == caps.native_secure_ports
 
 
 def test_gateway_api_version_per_minor() -> None:
