@@ -9,6 +9,7 @@ reason and one closing verdict line.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -85,6 +86,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     except ImportError:  # the cluster backend is optional at import time
         return
     add_cluster_options(group)
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--plan``: print what a cluster run would do, touch nothing, run no test."""
+    if not config.getoption("--plan", default=False):
+        return None
+    if config.getoption("--sm-backend") == "local":
+        sys.stderr.write(
+            "securemetrics-e2e: --plan describes a cluster run: add --sm-backend kind\n"
+        )
+        return 2
+    from securemetrics_e2e.cluster.backend import print_plan
+
+    try:
+        print_plan(config, istio_version(config))
+    except SecureMetricsError as exc:
+        sys.stderr.write(f"securemetrics-e2e: {exc}\n")
+        return 2
+    return 0
 
 
 def pytest_configure(config: pytest.Config) -> None:
