@@ -70,3 +70,9 @@ def test_prometheus_merged_job_targets_up(run_check: Callable[[], None]) -> None
 def test_prometheus_envoy_job_targets_up(run_check: Callable[[], None]) -> None:
     """Job istio-secure-envoy-metrics scrapes https://<podIP>:<envoy-port>/stats/prometheus UP."""
     run_check()
+
+
+@pytest.mark.check("servicemonitor-targets-up")
+def test_servicemonitor_targets_up_over_https(run_check: Callable[[], None]) -> None:
+    """The Prometheus Operator scrapes every ServiceMonitor target UP over https."""
+    run_check()

@@ -163,6 +163,11 @@ class Backend(abc.ABC):
         """Save what explains a failure (proxy config, logs, targets) before teardown."""
         return None
 
+    def prometheus_for(self, deployment: Deployment) -> PrometheusAPI:
+        """The Prometheus that scrapes ``deployment``: the suite's scraper, unless the
+        scenario brings its own (the Prometheus Operator's, for servicemonitor)."""
+        return self.prometheus()
+
     def targets(self, job: str) -> list[Target]:
         """The active targets of a Prometheus scrape job."""
         return self.prometheus().active_targets(job)

@@ -265,7 +265,7 @@ def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeou
 
 
 def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> None:
-    api = backend.prometheus()
+    api = backend.prometheus_for(dep)
     problems = []
     for w in dep.workloads:
         port = w.spec.jobs.get(job)
@@ -276,6 +276,44 @@ def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> No
             problems.append(problem)
     if problems:
         raise check.fail("; ".join(problems))
+
+
+#: the job prefix the Prometheus Operator gives ServiceMonitor scrape pools
+SERVICE_MONITOR_JOB = "serviceMonitor/"
+
+
+def _servicemonitor_targets_up(check: Check, backend: Backend, dep: Deployment) -> None:
+    """Every ServiceMonitor of the scenario has targets, all UP over https."""
+    api = backend.prometheus_for(dep)
+    prefix = f"{SERVICE_MONITOR_JOB}{dep.namespace}/"
+    seen: list[Target] = []
+
+    def all_scraped() -> list[Target]:
+        mine = [t for t in api.active_targets() if t.job.startswith(prefix)]
+        seen[:] = mine
+        if not mine:
+            raise NotYet(f"no scrape pool {prefix}* yet")
+        if any(t.health == "unknown" for t in mine):
+            raise NotYet("not scraped yet: " + ", ".join(t.scrape_url for t in mine))
+        if any(t.health != "up" for t in mine):
+            raise NotYet("; ".join(t.describe() for t in mine if t.health != "up"))
+        return mine
+
+    try:
+        targets = wait_for(
+            f"the ServiceMonitors of {dep.namespace} to scrape UP",
+            all_scraped,
+            timeout=backend.target_timeout,
+        )
+    except WaitTimeout as exc:
+        raise check.fail(str(exc)) from None
+    plain = [t.scrape_url for t in targets if not t.scrape_url.startswith("https://")]
+    if plain:
+        raise check.fail(f"ServiceMonitor targets scraped without TLS: {', '.join(plain)}")
+
+
+def _uses_operator(s: Scenario) -> bool:
+    return Feature.PROMETHEUS_OPERATOR in s.features
 
 
 def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> object:
@@ -363,13 +401,21 @@ MERGED_UP = Check(
     "SMC009",
     f"Prometheus job {MERGED_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
     partial(_targets_up, MERGED_JOB),
+    applies=lambda s: not _uses_operator(s),
 )
 ENVOY_UP = Check(
     "targets-up-envoy",
     "SMC010",
     f"Prometheus job {ENVOY_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
     partial(_targets_up, ENVOY_JOB),
-    applies=_has_envoy_port,
+    applies=lambda s: _has_envoy_port(s) and not _uses_operator(s),
+)
+SERVICE_MONITOR_UP = Check(
+    "servicemonitor-targets-up",
+    "SMC012",
+    "The Prometheus Operator scrapes every ServiceMonitor target UP over https",
+    _servicemonitor_targets_up,
+    applies=_uses_operator,
 )
 
 ROTATION = Check(
@@ -393,6 +439,7 @@ CHECKS: tuple[Check, ...] = (
     HARDENED_AGENT,
     MERGED_UP,
     ENVOY_UP,
+    SERVICE_MONITOR_UP,
     ROTATION,
 )
 

@@ -1,0 +1,98 @@
+"""The ServiceMonitor check, judged against a real Prometheus.
+
+The Prometheus Operator names scrape pools ``serviceMonitor/<namespace>/<name>/<n>``;
+here a real Prometheus has such pools for three namespaces: https and UP, plain http,
+and https to a closed port. The backend is a stand-in that only hands out that
+Prometheus (the check needs nothing else), so this proves the check's judgement, not
+the operator.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+from promproc import PrometheusProcess, prometheus_binary
+from tlsservers import HTTPServer, closed_port
+
+from securemetrics_e2e.backend import Backend, Deployment
+from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.checks import SERVICE_MONITOR_UP, CheckFailed
+from securemetrics_e2e.pki import MeshCA
+from securemetrics_e2e.prometheus import PrometheusAPI
+
+
+class _PrometheusOnly:
+    """Stand-in for a backend at the seam: the check only asks for its Prometheus."""
+
+    name = "stand-in"
+    target_timeout = 3.0
+
+    def __init__(self, api: PrometheusAPI) -> None:
+        self._api = api
+
+    def prometheus_for(self, deployment: Deployment) -> PrometheusAPI:
+        return self._api
+
+
+def _job(namespace: str, scheme: str, target: str) -> dict[str, Any]:
+    return {
+        "job_name": f"serviceMonitor/{namespace}/httpbin-app/0",
+        "scheme": scheme,
+        "tls_config": {"insecure_skip_verify": True},
+        "static_configs": [{"targets": [target]}],
+    }
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusAPI]:
+    try:
+        prometheus_binary()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    tmp = tmp_path_factory.mktemp("sm")
+    certs = MeshCA.create().issue("ns-up", "httpbin").write_output_certs(tmp / "certs")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certs.cert_chain, certs.key)
+    with HTTPServer(tls=tls) as https, HTTPServer() as plain, closed_port() as closed:
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                _job("ns-up", "https", f"127.0.0.1:{https.port}"),
+                _job("ns-plain", "http", f"127.0.0.1:{plain.port}"),
+                _job("ns-down", "https", f"127.0.0.1:{closed}"),
+            ],
+        }
+        (tmp / "prom").mkdir()
+        with PrometheusProcess(config, tmp / "prom") as prom:
+            api = prom.api()
+            # past Prometheus' first discovery cycle, so each test judges scraped targets
+            for job in config["scrape_configs"]:
+                api.wait_scraped(job["job_name"], timeout=20)
+            yield api
+
+
+def _run(api: PrometheusAPI, namespace: str) -> None:
+    dep = Deployment(scenario("servicemonitor"), MtlsMode.PERMISSIVE, namespace, ())
+    SERVICE_MONITOR_UP.run(cast(Backend, _PrometheusOnly(api)), dep)
+
+
+def test_https_targets_up_pass(api: PrometheusAPI) -> None:
+    _run(api, "ns-up")
+
+
+def test_plaintext_servicemonitor_fails(api: PrometheusAPI) -> None:
+    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1"):
+        _run(api, "ns-plain")
+
+
+def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
+    with pytest.raises(CheckFailed, match=r"SMC012.*https://127\.0\.0\.1:\d+/metrics: down"):
+        _run(api, "ns-down")
+
+
+def test_namespace_without_servicemonitors_fails(api: PrometheusAPI) -> None:
+    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/"):
+        _run(api, "ns-none")
