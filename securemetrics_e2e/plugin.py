@@ -413,31 +413,12 @@ def pytest_terminal_summary(
         return
     tr = terminalreporter
     tr.section("securemetrics-e2e conformance")
-    for name, variant in result.scenarios():
-        status = result.scenario_status(name, variant)
-        mine = [o for o in result.outcomes if o.scenario == name and o.variant == variant]
-        line = f"{status.value:4}  {name} [{variant}]"
-        if status is Status.SKIP:
-            line += f"  -- {mine[0].message}"
-        elif status is Status.FAIL:
-            failed = [o for o in mine if o.status is Status.FAIL]
-            line += "  -- " + ", ".join(f"{o.code} {o.check}" for o in failed)
+    for status, line in progress.scenario_lines(result):
         tr.write_line(
             line,
             red=status is Status.FAIL,
             green=status is Status.PASS,
             yellow=status is Status.SKIP,
-        )
-        for o in mine:
-            if o.status is Status.FAIL:
-                tr.write_line(f"        {o.code} {o.check}: {o.message}")
-        if status is Status.PASS:
-            for note in scenario(name).notes:
-                tr.write_line(f"        note: {note}")
-    for rec in result.continuity:
-        tr.write_line(
-            f"continuity {rec.scenario} [{rec.variant}] {rec.job}: {rec.fraction:.1%} up "
-            f"({rec.successes}/{rec.scrapes} scrapes), longest gap {rec.longest_gap_s:.1f}s"
         )
     elapsed = time.time() - result.measurements.get("start", time.time())
     line = progress.verdict_line(

@@ -306,7 +306,7 @@ def scrape_mtls(
     if handshake.chain:
         leaf = handshake.chain[0]
         peer.update(
-            peer_spiffe_id=_spiffe_id_or_none(leaf),
+            peer_spiffe_id=spiffe_id_of(leaf),
             peer_serial=leaf.serial_number,
             peer_not_before=leaf.not_valid_before_utc,
         )
@@ -325,7 +325,7 @@ def scrape_mtls(
 
     if handshake.chain:
         intermediates = client.intermediates() if client is not None else []
-        rejection = _identity_problem(handshake.chain, roots, intermediates, expected_spiffe)
+        rejection = identity_problem(handshake.chain, roots, intermediates, expected_spiffe)
         if rejection is not None:
             trust_failures = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
             outcome = (
@@ -360,9 +360,9 @@ def scrape_mtls(
     )
 
 
-def _identity_problem(
+def identity_problem(
     chain: list[x509.Certificate],
-    roots: list[x509.Certificate],
+    roots: Sequence[x509.Certificate],
     intermediates: Sequence[x509.Certificate],
     expected: SpiffeId | None,
 ) -> PeerVerificationError | None:
@@ -385,7 +385,7 @@ def _identity_problem(
     return next((p for p in problems if p.kind not in trust), problems[0])
 
 
-def _spiffe_id_or_none(cert: x509.Certificate) -> SpiffeId | None:
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import pytest
 
+from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.results import RunResult, Status
 
 
@@ -361,7 +362,23 @@ def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
                 lines.append((status, f"        {o.code} {o.check}: {o.message}"))
                 if o.diagnostics:
                     lines.append((status, f"        diagnostics: {o.diagnostics}"))
+        if status is Status.PASS and name in _NOTES:
+            lines.extend((status, f"        note: {note}") for note in _NOTES[name])
+    for rec in result.continuity:
+        status = Status.PASS if rec.fraction == 1.0 else Status.FAIL
+        lines.append(
+            (
+                status,
+                f"continuity {variant_id(rec.scenario, rec.variant)} {rec.job}: "
+                f"{rec.fraction:.1%} up ({rec.successes}/{rec.scrapes} scrapes), "
+                f"longest gap {rec.longest_gap_s:.1f}s",
+            )
+        )
     return lines
+
+
+#: what a PASS of a scenario does not prove, said under it (e.g. cluster-only wiring)
+_NOTES = {s.name: s.notes for s in SCENARIOS if s.notes}
 
 
 def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed_s: float) -> str:

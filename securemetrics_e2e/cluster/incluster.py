@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from securemetrics_e2e.cluster.kube import ExecResult
-from securemetrics_e2e.pki import PeerFailure, PeerVerificationError, verify_peer
+from securemetrics_e2e.pki import PeerFailure
 from securemetrics_e2e.probe import (
     ACCEPT,
     ENVOY_UPSTREAM_RESET,
@@ -29,8 +29,10 @@ from securemetrics_e2e.probe import (
     PlaintextOutcome,
     PlaintextResult,
     ScrapeResult,
+    identity_problem,
+    spiffe_id_of,
 )
-from securemetrics_e2e.spiffe import InvalidSpiffeId, SpiffeId
+from securemetrics_e2e.spiffe import SpiffeId
 
 SCRAPER_CERTS = "/etc/istio-certs"
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -159,13 +161,13 @@ def parse_mtls(
             elapsed_s=elapsed,
             status=status,
             families=families or [],
-            peer_spiffe_id=_spiffe_id(leaf) if leaf is not None else None,
+            peer_spiffe_id=spiffe_id_of(leaf) if leaf is not None else None,
             peer_serial=leaf.serial_number if leaf is not None else None,
             peer_not_before=leaf.not_valid_before_utc if leaf is not None else None,
         )
 
     if chain and expected is not None and roots:
-        problem = _identity_problem(chain, roots, intermediates, expected)
+        problem = identity_problem(chain, roots, intermediates, expected)
         if problem is not None:
             trust = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
             outcome = (
@@ -217,38 +219,6 @@ def _mtls_failure(code: int, err: str, presented_cert: bool) -> tuple[MtlsOutcom
     if code == CURL_LOCAL_CERT:
         return MtlsOutcome.HANDSHAKE_REJECTED, f"the client certificate files are unusable: {said}"
     return MtlsOutcome.CLOSED, said
-
-
-def _identity_problem(
-    chain: list[x509.Certificate],
-    roots: Sequence[x509.Certificate],
-    intermediates: Sequence[x509.Certificate],
-    expected: SpiffeId,
-) -> PeerVerificationError | None:
-    problems: list[PeerVerificationError] = []
-    for root in roots:
-        try:
-            verify_peer(chain, root, expected, intermediates=intermediates)
-        except PeerVerificationError as exc:
-            problems.append(exc)
-        else:
-            return None
-    trust = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
-    return next((p for p in problems if p.kind not in trust), problems[0])
-
-
-def _spiffe_id(cert: x509.Certificate) -> SpiffeId | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        return None
-    try:
-        return SpiffeId.parse(uris[0])
-    except InvalidSpiffeId:
-        return None
 
 
 def parse_plaintext(
