@@ -317,18 +317,24 @@ def _uses_operator(s: Scenario) -> bool:
 
 
 def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> object:
-    from securemetrics_e2e.continuity import RotatingBackend, run_rotation
+    from securemetrics_e2e.continuity import RotatingBackend, RotationRun, run_rotation
 
-    if not isinstance(backend, RotatingBackend):
-        raise check.fail(f"backend {backend.name} cannot drive certificate rotation")
     workload = dep.workloads[0]
-    try:
-        run = run_rotation(backend, workload)
-    finally:
-        # the scraper's identity is shared with every other scenario: give it back a
-        # certificate that outlives the run, as the agent would keep renewing it
-        backend.issue_scraper(LONG_LIVED)
-        backend.issue_workload(workload, LONG_LIVED)
+    run: RotationRun
+    cluster_rotation = getattr(backend, "run_rotation", None)
+    if callable(cluster_rotation):
+        # a cluster cannot issue mesh certificates: it waits for the agents' renewals
+        run = cluster_rotation(workload)
+    elif isinstance(backend, RotatingBackend):
+        try:
+            run = run_rotation(backend, workload)
+        finally:
+            # the scraper's identity is shared with every other scenario: give it back a
+            # certificate that outlives the run, as the agent would keep renewing it
+            backend.issue_scraper(LONG_LIVED)
+            backend.issue_workload(workload, LONG_LIVED)
+    else:
+        raise check.fail(f"backend {backend.name} cannot drive certificate rotation")
     if not run.ok:
         raise check.fail(f"{run.failure_message()} ({run.continuity.verdict_line()})")
     return run.continuity

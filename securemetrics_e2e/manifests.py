@@ -68,6 +68,18 @@ SCRAPER_RELEASE: Final = "securemetrics-scraper"
 #: Suffix Istio appends to a Gateway API Gateway's name for its Deployment and ServiceAccount.
 GENERATED_GATEWAY_SUFFIX: Final = "-istio"
 
+#: The ``rotation`` scenario on a cluster: the lifetime the istio-agent asks istiod for
+#: (proxy env ``SECRET_TTL``, istio/istio ``pilot/cmd/pilot-agent/options/options.go``,
+#: default 24h; istiod caps it at ``MAX_WORKLOAD_CERT_TTL``, default 90 days, and sets no
+#: minimum: ``security/pkg/pki/ca/ca.go``). The agent renews at about half the lifetime
+#: (``SECRET_GRACE_PERIOD_RATIO`` 0.5, jitter 0.01; ``rotateTime`` in
+#: ``security/pkg/nodeagent/cache/secretcache.go``): a renewal every ~2 minutes. Istio's
+#: own ambient integration tests run ztunnel with ``SECRET_TTL: 5m``.
+ROTATION_SCENARIO: Final = "rotation"
+ROTATION_SECRET_TTL: Final = "240s"  # noqa: S105 (a lifetime, not a secret)
+SECRET_TTL_ENV: Final = "SECRET_TTL"  # noqa: S105 (an env var name)
+_PROXY_CONFIG: Final = "proxy.istio.io/config"
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -409,7 +421,73 @@ def scenario_manifests(
     objects = [
         obj for release in releases for obj in release.render() if not _is_patch(release, obj)
     ]
+    if scenario.name == ROTATION_SCENARIO:
+        objects = [_with_secret_ttl(o) if o.get("kind") == "Deployment" else o for o in objects]
     return sorted(objects, key=_phase)  # stable: Helm's order within a phase
+
+
+def _pod_annotations(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    template = (deployment.get("spec") or {}).get("template") or {}
+    return dict((template.get("metadata") or {}).get("annotations") or {})
+
+
+def add_proxy_metadata(deployment: Mapping[str, Any], extra: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of ``deployment`` whose ``proxy.istio.io/config`` also sets ``extra`` proxyMetadata.
+
+    The injector turns ``proxyMetadata`` into the istio-proxy container's environment,
+    where the agent reads ``SECRET_TTL``. Raises :class:`UsageError` when the pod template
+    has no such annotation (the chart did not render a sidecar workload).
+    """
+    import copy
+
+    obj = copy.deepcopy(dict(deployment))
+    annotations = obj["spec"]["template"]["metadata"].get("annotations") or {}
+    if _PROXY_CONFIG not in annotations:
+        name = (obj.get("metadata") or {}).get("name")
+        raise UsageError(
+            f"Deployment {name!r} has no {_PROXY_CONFIG} pod annotation to add "
+            f"{', '.join(extra)} to; render it with a metrics mode that sets one"
+        )
+    config = yaml.safe_load(annotations[_PROXY_CONFIG]) or {}
+    config["proxyMetadata"] = {**(config.get("proxyMetadata") or {}), **dict(extra)}
+    annotations[_PROXY_CONFIG] = yaml.safe_dump(config, sort_keys=False)
+    obj["spec"]["template"]["metadata"]["annotations"] = annotations
+    return obj
+
+
+def proxy_metadata_of(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """The ``proxyMetadata`` a Deployment's pods ask the injector for ({} when none)."""
+    text = _pod_annotations(deployment).get(_PROXY_CONFIG)
+    config = yaml.safe_load(text) if text else None
+    metadata = (config or {}).get("proxyMetadata") if isinstance(config, dict) else None
+    return {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
+def _with_secret_ttl(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    return add_proxy_metadata(deployment, {SECRET_TTL_ENV: ROTATION_SECRET_TTL})
+
+
+def scraper_secret_ttl_patch(
+    *, namespace: str, version: IstioVersion | str | None = None, ttl: str = ROTATION_SECRET_TTL
+) -> Patch:
+    """A strategic-merge patch giving the scraper's sidecar certificates of lifetime ``ttl``.
+
+    Only the ``rotation`` scenario on a cluster applies it (and undoes it by restoring the
+    pod template): its Prometheus must see its OUTPUT_CERTS files renewed several times.
+    Annotations merge by key, so the patch carries the whole ``proxy.istio.io/config``
+    the chart renders (OUTPUT_CERTS kept) plus ``SECRET_TTL``.
+    """
+    rendered = scraper_manifests(namespace=namespace, version=version)
+    deployment = next(o for o in rendered if o.get("kind") == "Deployment")
+    patched = add_proxy_metadata(deployment, {SECRET_TTL_ENV: ttl})
+    annotation = patched["spec"]["template"]["metadata"]["annotations"][_PROXY_CONFIG]
+    return Patch(
+        api_version="apps/v1",
+        kind="Deployment",
+        name=str(deployment["metadata"]["name"]),
+        namespace=namespace,
+        body={"spec": {"template": {"metadata": {"annotations": {_PROXY_CONFIG: annotation}}}}},
+    )
 
 
 def scenario_patches(

@@ -38,6 +38,7 @@ from securemetrics_e2e.cluster.options import (
 )
 from securemetrics_e2e.cluster.plan import (
     SCRAPER_DEPLOYMENT,
+    SCRAPER_SELECTOR,
     Plan,
     ScraperPlan,
     VariantPlan,
@@ -58,6 +59,7 @@ from securemetrics_e2e.cluster.resources import (
     wait_rollouts,
     with_run_label,
 )
+from securemetrics_e2e.cluster.rotation import ClusterRotation, Timing, parse_go_duration
 from securemetrics_e2e.cluster.setup import (
     KindHandle,
     PhaseTimer,
@@ -77,7 +79,9 @@ from securemetrics_e2e.cluster.tools import (
     resolve_tool,
 )
 from securemetrics_e2e.configdump import listeners_from_config_dump
+from securemetrics_e2e.continuity import RotationRun
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.manifests import ROTATION_SECRET_TTL
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.spiffe import SpiffeId
@@ -96,15 +100,20 @@ __all__ = [
 PROXY = "istio-proxy"
 CONFIG_DUMP = ("pilot-agent", "request", "GET", "config_dump")
 
-#: what any cluster with Istio offers, before version gating. Certificate rotation on
-#: demand is not among them yet: the cluster driver (short SECRET_TTL, waiting for the
-#: agent's renewals) is not built, so the rotation scenario skips here with that reason.
+#: what any cluster with Istio offers, before version gating. Certificate rotation is not
+#: driven on demand here (the suite cannot issue mesh certificates): the rotation
+#: scenario's manifests give its workload and, by a saved-and-restored patch, the shared
+#: scraper proxyMetadata SECRET_TTL (manifests.ROTATION_SECRET_TTL), and
+#: :mod:`.rotation` waits for the agents' own renewals. tests/test_cluster_rotation.py
+#: fails if those manifests stop setting it; ClusterBackend.run_rotation checks the
+#: running istio-proxy containers for it before it waits.
 CLUSTER_FEATURES = frozenset(
     {
         Feature.POD_ISOLATION,
         Feature.INBOUND_CAPTURE,
         Feature.ISTIO_CONTROL_PLANE,
         Feature.PROMETHEUS_OPERATOR,
+        Feature.CERT_ROTATION,
     }
 )
 
@@ -264,10 +273,10 @@ class ClusterBackend(Backend):
         if plan.skip is not None:
             raise UsageError(f"{plan.id} cannot run here: {plan.skip}")
         for other in others:
-            shared = plan.exclusive & other.exclusive
+            shared = plan.conflicts(other)
             if shared:
                 raise DeployFailed(
-                    f"{plan.id} changes {', '.join(sorted(shared))}, which {other.id} "
+                    f"{plan.id} changes {shared}, which {other.id} "
                     "holds while it is deployed: deploy them one after the other (tear the "
                     "other down first)"
                 )
@@ -338,6 +347,13 @@ class ClusterBackend(Backend):
         for patch in plan.patches:
             if patch.name not in held:
                 self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        if plan.solo:
+            # the scraper restarts with its own template: the next variant needs it running
+            wait_rollouts(
+                self.api,
+                [Rollout("Deployment", SCRAPER_DEPLOYMENT, self.scraper.namespace)],
+                timeout=self.options.rollout_timeout,
+            )
         outside = [
             m
             for m in plan.manifests
@@ -502,6 +518,35 @@ class ClusterBackend(Backend):
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
     ) -> PlaintextResult:
         return self.prober.plaintext(workload, port, origin, path)
+
+    def run_rotation(
+        self, workload: Workload, *, rotations: int = 2, timing: Timing | None = None
+    ) -> RotationRun:
+        """Watch the agents renew the workload's and the scraper's certificates.
+
+        Unlike the local backend, nothing is issued here: the rotation scenario runs its
+        workload and (patched) scraper with a short SECRET_TTL, and this waits for at
+        least ``rotations`` renewals of each, every one served and scraped UP, then
+        measures continuity from this run's Prometheus (see :mod:`.rotation`).
+        """
+        ttl = parse_go_duration(ROTATION_SECRET_TTL)
+        driver = ClusterRotation(
+            self.api,
+            scraper_namespace=self.scraper.namespace,
+            scraper_pod=self._scraper_pod_name,
+            prometheus=self.prometheus,
+            timing=timing or Timing.for_ttl(ttl),
+            rotations=rotations,
+            progress=self.timer.progress,
+        )
+        with self.timer.phase(f"rotation {workload.namespace}/{workload.pod_name}"):
+            return driver.run(workload)
+
+    def _scraper_pod_name(self) -> str:
+        pods = running_pods(self.api, self.scraper.namespace, SCRAPER_SELECTOR)
+        if not pods:
+            raise SecureMetricsError(f"no running scraper pod in {self.scraper.namespace}")
+        return str(pods[0]["metadata"]["name"])
 
     def prometheus(self) -> PrometheusAPI:
         return PrometheusAPI(

@@ -29,10 +29,12 @@ from securemetrics_e2e.cluster.tools import (
 )
 from securemetrics_e2e.manifests import (
     GENERATED_GATEWAY_SUFFIX,
+    ROTATION_SCENARIO,
     Patch,
     scenario_manifests,
     scenario_patches,
     scraper_manifests,
+    scraper_secret_ttl_patch,
 )
 from securemetrics_e2e.versions import Capabilities, IstioVersion, capabilities, resolve
 
@@ -97,6 +99,8 @@ class VariantPlan:
     rollouts: tuple[Workload, ...]
     locators: tuple[WorkloadLocator, ...]
     skip: str | None = None
+    #: it restarts what every variant shares (the scraper): nothing may run beside it
+    solo: bool = False
 
     @property
     def id(self) -> str:
@@ -118,6 +122,15 @@ class VariantPlan:
     def exclusive(self) -> frozenset[str]:
         """Objects outside the namespace this variant changes (no two variants at once)."""
         return frozenset(f"{p.kind}/{p.namespace}/{p.name}" for p in self.patches)
+
+    def conflicts(self, other: VariantPlan) -> str | None:
+        """What keeps this variant and ``other`` from being deployed at the same time."""
+        shared = self.exclusive & other.exclusive
+        if shared:
+            return ", ".join(sorted(shared))
+        if self.solo or other.solo:
+            return "the shared scraper Prometheus (restarted with short-lived certificates)"
+        return None
 
 
 def variant_plan(
@@ -150,6 +163,12 @@ def variant_plan(
         scraper_namespace=scraper_namespace(run_id),
         gateway_namespace=istio_namespace,
     )
+    solo = scenario.name == ROTATION_SCENARIO
+    if solo:
+        # the scraper's OUTPUT_CERTS files must be renewed during the window too
+        patches.append(
+            scraper_secret_ttl_patch(namespace=scraper_namespace(run_id), version=version)
+        )
     manifests = [namespace_manifest(namespace, run_id, revision=revision)]
     manifests += [with_run_label(obj, run_id) for obj in rendered]
     rollouts: list[Workload] = []
@@ -172,6 +191,7 @@ def variant_plan(
         tuple(patches),
         tuple(rollouts),
         tuple(_locators(scenario, manifests, namespace, istio_namespace)),
+        solo=solo,
     )
 
 
@@ -446,7 +466,7 @@ def render_plan(
         )
     )
     for index, v in enumerate(active):
-        holder = next((o for o in active[:index] if o.exclusive & v.exclusive), None)
+        holder = next((o for o in active[:index] if o.conflicts(v)), None)
         steps += _variant_steps(v, after=holder)
     teardown = _teardown_steps(options, active, scraper, target, istioctl, name, kubeconfig)
     return Plan(options, version, steps, variants, teardown)
@@ -456,7 +476,7 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     steps: list[Step] = []
     details = []
     if after is not None:
-        shared = ", ".join(sorted(v.exclusive & after.exclusive))
+        shared = after.conflicts(v)
         details.append(
             f"only once {after.id} is torn down: both change {shared}, so they never run "
             "at the same time"
