@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from securemetrics_e2e.backend import Deployment
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.backend import ClusterBackend, make_cluster_backend
@@ -495,3 +496,13 @@ def test_deploy_many_reports_each_failure_and_keeps_the_rest(
     assert f"sm-native-sidecar-strict-{RUN}" not in _namespaces(fake)
     backend.close()
     assert _namespaces(fake) == BEFORE
+
+
+def test_servicemonitor_is_judged_on_the_operators_prometheus(tmp_path: Path) -> None:
+    backend = _backend(FakeKube(), tmp_path)
+    sm = Deployment(scenario("servicemonitor"), MtlsMode.PERMISSIVE, "sm-servicemonitor-x", ())
+    native = Deployment(scenario("native-sidecar"), MtlsMode.PERMISSIVE, "sm-native-x", ())
+    assert backend.prometheus_for(sm).base_url.endswith(
+        "/api/v1/namespaces/sm-servicemonitor-x/services/prometheus-operated:9090/proxy"
+    )
+    assert backend.prometheus_for(native).base_url == backend.prometheus().base_url

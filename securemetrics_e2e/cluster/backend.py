@@ -98,6 +98,9 @@ __all__ = [
 ]
 
 PROXY = "istio-proxy"
+#: the Service the Prometheus Operator creates in front of every Prometheus it runs
+OPERATOR_SERVICE = "prometheus-operated"
+OPERATOR_PORT = 9090
 CONFIG_DUMP = ("pilot-agent", "request", "GET", "config_dump")
 
 #: what any cluster with Istio offers, before version gating. Certificate rotation is not
@@ -553,6 +556,17 @@ class ClusterBackend(Backend):
             self.api.service_proxy_url(
                 self.scraper.namespace, self.scraper.service, self.scraper.port
             ),
+            session=self.api.http_session(),
+            timeout=10.0,
+        )
+
+    def prometheus_for(self, deployment: Deployment) -> PrometheusAPI:
+        """The operator's Prometheus for servicemonitor (its governing Service
+        ``prometheus-operated``, port 9090, in the scenario namespace); else the scraper."""
+        if Feature.PROMETHEUS_OPERATOR not in deployment.scenario.features:
+            return self.prometheus()
+        return PrometheusAPI(
+            self.api.service_proxy_url(deployment.namespace, OPERATOR_SERVICE, OPERATOR_PORT),
             session=self.api.http_session(),
             timeout=10.0,
         )
