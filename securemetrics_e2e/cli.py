@@ -379,12 +379,22 @@ def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
         tag=args.tag,
         plan_only=True,
     )
-    return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
+    if args.upgrade_from:
+        from securemetrics_e2e.cluster.upgrade import render_upgrade_plan
+
+        plan = render_upgrade_plan(
+            options, args.upgrade_from, sel.istio_version, canary=args.canary
+        )
+    else:
+        plan = render_plan(options, list(sel.scenarios))
+    return plan.render_text().rstrip("\n") + "\n"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     _check_backend_flags(args)
     sel = select(args)
+    if args.upgrade_from and sel.backend == "local":
+        raise UsageError("--upgrade-from plans a cluster upgrade: add --backend kind or existing")
     text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
     sys.stdout.write(text)
     return EXIT_OK
@@ -585,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show what `run` would do, touching nothing")
     _selection_options(plan)
+    plan.add_argument(
+        "--upgrade-from",
+        metavar="VERSION",
+        help="plan the upgrade scenario: from this Istio version (legacy configuration) to "
+        "--istio-version (native ports where it has them), one minor at a time",
+    )
+    plan.add_argument(
+        "--canary", action="store_true", help="with --upgrade-from: a canary revision upgrade"
+    )
     plan.set_defaults(func=cmd_plan)
 
     lst = sub.add_parser("list", help="scenarios x Istio versions x backends: what applies")

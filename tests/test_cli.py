@@ -290,3 +290,26 @@ def test_verdict_line_says_when_nothing_was_checked() -> None:
     assert "verdict: ERROR" in verdict_line(
         skipped, backend="local", istio_version="1", elapsed_s=0
     )
+
+
+def test_plan_upgrade_from_prints_the_upgrade_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--backend", "kind", "--istio-version", "1.31.1", "--upgrade-from", "1.30"]
+    assert main([*argv, "--canary"]) == 0
+    out = capsys.readouterr().out
+    assert "istioctl-1.30.5-linux-amd64.tar.gz.sha256" in out
+    assert "istioctl-1.31.1-linux-amd64.tar.gz.sha256" in out
+    assert out.index("install Istio 1.30.5") < out.index("canary: install Istio 1.31.1")
+    assert "revision 1-31-1" in out
+    assert "switch httpbin to them" in out  # 1.31 has the native ports
+
+
+def test_plan_upgrade_across_two_minors_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--backend", "kind", "--istio-version", "1.31.1", "--upgrade-from", "1.29"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "one minor at a time: 1.29.8 -> 1.30 -> 1.31" in err
+
+
+def test_plan_upgrade_needs_a_cluster_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--upgrade-from", "1.30"]) == 2
+    assert "add --backend kind or existing" in capsys.readouterr().err

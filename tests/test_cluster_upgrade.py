@@ -86,7 +86,7 @@ def test_more_than_one_minor_is_refused_naming_both(tmp_path: Path, canary: bool
         _plan(tmp_path, "1.28", "1.31", canary=canary)
     message = str(caught.value)
     assert "1.28.10 to 1.31.1" in message
-    assert "Upgrade 1.28.10 to 1.29 first" in message
+    assert "one minor at a time: 1.28.10 -> 1.29 -> 1.30 -> 1.31" in message
     assert not (tmp_path / "cache").exists()
 
 

@@ -79,11 +79,12 @@ def upgrade_pair(from_text: str, to_text: str) -> tuple[IstioVersion, IstioVersi
             f"minor to a newer one (e.g. --upgrade-from {_previous(new)} for {new})"
         )
     if gap > MAX_MINOR_STEP:
-        middle = f"{old.major}.{old.minor + 1}"
+        minors = [f"{old.major}.{m}" for m in range(old.minor + 1, new.minor + 1)]
+        steps = " -> ".join([str(old), *minors])
         raise UsageError(
             f"cannot upgrade Istio {old} to {new} in one step: Istio supports in-place and "
             f"canary upgrades from the previous minor only (istio.io docs/setup/upgrade). "
-            f"Upgrade {old} to {middle} first, then {middle} to {new.major}.{new.minor}"
+            f"Upgrade one minor at a time: {steps}"
         )
     return old, new
 
