@@ -32,7 +32,7 @@ from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 STATS_PATH = "/stats/prometheus"
 #: the lifetime of certificates handed back after a continuity check shortened them
 LONG_LIVED = timedelta(hours=24)
-#: a target seen DOWN in this many distinct scrapes fails without waiting for the timeout
+#: a target DOWN in this many scrapes, and never UP, fails without waiting for the timeout
 DOWN_SCRAPES = 3
 
 
@@ -219,7 +219,6 @@ def _targets_for(targets: list[Target], w: Workload) -> list[Target]:
 def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeout: float) -> str:
     """Why ``job`` does not scrape ``want`` UP for workload ``w`` ("" when it does)."""
     seen: list[Target] = []
-    failed_scrapes: set[object] = set()
 
     def judged() -> Target:
         mine = _targets_for(api.active_targets(job), w)
@@ -237,11 +236,8 @@ def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeou
         match = [t for t in mine if t.scrape_url == want]
         if not match:
             return mine[0]
-        if match[0].health == "down":
-            # down in several distinct scrapes is a verdict, not a warm-up
-            failed_scrapes.add(match[0].last_scrape)
-            if len(failed_scrapes) >= DOWN_SCRAPES:
-                return match[0]
+        if match[0].health == "down" and _failed_every_scrape(api, job, w):
+            return match[0]
         if match[0].health != "up":
             raise NotYet(match[0].describe())
         return match[0]
@@ -262,6 +258,20 @@ def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeou
         urls = ", ".join(f"{t.scrape_url} ({t.health})" for t in seen)
         return f"{w.name}: job {job} scrapes {urls}, expected {want}"
     return ""
+
+
+def _failed_every_scrape(api: PrometheusAPI, job: str, w: Workload) -> bool:
+    """Prometheus' own record: at least DOWN_SCRAPES scrapes of ``w``, none of them UP.
+
+    A single failed scrape may be a warm-up; several in a row, and never a success, is a
+    verdict that needs no waiting for the timeout.
+    """
+    series = f'up{{job="{job}",namespace="{w.namespace}",pod="{w.pod_name}"}}[5m]'
+    counts = api.query(f"count_over_time({series})")
+    best = api.query(f"max_over_time({series})")
+    if not counts or not best:
+        return False
+    return int(float(counts[0]["value"][1])) >= DOWN_SCRAPES and float(best[0]["value"][1]) == 0
 
 
 def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> None:

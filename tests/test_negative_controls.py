@@ -15,8 +15,9 @@ from localmesh import requires_local_mesh
 
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import run_checks
+from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 pytestmark = requires_local_mesh
@@ -44,22 +45,66 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
 }
 
 
-def _run_with_fault(fault: Fault) -> list[CheckOutcome]:
-    backend = LocalBackend(fault=fault)
+def _scraper_fault_controls() -> dict[Fault, list[CheckOutcome]]:
+    """Faults of the scraper need a mesh (and a Prometheus) of their own."""
+    results = {}
+    for fault in (f for f in EXPECTED if f in SCRAPER_FAULTS):
+        backend = LocalBackend(fault=fault)
+        try:
+            with backend.deployed(scenario(EXPECTED[fault][0]), MtlsMode.PERMISSIVE) as dep:
+                results[fault] = run_checks(backend, dep)
+        finally:
+            backend.close()
+    return results
+
+
+def _data_plane_fault_controls() -> dict[Fault, list[CheckOutcome]]:
+    """Data-plane faults side by side in one mesh, as broken namespaces of one cluster
+    would be: one Prometheus discovers them all in one discovery cycle (up to 5 s)."""
+    backend = LocalBackend()
     try:
-        with backend.deployed(scenario(EXPECTED[fault][0]), MtlsMode.PERMISSIVE) as dep:
-            return run_checks(backend, dep)
+        deployments = {
+            fault: backend.deploy(scenario(name), MtlsMode.PERMISSIVE, fault=fault)
+            for fault, (name, _) in EXPECTED.items()
+            if fault not in SCRAPER_FAULTS
+        }
+        return {fault: run_checks(backend, dep) for fault, dep in deployments.items()}
     finally:
         backend.close()
 
 
 @pytest.fixture(scope="module")
 def control_results() -> dict[Fault, list[CheckOutcome]]:
-    # Independent meshes, so they run side by side: each pays Prometheus' first
-    # discovery cycle (up to 5 s) once, together instead of one after another.
-    with ThreadPoolExecutor(max_workers=len(EXPECTED)) as pool:
-        futures = {fault: pool.submit(_run_with_fault, fault) for fault in EXPECTED}
-        return {fault: future.result() for fault, future in futures.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        scraper = pool.submit(_scraper_fault_controls)
+        data_plane = pool.submit(_data_plane_fault_controls)
+        return {**data_plane.result(), **scraper.result()}
+
+
+def test_a_fault_given_to_one_deployment_leaves_its_neighbour_healthy() -> None:
+    backend = LocalBackend()
+    try:
+        broken = backend.deploy(
+            scenario("native-sidecar"), MtlsMode.PERMISSIVE, fault=Fault.FOREIGN_ROOT_TRUSTED
+        )
+        healthy = backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+        assert broken.namespace != healthy.namespace
+        from securemetrics_e2e.checks import FOREIGN
+
+        with pytest.raises(AssertionError, match="foreign-ca"):
+            FOREIGN.run(backend, broken)
+        FOREIGN.run(backend, healthy)
+    finally:
+        backend.close()
+
+
+def test_scraper_faults_cannot_be_given_to_one_deployment() -> None:
+    backend = LocalBackend()
+    with pytest.raises(UsageError, match="breaks the scraper"):
+        backend.deploy(
+            scenario("native-sidecar"), MtlsMode.PERMISSIVE, fault=Fault.SCRAPE_JOB_PLAINTEXT
+        )
+    backend.close()
 
 
 # Faults that break continuity, not a snapshot: their controls run a rotation scenario.

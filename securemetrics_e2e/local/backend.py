@@ -47,7 +47,7 @@ from securemetrics_e2e.local.bootstrap import (
     sds_secret_rootca,
 )
 from securemetrics_e2e.local.envoy import Envoy
-from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.promserver import PrometheusServer
@@ -70,6 +70,7 @@ class _WorkloadRuntime:
     sds: SdsFiles
     identity: WorkloadIdentity
     record: promconfig.PodRecord
+    fault: Fault | None = None
 
 
 @dataclass
@@ -222,7 +223,17 @@ class LocalBackend(Backend):
             "fault": str(self.fault or ""),
         }
 
-    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
+    def deploy(
+        self, scenario: Scenario, mtls_mode: MtlsMode, *, fault: Fault | None = None
+    ) -> Deployment:
+        """Deploy ``scenario``; ``fault`` breaks this deployment's data plane only (a
+        negative control beside healthy or other broken deployments, one Prometheus)."""
+        if fault in SCRAPER_FAULTS:
+            raise UsageError(
+                f"fault {fault} breaks the scraper, which every deployment shares: "
+                "give it to LocalBackend(fault=...) instead"
+            )
+        fault = fault or (None if self.fault in SCRAPER_FAULTS else self.fault)
         if not self._started:
             try:
                 self._start()
@@ -230,6 +241,8 @@ class LocalBackend(Backend):
                 self.close()
                 raise
         namespace = f"smx-{scenario.name}-{mtls_mode.value.lower()}"
+        if fault is not None and fault is not self.fault:
+            namespace += f"-{fault}"
         if namespace in self._active:
             raise UsageError(f"scenario {scenario.name} is already deployed on this backend")
         deployment = Deployment(scenario, mtls_mode, namespace, ())
@@ -237,7 +250,7 @@ class LocalBackend(Backend):
         self._active[namespace] = runtime
         try:
             for spec in scenario.workloads:
-                runtime.workloads[spec.name] = self._start_workload(spec, namespace)
+                runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault)
             for w in runtime.workloads.values():
                 w.envoy.wait_ready()
             deployment = Deployment(
@@ -253,19 +266,21 @@ class LocalBackend(Backend):
             raise
         return deployment
 
-    def _start_workload(self, spec: WorkloadSpec, namespace: str) -> _WorkloadRuntime:
+    def _start_workload(
+        self, spec: WorkloadSpec, namespace: str, fault: Fault | None
+    ) -> _WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
         pod_dir = self.workdir / pod.name
         sds = SdsFiles(pod_dir / "sds")
         sds.directory.mkdir(parents=True)
-        if self.fault is Fault.EXPIRED_WORKLOAD_CERT:
+        if fault is Fault.EXPIRED_WORKLOAD_CERT:
             identity = self.ca.issue_expired(ns, spec.service_account)
         else:
             identity = self.ca.issue(ns, spec.service_account)
-        self.write_sds(sds, identity)
+        self.write_sds(sds, identity, fault)
         localhost_only = (
-            spec.mode is MetricsMode.HARDENED and self.fault is not Fault.HARDENED_FLAG_MISSING
+            spec.mode is MetricsMode.HARDENED and fault is not Fault.HARDENED_FLAG_MISSING
         )
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
@@ -276,7 +291,7 @@ class LocalBackend(Backend):
             wildcard=wildcard,
             sds=sds,
             localhost_only=localhost_only,
-            fault=self.fault,
+            fault=fault,
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []
@@ -285,11 +300,11 @@ class LocalBackend(Backend):
             name=pod.name,
             namespace=ns,
             ip=pod.ip,
-            annotations=_annotations(spec, self.fault),
+            annotations=_annotations(spec, fault),
             labels={"app": spec.name, "security.istio.io/tlsMode": "istio"},
             container_ports=_container_ports(spec),
         )
-        runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record)
+        runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
         envoy.start()
         if spec.kind is WorkloadKind.SIDECAR:
             servers.append(start_app(pod, wildcard))
@@ -303,10 +318,12 @@ class LocalBackend(Backend):
         )
         return runtime
 
-    def write_sds(self, sds: SdsFiles, identity: WorkloadIdentity) -> None:
+    def write_sds(
+        self, sds: SdsFiles, identity: WorkloadIdentity, fault: Fault | None = None
+    ) -> None:
         """(Re)publish a proxy's secrets; Envoy picks up the atomic rename by itself."""
         roots = self.ca.root_pem
-        if self.fault is Fault.FOREIGN_ROOT_TRUSTED:
+        if fault is Fault.FOREIGN_ROOT_TRUSTED:
             roots += self.foreign_ca.root_pem
         atomic_write(sds.rootca, json.dumps(sds_secret_rootca(roots)).encode(), 0o644)
         default = sds_secret_default(identity.cert_chain_pem(), identity.key_pem())
@@ -393,7 +410,7 @@ class LocalBackend(Backend):
         """Issue a new certificate for ``workload`` and publish it through SDS."""
         runtime = self._runtime(workload)
         runtime.identity = self.ca.rotate(runtime.identity)
-        self.write_sds(runtime.sds, runtime.identity)
+        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
         return runtime.identity
 
     def identity_of(self, workload: Workload) -> WorkloadIdentity:
@@ -408,7 +425,7 @@ class LocalBackend(Backend):
         runtime.identity = self.ca.issue(
             workload.namespace, workload.spec.service_account, lifetime=lifetime
         )
-        self.write_sds(runtime.sds, runtime.identity)
+        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
         return runtime.identity
 
     def scraper_identity(self) -> WorkloadIdentity:

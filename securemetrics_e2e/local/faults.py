@@ -21,3 +21,7 @@ class Fault(enum.StrEnum):
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
     # the scraper's OUTPUT_CERTS are written once, never renewed, and expire (istio#28050)
     SCRAPER_CERTS_NOT_REFRESHED = "scraper-certs-not-refreshed"
+
+
+#: faults of the scraper (its configuration or its certificates): one per backend
+SCRAPER_FAULTS = frozenset({Fault.SCRAPE_JOB_PLAINTEXT, Fault.SCRAPER_CERTS_NOT_REFRESHED})
