@@ -63,12 +63,11 @@ def _data_plane_fault_controls() -> dict[Fault, list[CheckOutcome]]:
     would be: one Prometheus discovers them all in one discovery cycle (up to 5 s)."""
     backend = LocalBackend()
     try:
-        deployments = {
-            fault: backend.deploy(scenario(name), MtlsMode.PERMISSIVE, fault=fault)
-            for fault, (name, _) in EXPECTED.items()
-            if fault not in SCRAPER_FAULTS
-        }
-        return {fault: run_checks(backend, dep) for fault, dep in deployments.items()}
+        faults = [f for f in EXPECTED if f not in SCRAPER_FAULTS]
+        deployments = backend.deploy_with_faults(
+            [(scenario(EXPECTED[f][0]), MtlsMode.PERMISSIVE, f) for f in faults]
+        )
+        return {f: run_checks(backend, dep) for f, dep in zip(faults, deployments, strict=True)}
     finally:
         backend.close()
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ from securemetrics_e2e.catalog import (
     WorkloadKind,
     WorkloadSpec,
 )
-from securemetrics_e2e.errors import EnvironmentProblem, UsageError
+from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
 from securemetrics_e2e.local import promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
@@ -228,6 +229,43 @@ class LocalBackend(Backend):
     ) -> Deployment:
         """Deploy ``scenario``; ``fault`` breaks this deployment's data plane only (a
         negative control beside healthy or other broken deployments, one Prometheus)."""
+        runtime = self._begin(scenario, mtls_mode, fault)
+        self._finish([runtime])
+        return runtime.deployment
+
+    def deploy_many(
+        self, variants: Sequence[tuple[Scenario, MtlsMode]]
+    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
+        """Start every variant's pods, then wait for all their proxies at once."""
+        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        started: list[_DeploymentRuntime] = []
+        for scenario, mode in variants:
+            try:
+                started.append(self._begin(scenario, mode, None))
+            except SecureMetricsError as exc:
+                results[(scenario.name, mode)] = exc
+        for runtime in started:
+            dep = runtime.deployment
+            try:
+                self._finish([runtime])
+                results[(dep.scenario.name, dep.mtls_mode)] = runtime.deployment
+            except SecureMetricsError as exc:
+                results[(dep.scenario.name, dep.mtls_mode)] = exc
+        return results
+
+    def deploy_with_faults(
+        self, items: Sequence[tuple[Scenario, MtlsMode, Fault]]
+    ) -> list[Deployment]:
+        """Negative controls side by side: each item a broken deployment of its own,
+        started together and awaited together."""
+        runtimes = [self._begin(scenario, mode, fault) for scenario, mode, fault in items]
+        self._finish(runtimes)
+        return [runtime.deployment for runtime in runtimes]
+
+    def _begin(
+        self, scenario: Scenario, mtls_mode: MtlsMode, fault: Fault | None
+    ) -> _DeploymentRuntime:
+        """Create the pods and start their processes, without waiting for them."""
         if fault in SCRAPER_FAULTS:
             raise UsageError(
                 f"fault {fault} breaks the scraper, which every deployment shares: "
@@ -245,26 +283,33 @@ class LocalBackend(Backend):
             namespace += f"-{fault}"
         if namespace in self._active:
             raise UsageError(f"scenario {scenario.name} is already deployed on this backend")
-        deployment = Deployment(scenario, mtls_mode, namespace, ())
-        runtime = _DeploymentRuntime(deployment)
+        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, ()))
         self._active[namespace] = runtime
         try:
             for spec in scenario.workloads:
                 runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault)
-            for w in runtime.workloads.values():
-                w.envoy.wait_ready()
-            deployment = Deployment(
-                scenario,
-                mtls_mode,
-                namespace,
+        except BaseException:
+            self.teardown(runtime.deployment)
+            raise
+        return runtime
+
+    def _finish(self, runtimes: list[_DeploymentRuntime]) -> None:
+        """Wait for the proxies of ``runtimes``, then publish their pods to discovery."""
+        for runtime in runtimes:
+            try:
+                for w in runtime.workloads.values():
+                    w.envoy.wait_ready()
+            except BaseException:
+                self.teardown(runtime.deployment)
+                raise
+            dep = runtime.deployment
+            runtime.deployment = Deployment(
+                dep.scenario,
+                dep.mtls_mode,
+                dep.namespace,
                 tuple(w.workload for w in runtime.workloads.values()),
             )
-            runtime.deployment = deployment
-            self._publish_pods()
-        except BaseException:
-            self.teardown(deployment)
-            raise
-        return deployment
+        self._publish_pods()
 
     def _start_workload(
         self, spec: WorkloadSpec, namespace: str, fault: Fault | None

@@ -53,7 +53,8 @@ class PodHTTPServer:
                     f"{what} cannot listen on {address}:{port} in pod {pod.name}: address in use"
                 ) from None
             raise
-        pod.start_thread(self._server.serve_forever, what)
+        # a short poll interval: shutdown() waits up to one interval, once per server
+        pod.start_thread(lambda: self._server.serve_forever(poll_interval=0.05), what)
 
     def close(self) -> None:
         self._server.shutdown()
