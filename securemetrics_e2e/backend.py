@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +58,14 @@ class Workload:
     @property
     def kind(self) -> WorkloadKind:
         return self.spec.kind
+
+    def targets_in(self, targets: Iterable[Target]) -> list[Target]:
+        """Those of ``targets`` that scrape this workload's pod (by the job's pod labels)."""
+        return [
+            t
+            for t in targets
+            if t.labels.get("pod") == self.pod_name and t.labels.get("namespace") == self.namespace
+        ]
 
     def url(self, port: int, path: str, scheme: str = "https") -> str:
         host = f"[{self.pod_ip}]" if ":" in self.pod_ip else self.pod_ip

@@ -208,20 +208,12 @@ def _hardened_port(
         raise check.fail("; ".join(problems))
 
 
-def _targets_for(targets: list[Target], w: Workload) -> list[Target]:
-    return [
-        t
-        for t in targets
-        if t.labels.get("pod") == w.pod_name and t.labels.get("namespace") == w.namespace
-    ]
-
-
 def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeout: float) -> str:
     """Why ``job`` does not scrape ``want`` UP for workload ``w`` ("" when it does)."""
     seen: list[Target] = []
 
     def judged() -> Target:
-        mine = _targets_for(api.active_targets(job), w)
+        mine = w.targets_in(api.active_targets(job))
         seen[:] = mine
         if not mine:
             dropped = [

@@ -167,12 +167,7 @@ def _job_continuity(
     good = [ts for ts, up in points if up]
     edges = [lo, *good, hi]
     gap = max(b - a for a, b in itertools.pairwise(edges))
-    mine = [
-        t
-        for t in api.active_targets(job)
-        if t.labels.get("pod") == workload.pod_name
-        and t.labels.get("namespace") == workload.namespace
-    ]
+    mine = workload.targets_in(api.active_targets(job))
     return JobContinuity(
         job=job,
         scrapes=len(points),
@@ -282,12 +277,7 @@ def _wait_scraped_up(
 
     def judged() -> None:
         for job in jobs:
-            mine = [
-                t
-                for t in api.active_targets(job)
-                if t.labels.get("pod") == workload.pod_name
-                and t.labels.get("namespace") == workload.namespace
-            ]
+            mine = workload.targets_in(api.active_targets(job))
             if not mine:
                 raise NotYet(f"job {job}: no target for pod {workload.pod_name}")
             for t in mine:

@@ -510,15 +510,23 @@ def attempt_plaintext(
         return result(PlaintextOutcome.CLOSED, _closed_detail(causes, error))
 
     status, body = response.status_code, response.text
+    outcome, detail = classify_http_answer(status, body)
+    return result(outcome, detail, status, body)
+
+
+def classify_http_answer(status: int, body: str) -> tuple[PlaintextOutcome, str]:
+    """What a plain-HTTP answer from a metrics port means (one rule for every prober).
+
+    Only a 2xx carrying metric samples is SERVED; an Envoy's "upstream connect error"
+    503 is a proxy refusing for the port; 403 is the agent's localhost-only answer.
+    """
     if status == 503 and ENVOY_UPSTREAM_RESET in body:
-        return result(
+        return (
             PlaintextOutcome.REJECTED_BY_PROXY,
             f"an Envoy in the path answered 503: {_excerpt(body)}",
-            status,
-            body,
         )
     if status == 403:
-        return result(PlaintextOutcome.FORBIDDEN, f"HTTP 403: {_excerpt(body)}", status, body)
+        return PlaintextOutcome.FORBIDDEN, f"HTTP 403: {_excerpt(body)}"
     if 200 <= status < 300:
         try:
             families = _parse_metrics(body)
@@ -526,21 +534,14 @@ def attempt_plaintext(
             families = []
         samples = sum(len(f.samples) for f in families)
         if samples:
-            return result(
+            return (
                 PlaintextOutcome.SERVED,
                 f"HTTP {status} with {len(families)} metric families ({samples} samples) "
                 "in plaintext: the port is open",
-                status,
-                body,
             )
     if status == 404:
-        return result(PlaintextOutcome.NOT_FOUND, f"HTTP 404: {_excerpt(body)}", status, body)
-    return result(
-        PlaintextOutcome.OTHER_HTTP,
-        f"HTTP {status} without metrics: {_excerpt(body)}",
-        status,
-        body,
-    )
+        return PlaintextOutcome.NOT_FOUND, f"HTTP 404: {_excerpt(body)}"
+    return PlaintextOutcome.OTHER_HTTP, f"HTTP {status} without metrics: {_excerpt(body)}"
 
 
 def _closed_detail(causes: list[BaseException], error: BaseException) -> str:

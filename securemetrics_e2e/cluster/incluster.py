@@ -24,11 +24,11 @@ from securemetrics_e2e.cluster.kube import ExecResult
 from securemetrics_e2e.pki import PeerFailure
 from securemetrics_e2e.probe import (
     ACCEPT,
-    ENVOY_UPSTREAM_RESET,
     MtlsOutcome,
     PlaintextOutcome,
     PlaintextResult,
     ScrapeResult,
+    classify_http_answer,
     identity_problem,
     spiffe_id_of,
 )
@@ -252,25 +252,4 @@ def parse_plaintext(
         )
     if code != 0 or status is None:
         return done(PlaintextOutcome.CLOSED, f"no HTTP response: curl exit {code}: {_excerpt(err)}")
-    if status == 503 and ENVOY_UPSTREAM_RESET in body:
-        return done(
-            PlaintextOutcome.REJECTED_BY_PROXY,
-            f"an Envoy in the path answered 503: {_excerpt(body)}",
-        )
-    if status == 403:
-        return done(PlaintextOutcome.FORBIDDEN, f"HTTP 403: {_excerpt(body)}")
-    if 200 <= status < 300:
-        try:
-            families = _families(body)
-        except ValueError:
-            families = []
-        samples = sum(len(f.samples) for f in families)
-        if samples:
-            return done(
-                PlaintextOutcome.SERVED,
-                f"HTTP {status} with {len(families)} metric families ({samples} samples) "
-                "in plaintext: the port is open",
-            )
-    if status == 404:
-        return done(PlaintextOutcome.NOT_FOUND, f"HTTP 404: {_excerpt(body)}")
-    return done(PlaintextOutcome.OTHER_HTTP, f"HTTP {status} without metrics: {_excerpt(body)}")
+    return done(*classify_http_answer(status, body))

@@ -275,12 +275,7 @@ class ClusterRotation:
 
         def up() -> None:
             for job in jobs:
-                mine = [
-                    t
-                    for t in api.active_targets(job)
-                    if t.labels.get("pod") == workload.pod_name
-                    and t.labels.get("namespace") == workload.namespace
-                ]
+                mine = workload.targets_in(api.active_targets(job))
                 if not mine:
                     raise NotYet(f"job {job}: no target for pod {workload.pod_name}")
                 for t in mine:
