@@ -327,13 +327,7 @@ def scrape_mtls(
         intermediates = client.intermediates() if client is not None else []
         rejection = identity_problem(handshake.chain, roots, intermediates, expected_spiffe)
         if rejection is not None:
-            trust_failures = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
-            outcome = (
-                MtlsOutcome.PEER_UNTRUSTED
-                if rejection.kind in trust_failures
-                else MtlsOutcome.PEER_IDENTITY_MISMATCH
-            )
-            return result(outcome, rejection.reason)
+            return result(peer_outcome(rejection), rejection.reason)
 
     if response is None:
         assert error is not None
@@ -360,6 +354,17 @@ def scrape_mtls(
     )
 
 
+#: failures of the peer's chain itself, as opposed to a valid chain with the wrong identity
+_TRUST_FAILURES = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
+
+
+def peer_outcome(problem: PeerVerificationError) -> MtlsOutcome:
+    """PEER_UNTRUSTED when the chain fails, PEER_IDENTITY_MISMATCH when the name does."""
+    if problem.kind in _TRUST_FAILURES:
+        return MtlsOutcome.PEER_UNTRUSTED
+    return MtlsOutcome.PEER_IDENTITY_MISMATCH
+
+
 def identity_problem(
     chain: list[x509.Certificate],
     roots: Sequence[x509.Certificate],
@@ -381,8 +386,7 @@ def identity_problem(
             problems.append(exc)
         else:
             return None
-    trust = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
-    return next((p for p in problems if p.kind not in trust), problems[0])
+    return next((p for p in problems if p.kind not in _TRUST_FAILURES), problems[0])
 
 
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:

@@ -21,7 +21,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from securemetrics_e2e.cluster.kube import ExecResult
-from securemetrics_e2e.pki import PeerFailure
 from securemetrics_e2e.probe import (
     ACCEPT,
     MtlsOutcome,
@@ -30,6 +29,7 @@ from securemetrics_e2e.probe import (
     ScrapeResult,
     classify_http_answer,
     identity_problem,
+    peer_outcome,
     spiffe_id_of,
 )
 from securemetrics_e2e.spiffe import SpiffeId
@@ -169,13 +169,7 @@ def parse_mtls(
     if chain and expected is not None and roots:
         problem = identity_problem(chain, roots, intermediates, expected)
         if problem is not None:
-            trust = (PeerFailure.UNTRUSTED, PeerFailure.EXPIRED, PeerFailure.NOT_YET_VALID)
-            outcome = (
-                MtlsOutcome.PEER_UNTRUSTED
-                if problem.kind in trust
-                else MtlsOutcome.PEER_IDENTITY_MISMATCH
-            )
-            return done(outcome, problem.reason)
+            return done(peer_outcome(problem), problem.reason)
     code, err = result.exit_code, result.stderr.strip()
     if code != 0:
         return done(*_mtls_failure(code, err, presented_cert))
