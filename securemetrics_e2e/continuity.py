@@ -35,6 +35,11 @@ from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 STATS_PATH = "/stats/prometheus"
 #: the longest time without a successful scrape, in scrape intervals, that still passes
 MAX_GAP_INTERVALS = 2.0
+#: a successful scrape vouches for the workload until the next one is due; Prometheus
+#: starts scrapes a few milliseconds late, so it vouches for a tenth of an interval more
+COVER_SLACK = 1.1
+#: coverage at or above this is the whole window (float rounding, not tolerance)
+FULLY_COVERED = 1 - 1e-9
 
 
 @runtime_checkable
@@ -72,12 +77,24 @@ class JobContinuity:
     successes: int
     longest_gap_s: float  # longest time inside the window without a successful scrape
     last_error: str = ""  # Prometheus' lastError of the target at the end of the window
+    #: namespace scope only: the fraction of the window covered by a successful scrape of
+    #: any of the workload's pods (a pod being replaced may fail while its successor serves)
+    covered: float | None = None
+    pods: int = 1
 
     @property
     def fraction(self) -> float:
+        if self.covered is not None:
+            return self.covered
         return self.successes / self.scrapes if self.scrapes else 0.0
 
     def summary(self) -> str:
+        if self.covered is not None:
+            return (
+                f"{self.job}: {self.covered:.1%} of the window covered ({self.successes}/"
+                f"{self.scrapes} scrapes of {self.pods} pod(s) succeeded), longest gap "
+                f"{self.longest_gap_s:.1f}s"
+            )
         return (
             f"{self.job}: {self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes), "
             f"longest gap {self.longest_gap_s:.1f}s"
@@ -99,16 +116,24 @@ class Continuity:
     def max_gap_s(self) -> float:
         return MAX_GAP_INTERVALS * self.interval_s
 
+    def job_problems(self, job: JobContinuity) -> list[str]:
+        """Why ``job`` missed the goal ([] when it met it)."""
+        why = []
+        if job.scrapes == 0:
+            why.append("no scrapes at all in the window")
+        elif job.covered is not None:
+            if job.covered < FULLY_COVERED:
+                why.append(f"{1 - job.covered:.1%} of the window without a successful scrape")
+        elif job.successes < job.scrapes:
+            why.append(f"{job.scrapes - job.successes} failed scrape(s)")
+        if job.longest_gap_s > self.max_gap_s:
+            why.append(f"gap {job.longest_gap_s:.1f}s > {self.max_gap_s:g}s")
+        return why
+
     def problems(self) -> list[str]:
         found = []
         for job in self.jobs:
-            why = []
-            if job.scrapes == 0:
-                why.append("no scrapes at all in the window")
-            elif job.successes < job.scrapes:
-                why.append(f"{job.scrapes - job.successes} failed scrape(s)")
-            if job.longest_gap_s > self.max_gap_s:
-                why.append(f"gap {job.longest_gap_s:.1f}s > {self.max_gap_s:g}s")
+            why = self.job_problems(job)
             if why:
                 error = f"; last error: {job.last_error}" if job.last_error else ""
                 found.append(f"{job.summary()} ({', '.join(why)}){error}")
@@ -129,10 +154,10 @@ class Continuity:
         """What went wrong, naming certificate expiry when that is the cause ("" if ok)."""
         if self.ok:
             return ""
-        parts = [f"scraping of {self.workload} was not continuous:", *self.problems()]
+        parts = self.problems()
         if self.expired:
             parts.append("certificate expiry: " + "; ".join(self.expired))
-        return " ".join(parts)
+        return f"scraping of {self.workload} was not continuous: " + "; ".join(parts)
 
 
 def _expired(certificates: Mapping[str, x509.Certificate], now: datetime) -> tuple[str, ...]:
@@ -207,6 +232,97 @@ def measure_continuity(
         jobs=measured,
         expired=_expired(certificates or {}, expiry_checked_at or datetime.now(UTC)),
     )
+
+
+def _covered(successes: Sequence[float], lo: float, hi: float, cover_s: float) -> float:
+    """The fraction of ``[lo, hi]`` within ``cover_s`` after some successful scrape."""
+    covered, reach = 0.0, lo
+    for ts in sorted(successes):
+        begin, finish = max(ts, reach), min(ts + cover_s, hi)
+        if finish > begin:
+            covered += finish - begin
+            reach = finish
+    return covered / (hi - lo)
+
+
+def measure_namespace_continuity(
+    api: PrometheusAPI,
+    namespace: str,
+    workload: str,
+    jobs: Mapping[str, datetime | None],
+    end: datetime,
+    *,
+    interval_s: float,
+) -> Continuity:
+    """Continuity of a workload whose pods are replaced inside the window (an upgrade).
+
+    Every pod named ``<workload>-...`` in ``namespace`` counts: the workload is scraped
+    while any of its pods is. ``jobs`` maps each job to when its window starts, or to
+    None for a job that only scrapes the new pods (e.g. the Envoy-only port a switch to
+    the native ports opens): its window starts at its first sample. A job is continuous
+    when successful scrapes cover the whole window and no gap exceeds two intervals;
+    failed scrapes of a pod being replaced are counted but do not fail it by themselves.
+    """
+    starts = [s for s in jobs.values() if s is not None]
+    if not jobs or not starts:
+        raise UsageError(f"no scrape job with a window start given for {namespace}/{workload}")
+    start = min(starts)
+    if end <= start:
+        raise UsageError(f"continuity window ends ({end}) before it starts ({start})")
+    selector = f'namespace="{namespace}",pod=~"{workload}-.+"'
+    measured = []
+    for job, since in jobs.items():
+        points = _series_points(api, f'up{{job="{job}",{selector}}}', start, interval_s)
+        if since is None:
+            first = [ts for ts, _, _ in points if ts >= start.timestamp()]
+            lo = min(first) if first else end.timestamp()
+        else:
+            lo = since.timestamp()
+        hi = end.timestamp()
+        inside = [(ts, up, pod) for ts, up, pod in points if lo <= ts <= hi]
+        good = [ts for ts, up, _ in inside if up]
+        # a success just before the window still vouches for its first moments
+        vouching = [ts for ts, up, _ in points if up and lo - COVER_SLACK * interval_s < ts <= hi]
+        targets = [
+            t
+            for t in api.active_targets(job)
+            if t.labels.get("namespace") == namespace
+            and t.labels.get("pod", "").startswith(f"{workload}-")
+        ]
+        measured.append(
+            JobContinuity(
+                job=job,
+                scrapes=len(inside),
+                successes=len(good),
+                longest_gap_s=max(b - a for a, b in itertools.pairwise([lo, *good, hi]))
+                if hi > lo
+                else 0.0,
+                last_error=next((t.last_error for t in targets if t.last_error), ""),
+                covered=_covered(vouching, lo, hi, COVER_SLACK * interval_s) if hi > lo else 0.0,
+                pods=len({pod for _, _, pod in inside}),
+            )
+        )
+    return Continuity(
+        workload=f"{namespace}/{workload}",
+        start=start,
+        end=end,
+        interval_s=interval_s,
+        jobs=tuple(measured),
+    )
+
+
+def _series_points(
+    api: PrometheusAPI, selector: str, start: datetime, interval_s: float
+) -> list[tuple[float, bool, str]]:
+    """Raw ``up`` samples since a little before ``start``: (time, up, pod), by time."""
+    seconds = math.ceil((datetime.now(UTC) - start).total_seconds() + 2 * interval_s) + 2
+    series = api.query(f"{selector}[{seconds}s]")
+    points = [
+        (float(ts), value == "1", str((s.get("metric") or {}).get("pod", "")))
+        for s in series
+        for ts, value in s.get("values", [])
+    ]
+    return sorted(points)
 
 
 # --------------------------------------------------------------------------- the driver

@@ -365,14 +365,9 @@ def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
         if status is Status.PASS and name in _NOTES:
             lines.extend((status, f"        note: {note}") for note in _NOTES[name])
     for rec in result.continuity:
-        status = Status.PASS if rec.fraction == 1.0 else Status.FAIL
+        status = Status.PASS if rec.passed else Status.FAIL
         lines.append(
-            (
-                status,
-                f"continuity {variant_id(rec.scenario, rec.variant)} {rec.job}: "
-                f"{rec.fraction:.1%} up ({rec.successes}/{rec.scrapes} scrapes), "
-                f"longest gap {rec.longest_gap_s:.1f}s",
-            )
+            (status, f"continuity {variant_id(rec.scenario, rec.variant)} {rec.summary()}")
         )
     return lines
 

@@ -245,6 +245,9 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
                 "successes": rec.successes,
                 "fraction": round(rec.fraction, 6),
                 "longestGapSeconds": round(rec.longest_gap_s, 3),
+                "passed": rec.passed,
+                "scope": rec.scope,
+                "pods": rec.pods,
             }
             for rec in result.continuity
         ],

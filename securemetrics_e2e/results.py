@@ -42,10 +42,27 @@ class ContinuityRecord:
     scrapes: int
     successes: int
     longest_gap_s: float
+    passed: bool = False  # met the goal: whole window scraped, no gap over two intervals
+    #: "pod": one pod's scrapes; "namespace": any pod of the workload (pods replaced)
+    scope: str = "pod"
+    pods: int = 1
+    covered: float | None = None  # namespace scope: the fraction of the window covered
 
     @property
     def fraction(self) -> float:
+        if self.covered is not None:
+            return self.covered
         return self.successes / self.scrapes if self.scrapes else 0.0
+
+    def summary(self) -> str:
+        if self.covered is not None:
+            measured = (
+                f"{self.covered:.1%} of the window covered ({self.successes}/{self.scrapes} "
+                f"scrapes of {self.pods} pod(s) succeeded)"
+            )
+        else:
+            measured = f"{self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes)"
+        return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s"
 
 
 @dataclass
