@@ -176,6 +176,11 @@ class Backend(abc.ABC):
         scenario brings its own (the Prometheus Operator's, for servicemonitor)."""
         return self.prometheus()
 
+    def scope_reason(self, scenario: Scenario) -> str | None:
+        """Why this run of the backend leaves ``scenario`` out although it has its
+        features (e.g. a cluster upgrade run deploys only the upgrade scenario), or None."""
+        return None
+
     def targets(self, job: str) -> list[Target]:
         """The active targets of a Prometheus scrape job."""
         return self.prometheus().active_targets(job)

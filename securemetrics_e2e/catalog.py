@@ -33,6 +33,8 @@ class Feature(enum.StrEnum):
     ISTIO_CONTROL_PLANE = "istio-control-plane"  # istiod, injection, CRDs (cluster)
     PROMETHEUS_OPERATOR = "prometheus-operator"  # cluster
     CERT_ROTATION = "cert-rotation"  # the backend can drive certificate rotation on demand
+    # the backend can move deployed workloads onto a newer Istio's proxies (a restart)
+    MESH_UPGRADE = "mesh-upgrade"
 
 
 #: features only a real cluster has (istiod, iptables capture, the operator)
@@ -207,7 +209,24 @@ ROTATION = Scenario(
     workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin"),),
     continuity=True,
 )
-SCENARIOS = (*SCENARIOS, ROTATION)
+UPGRADE = Scenario(
+    name="upgrade",
+    description="Istio upgraded one minor while Prometheus scrapes: the workload, restarted "
+    "onto the new proxies and switched to the native ports where they exist, is scraped "
+    "over mTLS before and after, and the namespace is never without a successful scrape.",
+    profile=Profile.EXTENDED,
+    features=frozenset({Feature.MESH_UPGRADE}),
+    # deployed with the legacy configuration of the older minor; see upgraded_spec
+    workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.LEGACY, "httpbin"),),
+    continuity=True,
+    notes=(
+        "On a cluster this is an upgrade run (--upgrade-from): istioctl installs the older "
+        "minor, upgrades in place or by canary revision, and the workload is restarted. "
+        "The local backend rebuilds the data-plane half: the workload's pod is replaced by "
+        "one with the new configuration while the same Prometheus scrapes.",
+    ),
+)
+SCENARIOS = (*SCENARIOS, ROTATION, UPGRADE)
 
 _BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -219,6 +238,14 @@ def scenario(name: str) -> Scenario:
     except KeyError:
         known = ", ".join(_BY_NAME)
         raise UsageError(f"unknown scenario {name!r}; known scenarios: {known}") from None
+
+
+def upgraded_spec(spec: WorkloadSpec, native_secure_ports: bool) -> WorkloadSpec:
+    """What ``spec`` becomes after the upgrade: the legacy workaround gives way to the
+    native secure ports when the new version has them (ISTIO-FACTS: >= 1.31)."""
+    if spec.mode is MetricsMode.LEGACY and native_secure_ports:
+        return WorkloadSpec(spec.name, spec.kind, MetricsMode.NATIVE, spec.service_account)
+    return spec
 
 
 def mode_features(mode: MtlsMode) -> frozenset[Feature]:

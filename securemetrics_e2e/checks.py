@@ -342,6 +342,18 @@ def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> obj
     return run.continuity
 
 
+def _upgrade_continuity(check: Check, backend: Backend, dep: Deployment) -> object:
+    from securemetrics_e2e.upgrade_window import UpgradingBackend, run_upgrade_window
+
+    if not isinstance(backend, UpgradingBackend):
+        raise check.fail(f"backend {backend.name} cannot upgrade a deployment")
+    run = run_upgrade_window(backend, dep)
+    if not run.ok:
+        verdict = f" ({run.continuity.verdict_line()})" if run.continuity is not None else ""
+        raise check.fail(run.failure_message() + verdict)
+    return run.continuity
+
+
 def _is_hardened(s: Scenario) -> bool:
     return any(w.mode is MetricsMode.HARDENED for w in s.workloads)
 
@@ -432,7 +444,20 @@ ROTATION = Check(
     "Rotated workload and scraper certificates are served at once, and Prometheus loses no "
     "scrape (100% up, no gap longer than two intervals)",
     _rotation_continuity,
+    applies=lambda s: s.name == "rotation",
     needs=frozenset({Feature.CERT_ROTATION}),
+    continuity=True,
+)
+UPGRADE = Check(
+    "upgrade-continuity",
+    "SMC013",
+    "Across an Istio minor upgrade the workload is scraped over mTLS before and after, "
+    "switched to the native ports where the new version has them, and its namespace is "
+    "never without a successful scrape (whole window covered, no gap longer than two "
+    "intervals)",
+    _upgrade_continuity,
+    applies=lambda s: s.name == "upgrade",
+    needs=frozenset({Feature.MESH_UPGRADE}),
     continuity=True,
 )
 
@@ -449,6 +474,7 @@ CHECKS: tuple[Check, ...] = (
     ENVOY_UP,
     SERVICE_MONITOR_UP,
     ROTATION,
+    UPGRADE,
 )
 
 

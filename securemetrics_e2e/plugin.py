@@ -59,6 +59,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Istio version to test, e.g. 1.31.1 or 1.30 (default: the latest supported)",
     )
     group.addoption(
+        "--upgrade-from",
+        default=None,
+        help="the upgrade scenario starts on this Istio version, one minor before "
+        "--istio-version (default: the previous minor's latest patch); on a cluster it "
+        "makes the run an upgrade run, which deploys only the upgrade scenario",
+    )
+    group.addoption(
         "--scenario",
         action="append",
         default=[],
@@ -121,7 +128,7 @@ def istio_version(config: pytest.Config) -> str:
 
 def variant_skip_reason(variant: Variant, backend: Backend, version: str) -> str | None:
     """Why ``variant`` cannot run on ``backend`` at ``version``, or None when it can."""
-    return skip_reason_for(
+    return backend.scope_reason(variant.scenario) or skip_reason_for(
         variant.scenario,
         variant.mtls_mode,
         backend=backend.name,
@@ -155,6 +162,7 @@ def make_backend(config: pytest.Config) -> Backend:
         return LocalBackend(
             network=config.getoption("--local-network"),
             istio_version=version,
+            upgrade_from=config.getoption("--upgrade-from"),
             fault=fault,
             artifacts_dir=Path(artifacts),
         )
@@ -331,6 +339,10 @@ def _record_continuity(config: pytest.Config, deployment: Deployment, measured: 
                 scrapes=job.scrapes,
                 successes=job.successes,
                 longest_gap_s=job.longest_gap_s,
+                passed=not measured.job_problems(job),
+                scope="pod" if job.covered is None else "namespace",
+                pods=job.pods,
+                covered=job.covered,
             )
         )
 

@@ -214,3 +214,44 @@ def capabilities(version: IstioVersion | str) -> Capabilities:
         gateway_api_version=release.gateway_api_version,
         prometheus_image=release.prometheus_image,
     )
+
+
+#: istio.io in-place upgrades: "no more than one minor version less than the upgrade
+#: version"; the canary page allows no more.
+MAX_MINOR_STEP = 1
+
+
+def upgrade_pair(from_text: str, to_text: str) -> tuple[IstioVersion, IstioVersion]:
+    """Both versions resolved; an error naming both when Istio does not support the step."""
+    old, new = resolve(from_text), resolve(to_text)
+    gap = new.minor - old.minor if new.major == old.major else None
+    if gap is None or gap < 1:
+        raise UsageError(
+            f"cannot upgrade Istio {old} to {new}: the upgrade scenario goes from an older "
+            f"minor to a newer one (e.g. --upgrade-from {_previous(new)} for {new})"
+        )
+    if gap > MAX_MINOR_STEP:
+        minors = [f"{old.major}.{m}" for m in range(old.minor + 1, new.minor + 1)]
+        steps = " -> ".join([str(old), *minors])
+        raise UsageError(
+            f"cannot upgrade Istio {old} to {new} in one step: Istio supports in-place and "
+            f"canary upgrades from the previous minor only (istio.io docs/setup/upgrade). "
+            f"Upgrade one minor at a time: {steps}"
+        )
+    return old, new
+
+
+def _previous(version: IstioVersion) -> str:
+    older = [v for v in supported_versions() if v.minor_version < version.minor_version]
+    return str(older[-1]) if older else "an older supported minor"
+
+
+def previous_minor(version: IstioVersion) -> IstioVersion:
+    """The latest known patch of the minor before ``version`` (the default upgrade start)."""
+    older = [v for v in supported_versions() if v.minor == version.minor - 1]
+    if not older:
+        raise UsageError(
+            f"no supported Istio minor precedes {version}; supported: "
+            + ", ".join(str(v) for v in supported_versions())
+        )
+    return older[-1]

@@ -42,6 +42,7 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     Fault.EXPIRED_WORKLOAD_CERT: ("native-sidecar", {"mtls-scrape", "envoy-port-stats-only"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
     Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
+    Fault.UPGRADE_DROPS_TARGETS: ("upgrade", {"upgrade-continuity"}),
 }
 
 
@@ -58,26 +59,33 @@ def _scraper_fault_controls() -> dict[Fault, list[CheckOutcome]]:
     return results
 
 
-def _data_plane_fault_controls() -> dict[Fault, list[CheckOutcome]]:
+#: faults whose control runs an upgrade window (15 s): in a mesh of their own, in parallel
+UPGRADE_FAULTS = frozenset({Fault.UPGRADE_DROPS_TARGETS})
+
+
+def _data_plane_fault_controls(
+    faults: frozenset[Fault] | None = None,
+) -> dict[Fault, list[CheckOutcome]]:
     """Data-plane faults side by side in one mesh, as broken namespaces of one cluster
     would be: one Prometheus discovers them all in one discovery cycle (up to 5 s)."""
     backend = LocalBackend()
     try:
-        faults = [f for f in EXPECTED if f not in SCRAPER_FAULTS]
+        chosen = sorted(faults or frozenset(EXPECTED) - SCRAPER_FAULTS - UPGRADE_FAULTS)
         deployments = backend.deploy_with_faults(
-            [(scenario(EXPECTED[f][0]), MtlsMode.PERMISSIVE, f) for f in faults]
+            [(scenario(EXPECTED[f][0]), MtlsMode.PERMISSIVE, f) for f in chosen]
         )
-        return {f: run_checks(backend, dep) for f, dep in zip(faults, deployments, strict=True)}
+        return {f: run_checks(backend, dep) for f, dep in zip(chosen, deployments, strict=True)}
     finally:
         backend.close()
 
 
 @pytest.fixture(scope="module")
 def control_results() -> dict[Fault, list[CheckOutcome]]:
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         scraper = pool.submit(_scraper_fault_controls)
         data_plane = pool.submit(_data_plane_fault_controls)
-        return {**data_plane.result(), **scraper.result()}
+        upgrade = pool.submit(_data_plane_fault_controls, UPGRADE_FAULTS)
+        return {**data_plane.result(), **scraper.result(), **upgrade.result()}
 
 
 def test_a_fault_given_to_one_deployment_leaves_its_neighbour_healthy() -> None:
@@ -142,3 +150,14 @@ def test_expired_certificate_is_named(control_results: dict[Fault, list[CheckOut
         o for o in control_results[Fault.EXPIRED_WORKLOAD_CERT] if o.check == "mtls-scrape"
     )
     assert "expired" in scrape.message
+
+
+def test_targets_dropped_by_an_upgrade_are_named(
+    control_results: dict[Fault, list[CheckOutcome]],
+) -> None:
+    (upgrade,) = control_results[Fault.UPGRADE_DROPS_TARGETS]
+    # verified on the older version first: the fault is the upgrade's, not the deploy's
+    assert "before the upgrade" not in upgrade.message
+    assert "after the upgrade to Istio" in upgrade.message
+    assert "ZERO targets" in upgrade.message
+    assert "of the window without a successful scrape" in upgrade.message

@@ -36,6 +36,7 @@ from securemetrics_e2e.catalog import (
     Scenario,
     WorkloadKind,
     WorkloadSpec,
+    upgraded_spec,
 )
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
 from securemetrics_e2e.local import promconfig
@@ -56,6 +57,15 @@ from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentit
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.versions import (
+    DEFAULT_VERSION,
+    IstioVersion,
+    capabilities,
+    previous_minor,
+    resolve,
+    upgrade_pair,
+)
+from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 SCRAPER_NAMESPACE = "istio-system"
 SCRAPER_SERVICE_ACCOUNT = "prometheus"
@@ -78,6 +88,8 @@ class _WorkloadRuntime:
 class _DeploymentRuntime:
     deployment: Deployment
     workloads: dict[str, _WorkloadRuntime] = field(default_factory=dict)
+    #: pods an upgrade is replacing: still running and discovered until retired
+    retiring: list[_WorkloadRuntime] = field(default_factory=list)
 
 
 def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
@@ -114,11 +126,16 @@ class LocalBackend(Backend):
         scrape_interval: str = "1s",
         trust_domain: str = "cluster.local",
         istio_version: str = "",
+        upgrade_from: str | None = None,
         workdir: Path | None = None,
         artifacts_dir: Path = Path("artifacts"),
     ) -> None:
         if network not in ("auto", "netns", "loopback"):
             raise UsageError(f"unknown local network {network!r}; use auto, netns or loopback")
+        self.scrape_interval_s = _seconds(scrape_interval)
+        if upgrade_from:  # bad input fails before anything starts
+            upgrade_pair(upgrade_from, istio_version or str(DEFAULT_VERSION))
+        self.upgrade_from = upgrade_from
         self.fault = fault
         self.artifacts_dir = artifacts_dir
         self.istio_version = istio_version
@@ -208,6 +225,7 @@ class LocalBackend(Backend):
             Feature.NATIVE_SECURE_PORTS,
             Feature.LOCALHOST_ONLY_METRICS,
             Feature.CERT_ROTATION,  # the run's own CA re-issues through file-based SDS
+            Feature.MESH_UPGRADE,  # pods are replaced by pods with the new configuration
         }
         if self._network_choice != "loopback" and (
             not self._started or isinstance(self.network, PodNetwork)
@@ -376,20 +394,120 @@ class LocalBackend(Backend):
 
     def _publish_pods(self) -> None:
         records = [
-            w.record for runtime in self._active.values() for w in runtime.workloads.values()
+            w.record
+            for runtime in self._active.values()
+            for w in [*runtime.workloads.values(), *runtime.retiring]
         ]
         promconfig.write_sd_file(self.sd_file, records)
+
+    def _stop_workload(self, w: _WorkloadRuntime) -> None:
+        for server in w.servers:
+            server.close()
+        w.envoy.stop()
+        self.network.remove_pod(w.pod.name)
 
     def teardown(self, deployment: Deployment) -> None:
         runtime = self._active.pop(deployment.namespace, None)
         if runtime is None:
             return
-        for w in runtime.workloads.values():
-            for server in w.servers:
-                server.close()
-            w.envoy.stop()
-            self.network.remove_pod(w.pod.name)
+        for w in [*runtime.workloads.values(), *runtime.retiring]:
+            self._stop_workload(w)
         self._publish_pods()
+
+    # -- upgrade -----------------------------------------------------------------------
+
+    def scope_reason(self, scenario: Scenario) -> str | None:
+        if scenario.name != "upgrade" or self.upgrade_from:
+            return None
+        try:
+            self.upgrade_versions()
+        except UsageError as exc:
+            return f"no upgrade to Istio {self.istio_version or DEFAULT_VERSION}: {exc}"
+        return None
+
+    def upgrade_versions(self) -> tuple[IstioVersion, IstioVersion]:
+        """(from, to): ``upgrade_from``, or the minor before the version under test."""
+        new = resolve(self.istio_version) if self.istio_version else DEFAULT_VERSION
+        if self.upgrade_from:
+            return upgrade_pair(self.upgrade_from, str(new))
+        return previous_minor(new), new
+
+    def upgrade(self, deployment: Deployment) -> Deployment:
+        """Replace ``deployment``'s pods by pods with the new version's configuration.
+
+        What a rollout restart does to a Deployment with surge: each new pod starts (and
+        is discovered, as Kubernetes lists a pod once it has an address) while the old
+        one still serves; the old pod is retired once Prometheus has scraped its
+        successor UP in every job (a drain that outlasts discovery), or when the
+        successor cannot be scraped (dropped by relabeling, or not UP within
+        ``target_timeout``), as a rollout does not wait for Prometheus. What that costs
+        is the continuity measurement's to find.
+        """
+        runtime = self._active.get(deployment.namespace)
+        if runtime is None:
+            raise UsageError(f"{deployment.namespace} is not deployed on this backend")
+        if runtime.retiring:
+            raise UsageError(f"{deployment.namespace} is already being upgraded")
+        _, new = self.upgrade_versions()
+        native = capabilities(new).native_secure_ports
+        old = dict(runtime.workloads)
+        fresh: dict[str, _WorkloadRuntime] = {}
+        try:
+            for name, w in old.items():
+                fault = (
+                    Fault.SECURE_PORT_ANNOTATION_MISSING
+                    if w.fault is Fault.UPGRADE_DROPS_TARGETS
+                    else w.fault
+                )
+                spec = upgraded_spec(w.workload.spec, native)
+                fresh[name] = self._start_workload(spec, deployment.namespace, fault)
+            runtime.workloads, runtime.retiring = fresh, list(old.values())
+            self._publish_pods()
+            for w in fresh.values():
+                w.envoy.wait_ready()
+        except BaseException:
+            for w in fresh.values():
+                self._stop_workload(w)
+            runtime.workloads, runtime.retiring = old, []
+            self._publish_pods()
+            raise
+        self._wait_successors_scraped(list(fresh.values()))
+        retired, runtime.retiring = runtime.retiring, []
+        for w in retired:
+            self._stop_workload(w)
+        self._publish_pods()
+        runtime.deployment = Deployment(
+            deployment.scenario,
+            deployment.mtls_mode,
+            deployment.namespace,
+            tuple(w.workload for w in fresh.values()),
+        )
+        return runtime.deployment
+
+    def _wait_successors_scraped(self, fresh: list[_WorkloadRuntime]) -> None:
+        api = self.prometheus()
+
+        def scraped() -> None:
+            for w in fresh:
+                pod = w.workload.pod_name
+                for job in w.workload.spec.jobs:
+                    mine = [t for t in api.active_targets(job) if t.labels.get("pod") == pod]
+                    if not mine:
+                        dropped = api.dropped_targets(job)
+                        if any(d.get("__meta_kubernetes_pod_name") == pod for d in dropped):
+                            continue  # relabeling dropped it: it will never be scraped
+                        raise NotYet(f"job {job}: pod {pod} not discovered yet")
+                    if any(t.health != "up" for t in mine):
+                        raise NotYet(f"job {job}: " + "; ".join(t.describe() for t in mine))
+
+        try:
+            wait_for(
+                "Prometheus to scrape the restarted pods UP before the old ones retire",
+                scraped,
+                timeout=self.target_timeout,
+            )
+        except WaitTimeout:
+            return  # a rollout does not wait for Prometheus: retire anyway
 
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
         if deployment is None or not self._started:
@@ -567,3 +685,12 @@ def _identity_from_files(files: OutputCerts) -> WorkloadIdentity:
 def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return SpiffeId.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+
+def _seconds(duration: str) -> float:
+    """A Prometheus duration of seconds or milliseconds ("1s", "500ms") in seconds."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0)):
+        number = duration.removesuffix(suffix)
+        if number != duration and number.isdigit():
+            return int(number) * scale
+    raise UsageError(f"scrape interval {duration!r} is not a duration like 1s or 500ms")

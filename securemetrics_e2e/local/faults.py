@@ -19,6 +19,9 @@ class Fault(enum.StrEnum):
     EXPIRED_WORKLOAD_CERT = "expired-workload-cert"  # the proxy serves an expired certificate
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
+    # the pods an upgrade restarts come back without the secure-port annotations, so the
+    # scrape jobs silently lose the workload (istio#19874); its first pods are healthy
+    UPGRADE_DROPS_TARGETS = "upgrade-drops-targets"
     # the scraper's OUTPUT_CERTS are written once, never renewed, and expire (istio#28050)
     SCRAPER_CERTS_NOT_REFRESHED = "scraper-certs-not-refreshed"
 

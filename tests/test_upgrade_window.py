@@ -1,0 +1,198 @@
+"""The upgrade scenario on the local mesh, and how continuity is judged when pods change.
+
+The local backend replaces the workload's pod by one with the new version's
+configuration while the same Prometheus scrapes; continuity is measured for the
+namespace (any pod of the workload counts), so the pod being replaced may fail while its
+successor serves, but no moment may go without a successful scrape. Its negative
+control (the restarted pods lose their annotations) is in test_negative_controls.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from localmesh import child_pids, netns_names, requires_local_mesh
+
+from securemetrics_e2e.catalog import (
+    ENVOY_JOB,
+    MERGED_JOB,
+    MetricsMode,
+    MtlsMode,
+    scenario,
+    upgraded_spec,
+)
+from securemetrics_e2e.continuity import (
+    COVER_SLACK,
+    Continuity,
+    JobContinuity,
+    _covered,
+)
+from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.local.backend import LocalBackend
+from securemetrics_e2e.plugin import Variant, variant_skip_reason
+from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
+from securemetrics_e2e.versions import resolve
+
+INTERVAL = 1.0
+COVER = COVER_SLACK * INTERVAL
+
+
+# -- coverage: what "never without a successful scrape" means -----------------------------
+
+
+def test_regular_scrapes_cover_the_window() -> None:
+    assert _covered([0.3 + i for i in range(10)], 0.0, 10.0, COVER) == pytest.approx(
+        1.0 - 0.3 / 10
+    )  # nothing vouches for the moment before the first scrape
+    assert _covered([-0.7 + i for i in range(12)], 0.0, 10.0, COVER) == 1.0
+
+
+def test_one_missing_scrape_leaves_most_of_an_interval_uncovered() -> None:
+    times = [float(i) for i in range(11) if i != 5]
+    assert _covered(times, 0.0, 10.0, COVER) == pytest.approx(1 - (1 - 0.1) / 10)
+
+
+def test_a_successor_covers_for_the_pod_it_replaces() -> None:
+    old = [0.0, 1.0, 2.0, 3.0]  # then it stops
+    new = [3.6, 4.6, 5.6, 6.6, 7.6, 8.6, 9.6]  # discovered before the old one went
+    assert _covered(old + new, 0.0, 10.0, COVER) == 1.0
+    late = [5.0, 6.0, 7.0, 8.0, 9.0]  # discovered a scrape late
+    assert _covered(old + late, 0.0, 10.0, COVER) < 1.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(min_value=-2, max_value=12, allow_nan=False), max_size=30),
+    st.floats(min_value=-2, max_value=12, allow_nan=False),
+)
+def test_coverage_is_a_fraction_that_more_scrapes_never_lower(
+    times: list[float], extra: float
+) -> None:
+    before = _covered(times, 0.0, 10.0, COVER)
+    assert 0.0 <= before <= 1.0 + 1e-9
+    assert _covered([*times, extra], 0.0, 10.0, COVER) >= before - 1e-9
+
+
+def _continuity(job: JobContinuity) -> Continuity:
+    now = datetime.now(UTC)
+    return Continuity("ns/httpbin", now - timedelta(seconds=10), now, INTERVAL, (job,))
+
+
+def test_namespace_scope_forgives_failed_scrapes_of_a_replaced_pod_only_when_covered() -> None:
+    covered = JobContinuity(MERGED_JOB, 12, 9, 1.0, covered=1.0, pods=2)
+    assert _continuity(covered).ok
+    hole = JobContinuity(MERGED_JOB, 12, 9, 1.9, covered=0.93, pods=2)
+    assert not _continuity(hole).ok
+    assert "7.0% of the window without a successful scrape" in _continuity(hole).problems()[0]
+    # pod scope: every failed scrape counts
+    assert not _continuity(JobContinuity(MERGED_JOB, 12, 11, 1.0)).ok
+
+
+def test_upgraded_spec_switches_legacy_to_native_only_when_the_version_has_it() -> None:
+    (legacy,) = scenario("upgrade").workloads
+    assert legacy.mode is MetricsMode.LEGACY
+    assert upgraded_spec(legacy, native_secure_ports=True).mode is MetricsMode.NATIVE
+    assert upgraded_spec(legacy, native_secure_ports=False) == legacy
+    (native,) = scenario("native-sidecar").workloads
+    assert upgraded_spec(native, native_secure_ports=True) == native
+
+
+# -- versions and bad input (nothing starts) --------------------------------------------
+
+
+def test_upgrade_versions_default_to_the_previous_minor() -> None:
+    backend = LocalBackend(istio_version="1.31")
+    old, new = backend.upgrade_versions()
+    assert (old.minor, new.minor) == (30, 31)
+    assert LocalBackend(istio_version="1.31", upgrade_from="1.30.0").upgrade_versions()[0] == (
+        resolve("1.30.0")
+    )
+
+
+@pytest.mark.parametrize(
+    ("upgrade_from", "message"),
+    [
+        ("1.29", "one minor at a time: 1.29.8 -> 1.30 -> 1.31"),
+        ("1.31.0", "from an older minor to a newer one"),
+        ("2.0", "names minor 2.0, which is unknown"),
+    ],
+)
+def test_bad_upgrade_from_fails_before_anything_starts(upgrade_from: str, message: str) -> None:
+    before = netns_names()
+    with pytest.raises(UsageError, match=message):
+        LocalBackend(istio_version="1.31.1", upgrade_from=upgrade_from)
+    assert netns_names() == before
+    assert not child_pids(os.getpid())
+
+
+def test_the_oldest_supported_minor_has_no_upgrade_to_it() -> None:
+    backend = LocalBackend(istio_version="1.28")
+    reason = variant_skip_reason(
+        Variant(scenario("upgrade"), MtlsMode.PERMISSIVE), backend, "1.28.10"
+    )
+    assert reason is not None
+    assert "no supported Istio minor precedes 1.28" in reason
+    ok = LocalBackend(istio_version="1.29")
+    upgrade = Variant(scenario("upgrade"), MtlsMode.PERMISSIVE)
+    assert variant_skip_reason(upgrade, ok, "1.29") is None
+
+
+# -- the local upgrade, for real ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upgraded() -> Iterator[tuple[LocalBackend, UpgradeRun, str, str]]:
+    backend = LocalBackend(istio_version="1.31")
+    try:
+        dep = backend.deploy(scenario("upgrade"), MtlsMode.PERMISSIVE)
+        before_pod = dep.workloads[0].pod_name
+        run = run_upgrade_window(backend, dep)
+        yield backend, run, before_pod, dep.namespace
+    finally:
+        backend.close()
+
+
+@requires_local_mesh
+def test_the_workload_moves_to_a_new_pod_with_the_native_ports(
+    upgraded: tuple[LocalBackend, UpgradeRun, str, str],
+) -> None:
+    backend, run, before_pod, namespace = upgraded
+    assert run.ok, run.failure_message()
+    assert run.switched == "legacy -> native"
+    (now,) = backend._active[namespace].deployment.workloads
+    assert now.pod_name != before_pod
+    assert now.spec.mode is MetricsMode.NATIVE
+    assert before_pod not in backend.network.pods  # retired and removed
+    assert not backend._active[namespace].retiring
+
+
+@requires_local_mesh
+def test_continuity_spans_both_pods_and_the_new_job(
+    upgraded: tuple[LocalBackend, UpgradeRun, str, str],
+) -> None:
+    _, run, _, _ = upgraded
+    assert run.continuity is not None
+    jobs = {j.job: j for j in run.continuity.jobs}
+    assert set(jobs) == {MERGED_JOB, ENVOY_JOB}
+    merged, envoy = jobs[MERGED_JOB], jobs[ENVOY_JOB]
+    assert merged.pods == 2  # the legacy pod, then its successor
+    assert merged.covered == 1.0
+    assert envoy.pods == 1  # only the native configuration has the Envoy-only port
+    assert envoy.successes >= 3  # measured over more than its first scrape
+    assert merged.longest_gap_s <= 2 * INTERVAL
+
+
+@requires_local_mesh
+def test_upgrading_what_is_not_deployed_is_refused(
+    upgraded: tuple[LocalBackend, UpgradeRun, str, str],
+) -> None:
+    backend, _, _, namespace = upgraded
+    dep = backend._active[namespace].deployment
+    gone = type(dep)(dep.scenario, dep.mtls_mode, "smx-nowhere", dep.workloads)
+    with pytest.raises(UsageError, match="smx-nowhere is not deployed"):
+        backend.upgrade(gone)
