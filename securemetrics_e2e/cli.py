@@ -42,6 +42,7 @@ CLUSTER_FLAGS = {
     "kubeconfig": "--kubeconfig",
     "context": "--kube-context",
     "keep": "--keep-cluster",
+    "canary": "--canary",
 }
 
 
@@ -118,11 +119,15 @@ def _check_backend_flags(args: argparse.Namespace) -> None:
         used = [f"--{k}" for k in ("hub", "tag", "kubeconfig", "context") if getattr(args, k)]
         if getattr(args, "keep", False):
             used.append("--keep")
+        if getattr(args, "canary", False):
+            used.append("--canary")
         if used:
             raise UsageError(
                 f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
-                "images and keeps nothing after the run (use --backend kind or existing)"
+                "control plane and keeps nothing after the run (use --backend kind or existing)"
             )
+    if getattr(args, "canary", False) and not args.upgrade_from:
+        raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
     elif getattr(args, "local_fault", None) or args.local_network != "auto":
         raise UsageError("--local-network and --local-fault apply to --backend local only")
 
@@ -151,6 +156,8 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
     ]
     if sel.backend != "existing" or args.istio_version:
         argv += ["--istio-version", sel.istio_version]
+    if args.upgrade_from:
+        argv += ["--upgrade-from", args.upgrade_from]
     if not args.pytest_output:
         argv += ["-p", "no:terminal"]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
@@ -320,7 +327,11 @@ def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
     from securemetrics_e2e.local.backend import LocalBackend
     from securemetrics_e2e.plugin import Variant, variant_skip_reason
 
-    backend = LocalBackend(network=args.local_network, istio_version=sel.istio_version)
+    backend = LocalBackend(
+        network=args.local_network,
+        istio_version=sel.istio_version,
+        upgrade_from=args.upgrade_from,
+    )
     lines = [
         f"{PROG} run plan: backend local, Istio {sel.istio_version}, profile {sel.profile}",
         "",
@@ -356,6 +367,12 @@ def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
             lines.append(f"  SKIP {v.id}: {reason}")
             continue
         lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
+        if v.scenario.name == "upgrade":
+            old, new = backend.upgrade_versions()
+            lines.append(
+                f"         from Istio {old}'s configuration to {new}'s: the pod is replaced "
+                "while Prometheus scrapes (no istioctl: that part needs a cluster)"
+            )
         for c in CHECKS:
             if not c.applies_to(v.scenario):
                 continue
@@ -393,8 +410,6 @@ def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     _check_backend_flags(args)
     sel = select(args)
-    if args.upgrade_from and sel.backend == "local":
-        raise UsageError("--upgrade-from plans a cluster upgrade: add --backend kind or existing")
     text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
     sys.stdout.write(text)
     return EXIT_OK
@@ -551,6 +566,19 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scenario", action="append", help="only this scenario (repeatable, or comma-separated)"
     )
+    p.add_argument(
+        "--upgrade-from",
+        metavar="VERSION",
+        help="the upgrade scenario starts on this Istio version (legacy configuration) and "
+        "moves to --istio-version (native ports where it has them), one minor at a time "
+        "(default: the previous minor). On a cluster it makes the run an upgrade run: "
+        "istioctl installs this version and upgrades it, and only the upgrade scenario runs",
+    )
+    p.add_argument(
+        "--canary",
+        action="store_true",
+        help="with --upgrade-from on a cluster: upgrade by a canary revision, not in place",
+    )
     p.add_argument("--hub", help="Istio image hub to install (cluster backends)")
     p.add_argument("--tag", help="Istio image tag to install (cluster backends)")
     p.add_argument("--kubeconfig", help="kubeconfig of the cluster (--backend existing)")
@@ -595,15 +623,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show what `run` would do, touching nothing")
     _selection_options(plan)
-    plan.add_argument(
-        "--upgrade-from",
-        metavar="VERSION",
-        help="plan the upgrade scenario: from this Istio version (legacy configuration) to "
-        "--istio-version (native ports where it has them), one minor at a time",
-    )
-    plan.add_argument(
-        "--canary", action="store_true", help="with --upgrade-from: a canary revision upgrade"
-    )
     plan.set_defaults(func=cmd_plan)
 
     lst = sub.add_parser("list", help="scenarios x Istio versions x backends: what applies")

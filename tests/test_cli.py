@@ -310,6 +310,25 @@ def test_plan_upgrade_across_two_minors_is_refused(capsys: pytest.CaptureFixture
     assert "one minor at a time: 1.29.8 -> 1.30 -> 1.31" in err
 
 
-def test_plan_upgrade_needs_a_cluster_backend(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "--upgrade-from", "1.30"]) == 2
-    assert "add --backend kind or existing" in capsys.readouterr().err
+def test_local_plan_names_the_upgrade_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--istio-version", "1.30", "--upgrade-from", "1.29.0"]) == 0
+    out = capsys.readouterr().out
+    assert "RUN  upgrade[PERMISSIVE]" in out
+    assert "from Istio 1.29.0's configuration to 1.30.5's" in out
+    assert main(["plan", "--istio-version", "1.28"]) == 0
+    assert "SKIP upgrade[PERMISSIVE]: no upgrade to Istio 1.28.10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--canary", "--upgrade-from", "1.30"], "--canary: only for a cluster backend"),
+        (["--backend", "kind", "--canary"], "--canary chooses how --upgrade-from upgrades"),
+        (["--upgrade-from", "1.29"], "one minor at a time"),
+    ],
+)
+def test_upgrade_flags_are_checked_before_anything_runs(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--istio-version", "1.31", *argv]) == 2
+    assert message in capsys.readouterr().err
