@@ -59,6 +59,14 @@ def test_scenarios_per_version(tmp_path: Path, version: str) -> None:
     # rotation (agents renewing short-lived certificates) runs where native ports do
     assert _deployed(plan) == (NATIVE | OTHERS | {"rotation"} if native else OTHERS)
     skipped = dict(plan.skipped)
+    # the upgrade scenario needs an upgrade run, whatever the version
+    upgrade = skipped.pop("upgrade [PERMISSIVE]")
+    assert upgrade.startswith("the upgrade scenario needs an upgrade run")
+    assert "--upgrade-from" in upgrade
+    if version.startswith("1.28."):  # nothing older is supported
+        assert "1.28.10 is the oldest supported" in upgrade
+    else:
+        assert f"e.g. 1.{int(version.split('.')[1]) - 1}." in upgrade
     if not native:
         assert "lacks native-secure-ports" in skipped.pop("rotation [PERMISSIVE]")
     if not native:

@@ -1,4 +1,4 @@
-"""The upgrade scenario's plan per version pair, and its driver on a FAKE Kubernetes API
+"""The upgrade run's plan per version pair, and its driver on a FAKE Kubernetes API
 (tests/fakekube.py) with a recording command runner: no cluster, no istioctl run."""
 
 from __future__ import annotations
@@ -9,22 +9,26 @@ from typing import Any
 
 import pytest
 
+from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, scenario
 from securemetrics_e2e.cluster.kube import RUN_LABEL
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import Plan
+from securemetrics_e2e.cluster.plan import Plan, render_plan, variant_plan
 from securemetrics_e2e.cluster.tools import Platform, ToolCache
 from securemetrics_e2e.cluster.upgrade import (
+    UPGRADE_PHASES,
     UpgradeStep,
     canary_revision,
     common_kubernetes,
     render_upgrade_plan,
     run_upgrade,
+    upgrade_plan,
 )
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.versions import resolve
 from tests.fakekube import FakeKube
 
 RUN = "up9rade"
+NS = f"sm-upgrade-permissive-{RUN}"
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +39,8 @@ def _no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(Platform, "current", classmethod(lambda cls: cls("linux", "amd64")))
 
 
-def _plan(tmp_path: Path, old: str, new: str, *, canary: bool = False) -> Plan:
-    options = ClusterOptions(run_id=RUN, cache_dir=tmp_path / "cache")
+def _plan(tmp_path: Path, old: str, new: str, *, canary: bool = False, **kw: Any) -> Plan:
+    options = ClusterOptions(run_id=RUN, cache_dir=tmp_path / "cache", **kw)
     return render_upgrade_plan(
         options, old, new, canary=canary, cache=ToolCache(tmp_path / "cache")
     )
@@ -47,8 +51,8 @@ def _annotations(step: Any) -> dict[str, str]:
     return dict(dep["spec"]["template"]["metadata"]["annotations"])
 
 
-def _step(plan: Plan, phase: str) -> UpgradeStep:
-    (step,) = [s for s in plan.steps if s.phase == phase]
+def _step(plan: Plan, phase: str, index: int = 0) -> UpgradeStep:
+    step = [s for s in plan.steps if s.phase == phase][index]
     assert isinstance(step, UpgradeStep)
     return step
 
@@ -59,7 +63,8 @@ def test_130_to_131_switches_to_native_ports(tmp_path: Path) -> None:
     for version in ("1.30.5", "1.31.1"):
         url = f"https://github.com/istio/istio/releases/download/{version}/istioctl-{version}-linux-amd64.tar.gz"
         assert f"{url} (sha256 from {url}.sha256)" in text
-    before = next(s for s in plan.steps if s.title.startswith("deploy legacy-sidecar"))
+    assert "upgrade run: Istio 1.30.5 -> 1.31.1, in place" in text
+    before = _step(plan, "before")
     assert _annotations(before)["prometheus.istio.io/secure-port"] == "15091"
     switch = _step(plan, "switch")
     native = _annotations(switch)
@@ -68,7 +73,21 @@ def test_130_to_131_switches_to_native_ports(tmp_path: Path) -> None:
     assert [(o["kind"], o["metadata"]["name"]) for o in switch.delete] == [
         ("Sidecar", "httpbin-secure-metrics")
     ]
+    assert "Namespace" not in [o["kind"] for o in switch.manifests]  # it stays as it is
     assert all(o["metadata"]["labels"][RUN_LABEL] == RUN for o in plan.manifests())
+    assert _step(plan, "after").verify == "native on 1.31.1"
+
+
+def test_before_deploys_what_the_backend_deploys(tmp_path: Path) -> None:
+    """One rendering: the plan's legacy deployment is the upgrade variant on the old version."""
+    plan = _plan(tmp_path, "1.30", "1.31")
+    variant = variant_plan(UPGRADE, MtlsMode.PERMISSIVE, resolve("1.30.5"), RUN)
+    before = _step(plan, "before")
+    assert before.manifests == list(variant.manifests)
+    assert before.rollouts == list(variant.rollouts)
+    assert variant.namespace == NS
+    assert plan.variants[0].namespace == NS
+    assert f"deploy upgrade [PERMISSIVE] on Istio 1.30.5 in {NS}" in plan.render_text()
 
 
 def test_129_to_130_stays_legacy(tmp_path: Path) -> None:
@@ -77,7 +96,8 @@ def test_129_to_130_stays_legacy(tmp_path: Path) -> None:
     assert switch.manifests == []
     assert switch.delete == []
     assert "keep the legacy configuration" in switch.title
-    assert "verify on Istio 1.30.5: legacy-sidecar" in plan.render_text()
+    assert _step(plan, "after").verify == "legacy on 1.30.5"
+    assert "verify on Istio 1.30.5: legacy port 15091" in plan.render_text()
 
 
 @pytest.mark.parametrize("canary", [False, True])
@@ -101,6 +121,7 @@ def test_in_place_order_of_steps(tmp_path: Path) -> None:
     assert [s.phase for s in plan.steps] == [
         "tools",
         "cluster",
+        "cluster",
         "istio",
         "scraper",
         "before",
@@ -115,27 +136,93 @@ def test_in_place_order_of_steps(tmp_path: Path) -> None:
         ["istioctl-1.31.1", "upgrade"]
     )
     upgrade = next(c for c in plan.commands() if c[1] == "upgrade")
-    assert "--set" in upgrade
-    assert "profile=default" in upgrade
-    restarts = [c for c in plan.commands() if "restart" in c]
-    assert [c[-3] for c in restarts] == ["deployment/httpbin", "deployment/prometheus"]
+    assert upgrade[upgrade.index("--set") + 1] == "profile=default"
+    assert "sm-e2e-upgrade-30-31" in " ".join(upgrade)  # the kind cluster of this pair
+
+
+def test_only_the_workload_is_restarted(tmp_path: Path) -> None:
+    """The scraper's TSDB is an emptyDir: restarting it would lose the window's samples."""
+    for canary in (False, True):
+        plan = _plan(tmp_path, "1.30", "1.31", canary=canary)
+        restarts = [c for c in plan.commands() if "restart" in c]
+        assert restarts == [
+            [
+                "kubectl",
+                "--kubeconfig",
+                ".pytest-kind/sm-e2e-upgrade-30-31/kubeconfig",
+                "--context",
+                "kind-sm-e2e-upgrade-30-31",
+                "rollout",
+                "restart",
+                "deployment/httpbin",
+                "-n",
+                NS,
+            ]
+        ]
+        assert not any("prometheus" in " ".join(c) for c in plan.commands())
+        restart = _step(plan, "upgrade", 1)
+        assert [str(r) for r in restart.rollouts] == [f"deployment/httpbin in {NS}"]
+        why = " ".join(restart.details)
+        assert "emptyDir" in why
+        assert "Control Plane/Data Plane Skew" in why
+        assert ("beside revision 1-31-1" in why) is canary
 
 
 def test_canary_installs_a_revision_and_moves_the_default_tag(tmp_path: Path) -> None:
     plan = _plan(tmp_path, "1.30", "1.31", canary=True)
     assert canary_revision(resolve("1.31.1")) == "1-31-1"
-    install, tag = _step_commands(plan, "upgrade")[:2]
+    install, tag = _step(plan, "upgrade").commands
     assert install[:2] == ["istioctl-1.31.1", "install"]
     assert "revision=1-31-1" in install
     assert "profile=minimal" in install
     assert tag[:4] == ["istioctl-1.31.1", "tag", "set", "default"]
     assert tag[-3:] == ["--revision", "1-31-1", "--overwrite"]
+    assert [str(r) for r in _step(plan, "upgrade").rollouts] == [
+        "deployment/istiod-1-31-1 in istio-system"
+    ]
     assert not any(c[1] == "upgrade" for c in plan.commands())
-    assert "sm-upgrade-canary-" in plan.render_text()
+    assert "canary revision 1-31-1" in plan.render_text()
+    assert "--purge: both revisions" in plan.render_text()
 
 
-def _step_commands(plan: Plan, phase: str) -> list[list[str]]:
-    return [c for s in plan.steps if s.phase == phase for c in s.commands]
+@pytest.mark.parametrize("canary", [False, True])
+def test_hub_goes_to_both_versions(tmp_path: Path, canary: bool) -> None:
+    plan = _plan(tmp_path, "1.30", "1.31", hub="mirror.example/istio", canary=canary)
+    installs = [c for c in plan.commands() if c[1] in ("install", "upgrade")]
+    assert [c[:2] for c in installs] == [
+        ["istioctl-1.30.5", "install"],
+        ["istioctl-1.31.1", "install" if canary else "upgrade"],
+    ]
+    assert all("hub=mirror.example/istio" in c for c in installs)
+
+
+def test_existing_cluster_plan_uses_the_kubeconfig(tmp_path: Path) -> None:
+    config = tmp_path / "kubeconfig"
+    plan = _plan(tmp_path, "1.30", "1.31", mode="existing", kubeconfig=config, context="lab")
+    assert [s.phase for s in plan.steps][:3] == ["tools", "cluster", "istio"]
+    upgrade = next(c for c in plan.commands() if c[1] == "upgrade")
+    assert upgrade[3:7] == ["--kubeconfig", str(config), "--context", "lab"]
+    assert "must run Kubernetes 1.32-1.36" in plan.render_text()
+    assert "kind" not in [c[0] for c in plan.commands()]
+
+
+def test_render_plan_of_an_upgrade_run_lists_the_others_as_skipped(tmp_path: Path) -> None:
+    options = ClusterOptions(
+        run_id=RUN, cache_dir=tmp_path / "cache", upgrade_from="1.30", istio_version="1.31"
+    )
+    plan = render_plan(options, cache=ToolCache(tmp_path / "cache"))
+    assert [v.id for v in plan.variants if v.skip is None] == ["upgrade [PERMISSIVE]"]
+    skipped = dict(plan.skipped)
+    others = {
+        f"{s.name} [{m.value}]" for s in SCENARIOS if s.name != "upgrade" for m in s.mtls_modes
+    }
+    assert set(skipped) == others
+    assert all(
+        r == "an upgrade run (--upgrade-from 1.30.5) deploys only the upgrade scenario: run "
+        "the others without --upgrade-from"
+        for r in skipped.values()
+    )
+    assert [s.phase for s in plan.steps] == [s.phase for s in _plan(tmp_path, "1.30", "1.31").steps]
 
 
 def test_common_kubernetes() -> None:
@@ -176,43 +263,131 @@ def _fake() -> FakeKube:
     return fake
 
 
+TOOLS = {
+    "istioctl-1.30.5": "/bin/ictl-old",
+    "istioctl-1.31.1": "/bin/ictl-new",
+    "kubectl": "/bin/kubectl",
+}
+
+
+def _existing(tmp_path: Path, *, canary: bool = False) -> Plan:
+    # an existing cluster: the driver runs no kind or docker command
+    return _plan(tmp_path, "1.30", "1.31", canary=canary, mode="existing")
+
+
 def test_driver_runs_every_step_in_order(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "1.30", "1.31")
+    plan = _existing(tmp_path)
     fake = _fake()
     ran: list[list[str]] = []
     checked: list[str] = []
     window = run_upgrade(
         plan,
         fake,
-        tools={"istioctl-1.30.5": "/bin/ictl-old", "istioctl-1.31.1": "/bin/ictl-new"},
+        tools=TOOLS,
         run=lambda argv: ran.append(list(argv)),
         verify=checked.append,
         rollout_timeout=5,
     )
-    assert [c[:2] for c in ran][:2] == [["/bin/ictl-old", "install"], ["/bin/ictl-new", "upgrade"]]
-    assert checked == ["legacy-sidecar on 1.30.5", "native-sidecar on 1.31.1"]
+    assert [c[:2] for c in ran] == [
+        ["/bin/ictl-old", "install"],
+        ["/bin/ictl-new", "upgrade"],
+        ["/bin/kubectl", "rollout"],  # the plan's role name, resolved
+    ]
+    assert checked == ["legacy on 1.30.5", "native on 1.31.1"]
     assert window.start < window.end
-    ns = f"sm-upgrade-inplace-{RUN}"
-    assert fake.find("Sidecar", "httpbin-secure-metrics", ns) is None  # legacy removed
-    dep = fake.find("Deployment", "httpbin", ns)
+    assert fake.find("Sidecar", "httpbin-secure-metrics", NS) is None  # legacy removed
+    dep = fake.find("Deployment", "httpbin", NS)
     assert dep is not None
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.istio.io/secure-port"] == "15092"
-    assert ("delete", "Sidecar", "httpbin-secure-metrics", ns) in fake.calls
+    # the Sidecar goes only once the native Deployment was applied and read as rolled out
+    calls = fake.calls
+    deleted = calls.index(("delete", "Sidecar", "httpbin-secure-metrics", NS))
+    applied = max(i for i, c in enumerate(calls) if c[:3] == ("apply", "Deployment", "httpbin"))
+    read = max(
+        i for i, c in enumerate(calls[:deleted]) if c[:3] == ("get", "Deployment", "httpbin")
+    )
+    assert applied < read < deleted
+
+
+@pytest.mark.parametrize("canary", [False, True])
+def test_driver_runs_only_the_chosen_phases(tmp_path: Path, canary: bool) -> None:
+    plan = _existing(tmp_path, canary=canary)
+    fake = _fake()
+    ran: list[list[str]] = []
+    progress: list[str] = []
+    checked: list[str] = []
+    # what the backend does before the upgrade: the scraper, the legacy deployment
+    run_upgrade(
+        plan,
+        fake,
+        tools=TOOLS,
+        run=lambda argv: ran.append(list(argv)),
+        rollout_timeout=5,
+        verify=checked.append,
+        phases=("scraper", "before"),
+    )
+    assert ran == []
+    assert checked == ["legacy on 1.30.5"]
+    assert fake.find("Sidecar", "httpbin-secure-metrics", NS) is not None
+    fake.calls.clear()
+    run_upgrade(
+        plan,
+        fake,
+        tools=TOOLS,
+        run=lambda argv: ran.append(list(argv)),
+        rollout_timeout=5,
+        progress=progress.append,
+        phases=UPGRADE_PHASES,
+    )
+    expected = (
+        [["/bin/ictl-new", "install"], ["/bin/ictl-new", "tag"]]
+        if canary
+        else [["/bin/ictl-new", "upgrade"]]
+    )
+    assert [c[:2] for c in ran] == [*expected, ["/bin/kubectl", "rollout"]]
+    assert ran[-1][-4:] == ["restart", "deployment/httpbin", "-n", NS]
+    # nothing of the other phases: only the switch's objects, no second verification
+    applied = {c[1] for c in fake.calls if c[0] == "apply"}
+    assert applied == {"PeerAuthentication", "ServiceAccount", "Service", "Deployment"}
+    assert checked == ["legacy on 1.30.5"]
+    assert fake.find("Sidecar", "httpbin-secure-metrics", NS) is None
+    assert ("delete", "Sidecar", "httpbin-secure-metrics", NS) in fake.calls
+    # numbered as --plan prints them
+    steps = [re.match(r"\[upgrade\] (\d+)\. \[(\w+)\]", line) for line in progress]
+    numbered = [(str(n), s.phase) for n, s in enumerate(plan.steps, 1) if s.phase in UPGRADE_PHASES]
+    assert [(m[1], m[2]) for m in steps if m] == numbered
+    assert [p for _, p in numbered] == ["upgrade", "upgrade", "switch"]
+    assert f"{numbered[0][0]:>3}. [upgrade]" in plan.render_text()
+
+
+def test_driver_rejects_an_unknown_phase(tmp_path: Path) -> None:
+    plan = _existing(tmp_path)
+    ran: list[list[str]] = []
+    with pytest.raises(UsageError, match="no phase upgrades; its phases: tools, cluster"):
+        run_upgrade(
+            plan,
+            _fake(),
+            tools=TOOLS,
+            run=lambda argv: ran.append(list(argv)),
+            rollout_timeout=5,
+            phases=("upgrades",),
+        )
+    assert ran == []
 
 
 def test_driver_stops_at_the_first_failed_verification(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "1.30", "1.31")
+    plan = _existing(tmp_path)
     ran: list[list[str]] = []
 
     def verify(what: str) -> None:
         raise UsageError(f"check failed: {what}")
 
-    with pytest.raises(UsageError, match=re.escape("check failed: legacy-sidecar on 1.30.5")):
+    with pytest.raises(UsageError, match=re.escape("check failed: legacy on 1.30.5")):
         run_upgrade(
             plan,
             _fake(),
-            tools={"istioctl-1.30.5": "old", "istioctl-1.31.1": "new"},
+            tools=TOOLS,
             run=lambda argv: ran.append(list(argv)),
             verify=verify,
             rollout_timeout=5,
@@ -221,8 +396,21 @@ def test_driver_stops_at_the_first_failed_verification(tmp_path: Path) -> None:
 
 
 def test_driver_refuses_an_unresolved_istioctl(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "1.30", "1.31")
+    plan = _existing(tmp_path)
+    ran: list[list[str]] = []
     with pytest.raises(UsageError, match=re.escape("no binary given for istioctl-1.30.5")):
         run_upgrade(
-            plan, _fake(), tools={}, run=lambda argv: None, verify=lambda w: None, rollout_timeout=5
+            plan,
+            _fake(),
+            tools={},
+            run=lambda argv: ran.append(list(argv)),
+            verify=lambda w: None,
+            rollout_timeout=5,
         )
+    assert ran == []
+
+
+def test_upgrade_plan_needs_upgrade_from(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs --upgrade-from"):
+        upgrade_plan(ClusterOptions(run_id=RUN), cache=ToolCache(tmp_path / "cache"))
+    assert scenario("upgrade") is UPGRADE

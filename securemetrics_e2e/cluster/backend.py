@@ -14,6 +14,9 @@ implements the :class:`~securemetrics_e2e.backend.Backend` operations:
   port-forward where the pod's port is reachable that way.
 * ``plaintext``: curl from inside the target pod or from the scraper pod.
 * ``prometheus``: the scraper's API through the Kubernetes API service proxy.
+* ``upgrade`` (an upgrade run, ``--upgrade-from``): the older Istio is installed at
+  setup; the upgrade scenario's deployment is moved onto the newer one by the upgrade
+  and switch phases of :func:`.upgrade.upgrade_plan`, the plan ``--plan`` prints.
 """
 
 from __future__ import annotations
@@ -21,15 +24,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
-from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario
+from securemetrics_e2e.catalog import (
+    UPGRADE,
+    Feature,
+    MtlsMode,
+    Scenario,
+    WorkloadSpec,
+    upgraded_spec,
+)
 from securemetrics_e2e.cluster import diagnostics, istio, pins
-from securemetrics_e2e.cluster.errors import DeployFailed
+from securemetrics_e2e.cluster.errors import DeployFailed, IstioConflict
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj, connect
 from securemetrics_e2e.cluster.options import (
     ClusterOptions,
@@ -42,9 +52,12 @@ from securemetrics_e2e.cluster.plan import (
     Plan,
     ScraperPlan,
     VariantPlan,
+    WorkloadLocator,
     kind_cluster_name,
     render_plan,
+    run_scope_reason,
     scraper_plan,
+    skipped_variant,
     variant_plan,
 )
 from securemetrics_e2e.cluster.probing import Prober
@@ -59,7 +72,12 @@ from securemetrics_e2e.cluster.resources import (
     wait_rollouts,
     with_run_label,
 )
-from securemetrics_e2e.cluster.rotation import ClusterRotation, Timing, parse_go_duration
+from securemetrics_e2e.cluster.rotation import (
+    SCRAPE_INTERVAL_S,
+    ClusterRotation,
+    Timing,
+    parse_go_duration,
+)
 from securemetrics_e2e.cluster.setup import (
     KindHandle,
     PhaseTimer,
@@ -78,6 +96,14 @@ from securemetrics_e2e.cluster.tools import (
     kubectl_spec,
     resolve_tool,
 )
+from securemetrics_e2e.cluster.upgrade import (
+    UPGRADE_PHASES,
+    canary_revision,
+    run_upgrade,
+    upgrade_cluster_name,
+    upgrade_node_image,
+    upgrade_plan,
+)
 from securemetrics_e2e.configdump import listeners_from_config_dump
 from securemetrics_e2e.continuity import RotationRun
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
@@ -86,16 +112,37 @@ from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.spiffe import SpiffeId
 from securemetrics_e2e.versions import DEFAULT_VERSION, IstioVersion, capabilities, resolve
+from securemetrics_e2e.waiting import NotYet, wait_for
 
 __all__ = [
     "ClusterBackend",
     "ClusterOptions",
+    "PreparedCluster",
+    "Runner",
     "add_cluster_options",
     "backend_from_pytest",
+    "backend_on",
+    "command_runner",
     "make_cluster_backend",
     "plan_from_pytest",
     "render_plan",
 ]
+
+#: runs one command of the run (istioctl, kubectl); raises when it fails
+Runner = Callable[[Sequence[str]], object]
+#: the Undo step that uninstalls what this run installed (replaced after an upgrade)
+UNINSTALL_STEP = "istioctl uninstall"
+
+
+def command_runner(progress: Progress | None, *, timeout: float = 900.0) -> Runner:
+    """A :data:`Runner` that runs the command, shows it, and raises DeployFailed on failure."""
+
+    def run(argv: Sequence[str]) -> object:
+        what = " ".join([Path(argv[0]).name, *argv[1:2]])
+        return run_command(argv, timeout=timeout, what=what, progress=progress)
+
+    return run
+
 
 PROXY = "istio-proxy"
 #: the Service the Prometheus Operator creates in front of every Prometheus it runs
@@ -109,7 +156,9 @@ CONFIG_DUMP = ("pilot-agent", "request", "GET", "config_dump")
 #: scraper proxyMetadata SECRET_TTL (manifests.ROTATION_SECRET_TTL), and
 #: :mod:`.rotation` waits for the agents' own renewals. tests/test_cluster_rotation.py
 #: fails if those manifests stop setting it; ClusterBackend.run_rotation checks the
-#: running istio-proxy containers for it before it waits.
+#: running istio-proxy containers for it before it waits. MESH_UPGRADE: istioctl
+#: upgrades the control plane and a restart moves workloads onto the new proxies; which
+#: run deploys the upgrade scenario is that run's scope (plan.run_scope_reason).
 CLUSTER_FEATURES = frozenset(
     {
         Feature.POD_ISOLATION,
@@ -117,6 +166,7 @@ CLUSTER_FEATURES = frozenset(
         Feature.ISTIO_CONTROL_PLANE,
         Feature.PROMETHEUS_OPERATOR,
         Feature.CERT_ROTATION,
+        Feature.MESH_UPGRADE,
     }
 )
 
@@ -131,6 +181,8 @@ class ClusterBackend(Backend):
     """The :class:`Backend` operations on a cluster prepared by :func:`make_cluster_backend`."""
 
     target_timeout = 120.0  # Prometheus discovers, then scrapes every 15 s
+    #: the scraper chart's scrape_interval, in which continuity is judged
+    scrape_interval_s = SCRAPE_INTERVAL_S
 
     def __init__(
         self,
@@ -150,7 +202,15 @@ class ClusterBackend(Backend):
         undo: Undo | None = None,
         timer: PhaseTimer | None = None,
         kind: KindHandle | None = None,
+        run: Runner | None = None,
+        upgrade_istioctl: str | None = None,
     ) -> None:
+        self._upgrade = options.upgrade_versions()
+        if self._upgrade is not None and version != self._upgrade[0]:
+            raise UsageError(
+                f"an upgrade run starts on Istio {self._upgrade[0]} (--upgrade-from), and the "
+                f"backend was given Istio {version}"
+            )
         self.options = options
         self.name = options.mode
         self.version = version
@@ -168,6 +228,10 @@ class ClusterBackend(Backend):
         self.undo = undo or Undo()
         self.timer = timer or PhaseTimer(stderr_progress)
         self.kind = kind
+        self.run = run or command_runner(self.timer.progress)
+        self._upgrade_istioctl = upgrade_istioctl  # an upgrade run: the newer istioctl
+        # The scraper is never restarted by an upgrade (see upgrade._restart_step): this
+        # describes the one deployed, on the version the run started on.
         self.scraper: ScraperPlan = scraper_plan(version, options.run_id, revision=options.revision)
         self._active: dict[tuple[str, MtlsMode], _Active] = {}
         self._saved_templates: dict[tuple[str, str, str], Any] = {}
@@ -217,9 +281,19 @@ class ClusterBackend(Backend):
         ):
             if value:
                 facts[key] = value
+        if self._upgrade is not None:
+            old, new = self._upgrade
+            how = f"canary revision {canary_revision(new)}" if self.options.canary else "in place"
+            facts["upgrade"] = f"Istio {old} -> {new} ({how})"
         return facts
 
+    def scope_reason(self, scenario: Scenario) -> str | None:
+        return run_scope_reason(scenario, self.options)
+
     def variant(self, scenario: Scenario, mode: MtlsMode) -> VariantPlan:
+        scope = self.scope_reason(scenario)
+        if scope is not None:
+            return skipped_variant(scenario, mode, self.options.run_id, scope)
         return variant_plan(
             scenario,
             mode,
@@ -404,18 +478,24 @@ class ClusterBackend(Backend):
                 )
             pod = pods[0]
             meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-            found.append(
-                Workload(
-                    spec=specs[loc.name],
-                    namespace=loc.namespace,
-                    pod_name=str(meta.get("name", "")),
-                    pod_ip=str(status.get("podIP", "")),
-                    spiffe_id=SpiffeId.for_workload(
-                        self.trust_domain, loc.namespace, loc.service_account
-                    ),
-                )
-            )
+            found.append(self._workload(specs[loc.name], loc, meta, status))
         return found
+
+    def _workload(
+        self,
+        spec: WorkloadSpec,
+        loc: WorkloadLocator,
+        meta: dict[str, Any],
+        status: dict[str, Any],
+    ) -> Workload:
+        """The workload a located pod runs, with the identity its service account gets."""
+        return Workload(
+            spec=spec,
+            namespace=loc.namespace,
+            pod_name=str(meta.get("name", "")),
+            pod_ip=str(status.get("podIP", "")),
+            spiffe_id=SpiffeId.for_workload(self.trust_domain, loc.namespace, loc.service_account),
+        )
 
     # -- shared installs ---------------------------------------------------------------
 
@@ -583,6 +663,135 @@ class ClusterBackend(Backend):
                 on_failure=lambda message: self._capture([], "scraper", message),
             )
 
+    # -- the upgrade scenario ----------------------------------------------------------
+
+    def upgrade_versions(self) -> tuple[IstioVersion, IstioVersion]:
+        """(the version this run started on, the one it upgrades to)."""
+        if self._upgrade is None:
+            raise UsageError(self.scope_reason(UPGRADE) or "this is not an upgrade run")
+        return self._upgrade
+
+    def upgrade_plan(self) -> Plan:
+        """This run's upgrade plan for the cluster as connected: the steps ``--plan``
+        prints, with this run's kubeconfig and context."""
+        return upgrade_plan(
+            self.options,
+            cache=self.cache,
+            target=self.target,
+            istio_namespace=self.istio_namespace,
+        )
+
+    def upgrade(self, deployment: Deployment) -> Deployment:
+        """Upgrade Istio and move ``deployment`` (the upgrade scenario) onto it.
+
+        Runs the plan's ``upgrade`` phase (istioctl in place or by canary revision, then
+        a restart of the workload, never of the scraper), moves this backend to the new
+        version, runs the ``switch`` phase (native secure ports where the new version
+        has them), and returns the deployment with its new pods and specs.
+        """
+        old, new = self.upgrade_versions()
+        key = (deployment.scenario.name, deployment.mtls_mode)
+        active = self._active.get(key)
+        if deployment.scenario.name != UPGRADE.name or active is None:
+            raise UsageError(
+                f"upgrade() moves the deployed {UPGRADE.name} scenario; "
+                f"{deployment.scenario.name} [{deployment.mtls_mode.value}] is not it "
+                "(deploy it first)"
+            )
+        if self.version != old:
+            raise SecureMetricsError(f"this run already upgraded Istio {old} to {self.version}")
+        plan = self.upgrade_plan()
+        if plan.variants[0].namespace != deployment.namespace:
+            raise SecureMetricsError(
+                f"the upgrade plan moves namespace {plan.variants[0].namespace}, but the "
+                f"deployment is in {deployment.namespace}"
+            )
+        old_ctl = self.istioctl or str(resolve_tool(istioctl_spec(str(old)), self.cache).path)
+        new_ctl = self._upgrade_istioctl or str(
+            resolve_tool(istioctl_spec(str(new)), self.cache).path
+        )
+        tools = {f"istioctl-{old}": old_ctl, f"istioctl-{new}": new_ctl, "kubectl": self.kubectl}
+        replaced = {w.pod_name for w in deployment.workloads}
+
+        def execute(phase: str) -> None:
+            run_upgrade(
+                plan,
+                self.api,
+                tools=tools,
+                run=self.run,
+                rollout_timeout=self.options.rollout_timeout,
+                progress=self.timer.progress,
+                phases=(phase,),
+            )
+
+        upgrade, switch = UPGRADE_PHASES
+        with self.timer.phase(f"upgrade Istio {old} -> {new}"):
+            execute(upgrade)
+            self._now_on(new, new_ctl)
+            execute(switch)
+            self.prober.forget(deployment.namespace)  # its port-forwards led to the old pod
+            workloads = tuple(self._relocate(active.plan, deployment, replaced))
+        upgraded = Deployment(
+            deployment.scenario, deployment.mtls_mode, deployment.namespace, workloads
+        )
+        self._active[key] = _Active(active.plan, upgraded)
+        return upgraded
+
+    def _now_on(self, version: IstioVersion, istioctl: str) -> None:
+        """The control plane runs ``version`` now: so does everything judged from here."""
+        self.version = version
+        self.caps = capabilities(version)
+        self.istioctl = istioctl
+        # uninstall with the istioctl of what is installed now (--purge: every revision)
+        uninstall = istio.uninstall_command(istioctl, self.target, revision=None)
+        self.undo.replace(UNINSTALL_STEP, lambda: self.run(uninstall))
+
+    def _relocate(
+        self, plan: VariantPlan, deployment: Deployment, replaced: Collection[str]
+    ) -> list[Workload]:
+        """The workloads' new pods (not one of ``replaced``), each checked to run the
+        new version's proxy, with the spec the upgrade switched them to."""
+        specs = {
+            w.name: upgraded_spec(w.spec, self.caps.native_secure_ports)
+            for w in deployment.workloads
+        }
+        found = []
+        for loc in plan.locators:
+
+            def new_pod(loc: WorkloadLocator = loc) -> Obj:
+                pods = [
+                    p
+                    for p in running_pods(self.api, loc.namespace, loc.selector)
+                    if (p.get("metadata") or {}).get("name") not in replaced
+                ]
+                if not pods:
+                    raise NotYet(f"no running pod of {loc.name} other than {sorted(replaced)}")
+                return pods[0]
+
+            pod = wait_for(
+                f"the restarted pod of {loc.name} in {loc.namespace}",
+                new_pod,
+                timeout=self.options.rollout_timeout,
+                interval=0.2,
+                max_interval=2.0,
+            )
+            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            image = _proxy_image(pod)
+            running = istio.version_from_image(image) if image else None
+            if running is not None and running != str(self.version):
+                raise DeployFailed(
+                    f"pod {meta.get('name')} in {loc.namespace} runs istio-proxy {image} after "
+                    f"the upgrade, not Istio {self.version}: the sidecar injector still serves "
+                    "the old version"
+                    + (
+                        f" (is the default revision tag on {canary_revision(self.version)}?)"
+                        if self.options.canary
+                        else ""
+                    )
+                )
+            found.append(self._workload(specs[loc.name], loc, meta, status))
+        return found
+
     # -- diagnostics and the end -------------------------------------------------------
 
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path:
@@ -645,20 +854,40 @@ class ClusterBackend(Backend):
         self.timer.progress(self.timer.summary())
 
 
+def _proxy_image(pod: Obj) -> str | None:
+    """The image of the pod's istio-proxy (a container, or a native-sidecar init container)."""
+    spec = pod.get("spec") or {}
+    for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        if container.get("name") == PROXY:
+            return str(container.get("image", "")) or None
+    return None
+
+
 # -- building one ----------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class _Cluster:
-    api: Any  # KubernetesAPI
+class PreparedCluster:
+    """A cluster the run can use: its API, how tools reach it, kubectl, and kind's handle."""
+
+    api: Any  # KubeAPI (a KubernetesAPI on a real cluster)
     target: istio.KubeTarget
     kubectl: Path
     kind: KindHandle | None
 
 
+def kind_identity(options: ClusterOptions, version: IstioVersion) -> tuple[str, str]:
+    """The kind cluster's name and node image (an upgrade run: one both versions support)."""
+    pair = options.upgrade_versions()
+    if pair is not None:
+        return upgrade_cluster_name(options, *pair), upgrade_node_image(options, *pair)
+    image = options.kind_image or pins.node_image(capabilities(version).kubernetes_range)
+    return kind_cluster_name(options, version), image
+
+
 def _prepare_cluster(
     options: ClusterOptions, version: IstioVersion, timer: PhaseTimer, cache: ToolCache, undo: Undo
-) -> _Cluster:
+) -> PreparedCluster:
     """Preflight, tools and the cluster: kind (created or reused) or the kubeconfig's."""
     if options.mode == "kind":
         with timer.phase("preflight"):
@@ -666,8 +895,7 @@ def _prepare_cluster(
         with timer.phase("tools"):
             kind_bin = resolve_tool(kind_spec(), cache, override=options.kind_bin).path
             kubectl = resolve_tool(kubectl_spec(), cache, override=options.kubectl_bin).path
-        name = kind_cluster_name(options, version)
-        image = options.kind_image or pins.node_image(capabilities(version).kubernetes_range)
+        name, image = kind_identity(options, version)
         with timer.phase("cluster"):
             kind = kind_cluster(name, image, kind_bin, kubectl, timer=timer)
             if kind.created and not options.keep_cluster:
@@ -676,7 +904,7 @@ def _prepare_cluster(
         api = connect(
             target.kubeconfig, target.context, discovery_cache=cache.root / "discovery" / name
         )
-        return _Cluster(api, target, kubectl, kind)
+        return PreparedCluster(api, target, kubectl, kind)
     with timer.phase("preflight"):
         api = connect(
             options.kubeconfig,
@@ -686,7 +914,7 @@ def _prepare_cluster(
         target = istio.KubeTarget(options.kubeconfig, api.info.context)
     with timer.phase("tools"):
         kubectl = resolve_tool(kubectl_spec(), cache, override=options.kubectl_bin).path
-    return _Cluster(api, target, kubectl, None)
+    return PreparedCluster(api, target, kubectl, None)
 
 
 @dataclasses.dataclass
@@ -695,17 +923,22 @@ class _Istio:
     istioctl: Path
     namespace: str
     installed_by_run: bool
+    upgrade_istioctl: Path | None = None  # an upgrade run: the newer version's
 
 
 def _prepare_istio(
     options: ClusterOptions,
     requested: IstioVersion | None,
-    cluster: _Cluster,
+    cluster: PreparedCluster,
     timer: PhaseTimer,
     cache: ToolCache,
     undo: Undo,
+    run: Runner,
 ) -> _Istio:
     """Use the installed istiod (when its version fits) or install the requested Istio."""
+    pair = options.upgrade_versions()
+    if pair is not None:
+        return _prepare_upgrade_start(options, pair, cluster, timer, cache, undo, run)
     installed = resolve_istio(cluster.api, str(requested) if requested else None, options.revision)
     if installed is not None:
         if installed.version is not None:
@@ -723,20 +956,78 @@ def _prepare_istio(
         return _Istio(version, istioctl, installed.namespace, False)
     version = requested or DEFAULT_VERSION
     istioctl = resolve_tool(istioctl_spec(str(version)), cache, override=options.istioctl_bin).path
-    target = cluster.target
     install = istio.install_command(
-        str(istioctl), target, hub=options.hub, tag=options.tag, revision=options.revision
+        str(istioctl), cluster.target, hub=options.hub, tag=options.tag, revision=options.revision
     )
-    run_command(install, timeout=900, what=f"istioctl install ({version})", progress=timer.progress)
-    if not options.keep_cluster:
-        uninstall = istio.uninstall_command(str(istioctl), target, revision=options.revision)
-        undo.push(
-            "istioctl uninstall",
-            lambda: run_command(
-                uninstall, timeout=600, what="istioctl uninstall", progress=timer.progress
-            ),
-        )
+    _install(options, install, istioctl, cluster.target, undo, run, options.revision)
     return _Istio(version, istioctl, "istio-system", True)
+
+
+def _install(
+    options: ClusterOptions,
+    install: list[str],
+    istioctl: Path,
+    target: istio.KubeTarget,
+    undo: Undo,
+    run: Runner,
+    revision: str | None,
+) -> None:
+    run(install)
+    if not options.keep_cluster:
+        uninstall = istio.uninstall_command(str(istioctl), target, revision=revision)
+        undo.push(UNINSTALL_STEP, lambda: run(uninstall))
+
+
+def _prepare_upgrade_start(
+    options: ClusterOptions,
+    pair: tuple[IstioVersion, IstioVersion],
+    cluster: PreparedCluster,
+    timer: PhaseTimer,
+    cache: ToolCache,
+    undo: Undo,
+    run: Runner,
+) -> _Istio:
+    """An upgrade run starts on the older version: installed here, or found installed.
+
+    Anything else on the cluster is refused before it is touched: the run upgrades the
+    control plane it starts on, so it must be the older version's, default revision.
+    """
+    old, new = pair
+    namespace = "istio-system"
+    found = istio.installed_istiods(cluster.api)
+    for installed in found:
+        if (installed.version, installed.revision, installed.namespace) != (
+            str(old),
+            None,
+            namespace,
+        ):
+            where = installed.namespace + (
+                f", revision {installed.revision}" if installed.revision else ""
+            )
+            kept = (
+                f" (a kind cluster kept by an earlier upgrade run ends on Istio {new}: delete it "
+                f"with `kind delete cluster --name {cluster.kind.name}`)"
+                if cluster.kind is not None and not cluster.kind.created
+                else ""
+            )
+            raise IstioConflict(
+                f"the cluster already runs Istio {installed.version or '(version unknown)'} "
+                f"(istiod image {installed.image} in {where}), and an upgrade run installs and "
+                f"upgrades Istio itself: use a cluster without Istio, or one running Istio "
+                f"{old} in {namespace} without a revision{kept}"
+            )
+    istioctl = resolve_tool(istioctl_spec(str(old)), cache).path
+    # both now: a download that fails must stop the run before it installs anything
+    upgrade_istioctl = resolve_tool(istioctl_spec(str(new)), cache).path
+    if found:
+        timer.progress(
+            f"[cluster] upgrade run: starting from the installed Istio {old} in {namespace}; "
+            f"the run upgrades it to {new} and leaves it so"
+        )
+        return _Istio(old, istioctl, namespace, False, upgrade_istioctl)
+    install = istio.install_command(str(istioctl), cluster.target, hub=options.hub)
+    _install(options, install, istioctl, cluster.target, undo, run, None)
+    return _Istio(old, istioctl, namespace, True, upgrade_istioctl)
 
 
 def make_cluster_backend(
@@ -746,23 +1037,51 @@ def make_cluster_backend(
 
     Bad input fails before anything is touched: the options and the Istio version, then
     (kind) the container runtime or (existing) the kubeconfig and the API server, each
-    within seconds.
+    within seconds. An upgrade run (``options.upgrade_from``) installs the older Istio.
     """
     options = options.validated()
+    pair = options.upgrade_versions()
     requested = resolve(options.istio_version) if options.istio_version else None
+    start = pair[0] if pair is not None else requested or DEFAULT_VERSION
     timer = PhaseTimer(progress or stderr_progress)
     cache = ToolCache(options.cache_dir)
     undo = Undo()
     try:
-        cluster = _prepare_cluster(options, requested or DEFAULT_VERSION, timer, cache, undo)
+        cluster = _prepare_cluster(options, start, timer, cache, undo)
+    except BaseException:
+        undo.run(timer.progress)
+        raise
+    return backend_on(
+        options, cluster, timer=timer, cache=cache, undo=undo, run=command_runner(timer.progress)
+    )
+
+
+def backend_on(
+    options: ClusterOptions,
+    cluster: PreparedCluster,
+    *,
+    timer: PhaseTimer,
+    cache: ToolCache,
+    undo: Undo,
+    run: Runner,
+) -> ClusterBackend:
+    """Istio (found, or installed with ``run``), the backend and its scraper on ``cluster``.
+
+    On failure everything in ``undo`` is undone (and the backend closed, once it exists).
+    """
+    try:
+        options = options.validated()
+        pair = options.upgrade_versions()
+        requested = resolve(options.istio_version) if options.istio_version else None
         api = cluster.api
         server_version = api.server_version()
         with timer.phase("istio"):
-            mesh = _prepare_istio(options, requested, cluster, timer, cache, undo)
+            mesh = _prepare_istio(options, requested, cluster, timer, cache, undo, run)
         gateways = api.list("apps/v1", "Deployment", None, label_selector=istio.INGRESS_SELECTOR)
         gateway_ns = str(gateways[0]["metadata"]["namespace"]) if gateways else mesh.namespace
         backend = ClusterBackend(
-            options.with_version(str(mesh.version)),
+            # an upgrade run keeps the version it ends on: the backend starts on the older
+            options if pair is not None else options.with_version(str(mesh.version)),
             version=mesh.version,
             api=api,
             target=cluster.target,
@@ -777,6 +1096,8 @@ def make_cluster_backend(
             undo=undo,
             timer=timer,
             kind=cluster.kind,
+            run=run,
+            upgrade_istioctl=str(mesh.upgrade_istioctl) if mesh.upgrade_istioctl else None,
         )
     except BaseException:
         undo.run(timer.progress)
@@ -792,13 +1113,30 @@ def make_cluster_backend(
 # -- pytest ----------------------------------------------------------------------------
 
 
-def plan_from_pytest(config: Any, version: str | None) -> Plan:
-    """The plan of the run pytest's options describe (for ``--plan``)."""
+def _chosen_scenarios(config: Any) -> list[Scenario]:
     from securemetrics_e2e.catalog import SCENARIOS, scenario
 
-    options = options_from_pytest(config, version)
     names = [n for opt in (config.getoption("--scenario") or []) for n in opt.split(",") if n]
-    chosen = [scenario(n) for n in names] if names else list(SCENARIOS)
+    return [scenario(n) for n in names] if names else list(SCENARIOS)
+
+
+def _check_selection(options: ClusterOptions, chosen: Sequence[Scenario]) -> None:
+    """An upgrade run deploys the upgrade scenario only: refuse a selection without it."""
+    if options.upgrade_from is not None and all(s.name != UPGRADE.name for s in chosen):
+        names = ", ".join(s.name for s in chosen)
+        raise UsageError(
+            f"--upgrade-from makes an upgrade run, which deploys only the {UPGRADE.name} "
+            f"scenario, and --scenario selects {names}: add --scenario {UPGRADE.name} or drop "
+            "--upgrade-from"
+        )
+
+
+def plan_from_pytest(config: Any, version: str | None) -> Plan:
+    """The plan of the run pytest's options describe (for ``--plan``); with
+    ``--upgrade-from``, the upgrade run's plan."""
+    options = options_from_pytest(config, version)
+    chosen = _chosen_scenarios(config)
+    _check_selection(options, chosen)
     return render_plan(options, chosen)
 
 
@@ -822,8 +1160,10 @@ def backend_from_pytest(config: Any, version: str | None) -> ClusterBackend:
 
         print_plan(config, version)
         pytest.exit("--plan: the plan above was printed; nothing was executed", returncode=0)
+    options = options_from_pytest(config, version)
+    _check_selection(options, _chosen_scenarios(config))
     progress: Callable[[str], None] = stderr_progress
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         progress = reporter.write_line
-    return make_cluster_backend(options_from_pytest(config, version), progress=progress)
+    return make_cluster_backend(options, progress=progress)

@@ -67,9 +67,14 @@ def install_command(
     hub: str | None = None,
     tag: str | None = None,
     revision: str | None = None,
+    verb: str = "install",
 ) -> list[str]:
-    """``istioctl install`` with the default profile (istiod + istio-ingressgateway)."""
-    cmd = [istioctl, "install", "-y", *target.args(), "--set", "profile=default"]
+    """``istioctl install`` with the default profile (istiod + istio-ingressgateway).
+
+    ``verb="upgrade"``: the in-place upgrade, which istio.io runs with the same flags as
+    the install (``istioctl upgrade`` is an alias of ``install``).
+    """
+    cmd = [istioctl, verb, "-y", *target.args(), "--set", "profile=default"]
     if hub:
         cmd += ["--set", f"hub={hub}"]
     if tag:
@@ -98,22 +103,27 @@ def version_from_image(image: str) -> str | None:
     return match.group(1) if match else None
 
 
-def detect_istio(api: KubeAPI, revision: str | None = None) -> InstalledIstio | None:
-    """The istiod serving ``revision`` (default: the one without a revision), if any."""
-    candidates = api.list("apps/v1", "Deployment", None, label_selector=ISTIOD_SELECTOR)
-    for dep in candidates:
+def installed_istiods(api: KubeAPI) -> list[InstalledIstio]:
+    """Every istiod Deployment on the cluster, of any revision, in any namespace."""
+    found = []
+    for dep in api.list("apps/v1", "Deployment", None, label_selector=ISTIOD_SELECTOR):
         meta = dep.get("metadata") or {}
         labels = meta.get("labels") or {}
         rev = labels.get("istio.io/rev")
         rev = None if rev in (None, "", "default") else str(rev)
-        if rev != revision:
-            continue
         containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
             "containers"
         ) or [{}]
         image = str(containers[0].get("image", ""))
-        return InstalledIstio(version_from_image(image), str(meta.get("namespace", "")), rev, image)
-    return None
+        found.append(
+            InstalledIstio(version_from_image(image), str(meta.get("namespace", "")), rev, image)
+        )
+    return found
+
+
+def detect_istio(api: KubeAPI, revision: str | None = None) -> InstalledIstio | None:
+    """The istiod serving ``revision`` (default: the one without a revision), if any."""
+    return next((i for i in installed_istiods(api) if i.revision == revision), None)
 
 
 def trust_domain(api: KubeAPI, istio_namespace: str, revision: str | None) -> str:

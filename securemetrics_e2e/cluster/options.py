@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.versions import DEFAULT_VERSION, IstioVersion, upgrade_pair
 
 MODES = ("kind", "existing")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -42,6 +43,9 @@ class ClusterOptions:
     cache_dir: Path | None = None
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     rollout_timeout: float = 300.0
+    #: an upgrade run: install this older Istio, then upgrade it to ``istio_version``
+    upgrade_from: str | None = None
+    canary: bool = False  # with upgrade_from: a canary revision instead of in place
 
     def validated(self) -> ClusterOptions:
         """Check every value; raise :class:`UsageError` naming the option and the fix."""
@@ -69,7 +73,50 @@ class ClusterOptions:
             raise UsageError(f"run id {self.run_id!r} must be 1-12 lower-case letters or digits")
         if self.rollout_timeout <= 0:
             raise UsageError("--rollout-timeout must be positive (seconds)")
+        self._validate_upgrade()
         return self
+
+    def _validate_upgrade(self) -> None:
+        if self.upgrade_from is None:
+            if self.canary:
+                raise UsageError(
+                    "--canary only chooses how an upgrade run upgrades: add --upgrade-from "
+                    "(e.g. --upgrade-from 1.30 --canary) or drop --canary"
+                )
+            return
+        pair = self.upgrade_versions()
+        assert pair is not None
+        old, new = pair
+        # one value cannot serve both versions of an upgrade run
+        for option, value, why in (
+            (
+                "--istio-revision",
+                self.revision,
+                "the upgrade run chooses the revisions itself (in place: none; with "
+                f"--canary: one named after Istio {new})",
+            ),
+            (
+                "--istio-tag",
+                self.tag,
+                f"an image tag names one version, and the run installs {old} then {new} "
+                "(--istio-hub applies to both)",
+            ),
+            (
+                "--istioctl-bin",
+                self.istioctl_bin,
+                f"it names one istioctl, and the run needs istioctl {old} and {new}: each "
+                "is taken from PATH when its version matches, else downloaded and verified",
+            ),
+        ):
+            if value is not None:
+                raise UsageError(f"{option} cannot be combined with --upgrade-from: {why}")
+
+    def upgrade_versions(self) -> tuple[IstioVersion, IstioVersion] | None:
+        """(older, newer) for an upgrade run, checked against Istio's one-minor rule."""
+        if self.upgrade_from is None:
+            return None
+        target = self.istio_version or str(DEFAULT_VERSION)
+        return upgrade_pair(self.upgrade_from, target)
 
     def with_version(self, version: str) -> ClusterOptions:
         return replace(self, istio_version=version)
@@ -104,6 +151,12 @@ def add_cluster_options(group: Any) -> None:
         help="seconds to wait for a scenario's workloads to roll out (default: 300)",
     )
     group.addoption(
+        "--canary",
+        action="store_true",
+        default=False,
+        help="with --upgrade-from: upgrade by a canary revision instead of in place",
+    )
+    group.addoption(
         "--plan",
         action="store_true",
         default=False,
@@ -127,11 +180,13 @@ def options_from_pytest(config: Any, version: str | None) -> ClusterOptions:
 
     backend = opt("--sm-backend") or "kind"
     explicit_version = opt("--istio-version")
+    upgrade_from = config.getoption("--upgrade-from", default=None)
+    # an existing cluster with Istio installed is run against as it is, unless a version
+    # was asked for explicitly; an upgrade run always ends on the version of the run
+    use_given = backend != "existing" or upgrade_from is not None
     return ClusterOptions(
         mode="existing" if backend == "existing" else "kind",
-        # an existing cluster with Istio installed is run against as it is, unless a
-        # version was asked for explicitly
-        istio_version=explicit_version or (version if backend != "existing" else None),
+        istio_version=explicit_version or (version if use_given else None),
         kubeconfig=path("--kubeconfig"),
         context=opt("--kube-context"),
         keep_cluster=bool(opt("--keep-cluster")),
@@ -146,4 +201,6 @@ def options_from_pytest(config: Any, version: str | None) -> ClusterOptions:
         artifacts_dir=Path(opt("--sm-artifacts") or "artifacts"),
         plan_only=bool(opt("--plan")),
         rollout_timeout=float(opt("--rollout-timeout") or 300.0),
+        upgrade_from=upgrade_from,
+        canary=bool(opt("--canary")),
     ).validated()

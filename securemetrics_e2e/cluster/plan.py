@@ -15,18 +15,20 @@ from pathlib import Path
 
 import yaml
 
-from securemetrics_e2e.catalog import SCENARIOS, MtlsMode, Scenario, WorkloadKind
+from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, Scenario, WorkloadKind
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.resources import Workload, namespace_manifest, with_run_label
 from securemetrics_e2e.cluster.tools import (
     ToolCache,
+    ToolSpec,
     describe_resolution,
     istioctl_spec,
     kind_spec,
     kubectl_spec,
 )
+from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.manifests import (
     GENERATED_GATEWAY_SUFFIX,
     ROTATION_SCENARIO,
@@ -36,7 +38,13 @@ from securemetrics_e2e.manifests import (
     scraper_manifests,
     scraper_secret_ttl_patch,
 )
-from securemetrics_e2e.versions import Capabilities, IstioVersion, capabilities, resolve
+from securemetrics_e2e.versions import (
+    Capabilities,
+    IstioVersion,
+    capabilities,
+    previous_minor,
+    resolve,
+)
 
 ISTIO_NAMESPACE = "istio-system"
 SCRAPER_DEPLOYMENT = "prometheus"
@@ -75,6 +83,43 @@ def version_skip_reason(
         backend_features=CLUSTER_FEATURES | VERSION_GATED,
         version=str(caps.version),
     )
+
+
+def run_scope_reason(scenario: Scenario, options: ClusterOptions) -> str | None:
+    """Why a run with ``options`` leaves ``scenario`` out although the cluster could run it.
+
+    An upgrade run installs an older Istio and upgrades it: only the upgrade scenario is
+    judged there. Any other run has no older Istio to start from, so it leaves out the
+    upgrade scenario.
+    """
+    pair = options.upgrade_versions()
+    if pair is not None:
+        if scenario.name == UPGRADE.name:
+            return None
+        return (
+            f"an upgrade run (--upgrade-from {pair[0]}) deploys only the upgrade scenario: "
+            "run the others without --upgrade-from"
+        )
+    if scenario.name != UPGRADE.name:
+        return None
+    version = planned_version(options)
+    try:
+        older = previous_minor(version)
+    except UsageError:
+        return (
+            f"the upgrade scenario needs an upgrade run from an older minor, and Istio "
+            f"{version} is the oldest supported: add --upgrade-from with a newer --istio-version"
+        )
+    return (
+        "the upgrade scenario needs an upgrade run: add --upgrade-from "
+        f"<previous minor, e.g. {older}>"
+    )
+
+
+def skipped_variant(scenario: Scenario, mode: MtlsMode, run_id: str, reason: str) -> VariantPlan:
+    """A variant that is not deployed, with why (nothing rendered for it)."""
+    namespace = scenario_namespace(scenario, mode, run_id)
+    return VariantPlan(scenario, mode, namespace, (), (), (), (), reason)
 
 
 @dataclass(frozen=True)
@@ -283,6 +328,8 @@ class Plan:
     steps: list[Step]
     variants: list[VariantPlan]
     teardown: list[Step]
+    #: lines printed under the header (an upgrade run names both versions there)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -304,6 +351,7 @@ class Plan:
             + ("kind" if o.mode == "kind" else "existing (never created or deleted)"),
             f"every object the run creates carries the label {RUN_LABEL}={o.run_id}; "
             f"applies are server-side with field manager {FIELD_MANAGER}",
+            *self.notes,
             "",
         ]
         number = 0
@@ -347,8 +395,17 @@ def render_plan(
     *,
     cache: ToolCache | None = None,
 ) -> Plan:
-    """What a run with ``options`` would do for ``scenarios`` (default: all), in order."""
+    """What a run with ``options`` would do for ``scenarios`` (default: all), in order.
+
+    An upgrade run (``options.upgrade_from``) has a plan of its own
+    (:func:`securemetrics_e2e.cluster.upgrade.upgrade_plan`); the other scenarios are
+    listed there as skipped.
+    """
     options = options.validated()
+    if options.upgrade_from is not None:
+        from securemetrics_e2e.cluster.upgrade import upgrade_plan
+
+        return upgrade_plan(options, cache=cache, scenarios=_pairs(scenarios))
     version = planned_version(options)
     caps = capabilities(version)
     cache = cache or ToolCache(options.cache_dir)
@@ -361,60 +418,21 @@ def render_plan(
         name, kubeconfig, context = "", options.kubeconfig, options.context
     target = istio.KubeTarget(kubeconfig, context)
     istioctl = str(options.istioctl_bin or "istioctl")
-    variants = [
-        variant_plan(s, m, version, run_id, revision=options.revision) for s, m in _pairs(scenarios)
-    ]
+    variants = []
+    for s, m in _pairs(scenarios):
+        scope = run_scope_reason(s, options)
+        variants.append(
+            skipped_variant(s, m, run_id, scope)
+            if scope is not None
+            else variant_plan(s, m, version, run_id, revision=options.revision)
+        )
     active = [v for v in variants if v.skip is None]
-    steps: list[Step] = []
-
-    tools = [
-        describe_resolution(kubectl_spec(), cache, override=options.kubectl_bin),
-        describe_resolution(istioctl_spec(str(version)), cache, override=options.istioctl_bin),
+    steps: list[Step] = [
+        tools_step(options, cache, [istioctl_spec(str(version))]),
+        *cluster_steps(
+            options, name, kubeconfig, options.kind_image or pins.node_image(caps.kubernetes_range)
+        ),
     ]
-    if options.mode == "kind":
-        tools.insert(0, describe_resolution(kind_spec(), cache, override=options.kind_bin))
-    steps.append(
-        Step("tools", "resolve the tools (flag, PATH, or verified download)", details=tools)
-    )
-
-    if options.mode == "kind":
-        image = options.kind_image or pins.node_image(caps.kubernetes_range)
-        kind = str(options.kind_bin or "kind")
-        steps.append(
-            Step(
-                "cluster",
-                "check that the container runtime answers (kind needs Docker or Podman)",
-                commands=[["docker", "info", "--format", "{{.ServerVersion}}"]],
-            )
-        )
-        steps.append(
-            Step(
-                "cluster",
-                f"create kind cluster {name} with node image {image}, or reuse it if it exists "
-                "(pytest-kind-ng KindCluster)",
-                commands=[
-                    [kind, "get", "clusters"],
-                    [
-                        kind,
-                        "create",
-                        "cluster",
-                        f"--name={name}",
-                        f"--kubeconfig={kubeconfig}",
-                        f"--image={image}",
-                    ],
-                ],
-            )
-        )
-    else:
-        steps.append(
-            Step(
-                "cluster",
-                "use the existing cluster of kubeconfig "
-                f"{options.kubeconfig or '$KUBECONFIG or ~/.kube/config'}"
-                f"{f', context {options.context}' if options.context else ', its current context'}"
-                "; check that its API server answers within 5 s",
-            )
-        )
     steps.append(
         Step(
             "istio",
@@ -468,8 +486,57 @@ def render_plan(
     for index, v in enumerate(active):
         holder = next((o for o in active[:index] if o.conflicts(v)), None)
         steps += _variant_steps(v, after=holder)
-    teardown = _teardown_steps(options, active, scraper, target, istioctl, name, kubeconfig)
+    teardown = teardown_steps(options, active, scraper, target, istioctl, name, kubeconfig)
     return Plan(options, version, steps, variants, teardown)
+
+
+def tools_step(options: ClusterOptions, cache: ToolCache, istioctls: Sequence[ToolSpec]) -> Step:
+    """How each tool will be found; several istioctl versions for an upgrade run."""
+    tools = [describe_resolution(kubectl_spec(), cache, override=options.kubectl_bin)]
+    tools += [describe_resolution(s, cache, override=options.istioctl_bin) for s in istioctls]
+    if options.mode == "kind":
+        tools.insert(0, describe_resolution(kind_spec(), cache, override=options.kind_bin))
+    return Step("tools", "resolve the tools (flag, PATH, or verified download)", details=tools)
+
+
+def cluster_steps(
+    options: ClusterOptions, name: str, kubeconfig: Path | None, image: str
+) -> list[Step]:
+    """Where the run happens: a kind cluster created (or reused), or the kubeconfig's."""
+    if options.mode != "kind":
+        context = f", context {options.context}" if options.context else ", its current context"
+        return [
+            Step(
+                "cluster",
+                "use the existing cluster of kubeconfig "
+                f"{options.kubeconfig or '$KUBECONFIG or ~/.kube/config'}{context}"
+                "; check that its API server answers within 5 s",
+            )
+        ]
+    kind = str(options.kind_bin or "kind")
+    return [
+        Step(
+            "cluster",
+            "check that the container runtime answers (kind needs Docker or Podman)",
+            commands=[["docker", "info", "--format", "{{.ServerVersion}}"]],
+        ),
+        Step(
+            "cluster",
+            f"create kind cluster {name} with node image {image}, or reuse it if it exists "
+            "(pytest-kind-ng KindCluster)",
+            commands=[
+                [kind, "get", "clusters"],
+                [
+                    kind,
+                    "create",
+                    "cluster",
+                    f"--name={name}",
+                    f"--kubeconfig={kubeconfig}",
+                    f"--image={image}",
+                ],
+            ],
+        ),
+    ]
 
 
 def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[Step]:
@@ -515,7 +582,7 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     return steps
 
 
-def _teardown_steps(
+def teardown_steps(
     options: ClusterOptions,
     active: Sequence[VariantPlan],
     scraper: ScraperPlan,
@@ -523,6 +590,8 @@ def _teardown_steps(
     istioctl: str,
     name: str,
     kubeconfig: Path | None,
+    *,
+    uninstall_note: str = "",
 ) -> list[Step]:
     run_id = options.run_id
     teardown: list[Step] = []
@@ -576,7 +645,7 @@ def _teardown_steps(
         teardown.append(
             Step(
                 "istio",
-                "if this run installed Istio: uninstall it",
+                "if this run installed Istio: uninstall it" + uninstall_note,
                 commands=[istio.uninstall_command(istioctl, target, revision=options.revision)],
             )
         )

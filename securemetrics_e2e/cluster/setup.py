@@ -66,6 +66,14 @@ class Undo:
     def push(self, what: str, action: Callable[[], object]) -> None:
         self.steps.append((what, action))
 
+    def replace(self, what: str, action: Callable[[], object]) -> bool:
+        """Swap the action of the step named ``what`` in place (its turn is kept)."""
+        for index, (name, _) in enumerate(self.steps):
+            if name == what:
+                self.steps[index] = (what, action)
+                return True
+        return False
+
     def run(self, progress: Progress) -> list[str]:
         errors = []
         while self.steps:
