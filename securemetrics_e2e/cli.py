@@ -126,10 +126,10 @@ def _check_backend_flags(args: argparse.Namespace) -> None:
                 f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
                 "control plane and keeps nothing after the run (use --backend kind or existing)"
             )
-    if getattr(args, "canary", False) and not args.upgrade_from:
-        raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
     elif getattr(args, "local_fault", None) or args.local_network != "auto":
         raise UsageError("--local-network and --local-fault apply to --backend local only")
+    if getattr(args, "canary", False) and not args.upgrade_from:
+        raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
 
 
 # ---------------------------------------------------------------------- run
@@ -420,10 +420,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class _Capabilities:
-    """What ``variant_skip_reason`` reads of a backend: its name and features."""
+    """What ``variant_skip_reason`` reads of a backend: its name, features and scope."""
 
     name: str
     features: frozenset[Feature]
+
+    def scope_reason(self, scenario: Scenario) -> str | None:
+        # a listing is about every run: which scenarios one run leaves out is not its concern
+        return None
 
 
 def _backend_capabilities(name: str, local_network: str) -> _Capabilities:
@@ -437,6 +441,19 @@ def _backend_capabilities(name: str, local_network: str) -> _Capabilities:
     # version-gated features are judged by variant_skip_reason against the version
     gated = {Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS}
     return _Capabilities(name, CLUSTER_FEATURES | gated)
+
+
+def _no_upgrade_to(s: Scenario, version: str) -> str | None:
+    """The upgrade scenario needs a supported minor before ``version`` to start from."""
+    from securemetrics_e2e.versions import previous_minor, resolve
+
+    if s.name != "upgrade":
+        return None
+    try:
+        previous_minor(resolve(version))
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def applicability(
@@ -458,7 +475,7 @@ def applicability(
                 # variant_skip_reason only reads .name and .features of the backend
                 backend = cast(Backend, caps[b])
                 for version in versions:
-                    reason = variant_skip_reason(v, backend, version)
+                    reason = variant_skip_reason(v, backend, version) or _no_upgrade_to(s, version)
                     checks = [c for c in CHECKS if c.applies_to(s)]
                     skipped = [c.id for c in checks if skip_reason(c, backend)]
                     rows.append(

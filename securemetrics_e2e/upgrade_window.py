@@ -56,6 +56,7 @@ class UpgradeRun:
     after: tuple[str, ...]  # problems found once upgraded
     continuity: Continuity | None  # None when the run stopped before upgrading
     switched: str = ""  # e.g. "legacy -> native", or "" when the configuration was kept
+    upgrade_s: float = 0.0  # how long the backend took to upgrade (pods replaced)
 
     @property
     def ok(self) -> bool:
@@ -145,6 +146,7 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
         return UpgradeRun(old, new, before, (), None)
     start = datetime.now(UTC)
     upgraded = backend.upgrade(deployment)
+    upgrade_s = (datetime.now(UTC) - start).total_seconds()
     after = _verify(backend, upgraded, AFTER)
     # also when verification failed: the window then shows what the failure cost
     _observe_scrapes(api, upgraded, SETTLE_SCRAPES, backend.scrape_interval_s)
@@ -166,4 +168,4 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
         for a, b in zip(deployment.workloads, upgraded.workloads, strict=False)
         if a.spec.mode is not b.spec.mode
     ]
-    return UpgradeRun(old, new, (), after, continuity, ", ".join(modes))
+    return UpgradeRun(old, new, (), after, continuity, ", ".join(modes), upgrade_s)

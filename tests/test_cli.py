@@ -237,7 +237,12 @@ def test_list_says_where_each_variant_applies_and_why_not(
     assert strict_local["reason"] == "backend local cannot provide inbound-capture (cluster-only)"
     assert by[("legacy-sidecar[STRICT]", "kind", "1.30.5")]["applies"] is True
     assert by[("servicemonitor[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
-    assert len(rows) == 12 * 2 * 2  # 12 scenario variants x 2 backends x 2 versions
+    assert len(rows) == 13 * 2 * 2  # 13 scenario variants x 2 backends x 2 versions
+    assert by[("upgrade[PERMISSIVE]", "local", "1.31.1")]["applies"] is True
+    assert by[("upgrade[PERMISSIVE]", "kind", "1.30.5")]["applies"] is True
+    oldest = applicability(["local"], ["1.28"], "all")
+    upgrade_128 = next(r for r in oldest if r["scenario"] == "upgrade")
+    assert "no supported Istio minor precedes 1.28" in upgrade_128["reason"]
     # on a cluster the agents renew short-lived certificates (cluster/rotation.py)
     assert by[("rotation[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
     assert "lacks native-secure-ports" in by[("rotation[PERMISSIVE]", "kind", "1.30.5")]["reason"]
