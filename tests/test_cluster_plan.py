@@ -7,6 +7,7 @@ manifest is valid YAML carrying the run label, and that nothing was touched.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.plan import Plan, render_plan, variant_plan
 from securemetrics_e2e.cluster.tools import Platform, ToolCache
 from securemetrics_e2e.errors import UsageError
-from securemetrics_e2e.versions import capabilities, resolve, supported_versions
+from securemetrics_e2e.versions import capabilities, resolve, supported_versions, upgrade_pair
 
 RUN = "t3st01"
 NATIVE = {"native-sidecar", "native-gateway", "gateway-api", "hardened", "servicemonitor"}
@@ -296,6 +297,20 @@ def test_ci_matrix_covers_the_supported_minors() -> None:
     assert "actions/upload-artifact" in text
     for path in ("reports/", "artifacts/"):
         assert path in text
+
+
+def test_ci_upgrade_jobs_cover_every_supported_step() -> None:
+    workflow = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "e2e.yml"
+    job = yaml.safe_load(workflow.read_text())["jobs"]["upgrade"]
+    pairs = [(p["from"], p["to"]) for p in job["strategy"]["matrix"]["pair"]]
+    minors = [f"{v.major}.{v.minor}" for v in supported_versions()]
+    assert pairs == list(itertools.pairwise(minors))
+    for old, new in pairs:
+        upgrade_pair(old, new)  # raises if Istio does not support the step
+    assert job["strategy"]["matrix"]["how"] == ["in-place", "canary"]
+    commands = " ".join(str(step.get("run", "")) for step in job["steps"])
+    assert "--upgrade-from" in commands
+    assert "$CANARY" in commands
 
 
 def test_gateway_scenarios_are_planned_one_after_the_other(tmp_path: Path) -> None:
