@@ -3,7 +3,7 @@
 One place for the rule, used by the pytest plugin (to skip with the reason), the CLI's
 ``list`` and the cluster plan: a variant needs its scenario's features plus its mTLS
 mode's; version-gated features come from the Istio version, the others from the
-backend.
+backend. An upgrade needs a supported minor before the version to start from.
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ def skip_reason(
     if lacking_version:
         names = ", ".join(sorted(f.value for f in lacking_version))
         return f"Istio {version} lacks {names} (needs Istio >= 1.31.0)"
+    if Feature.MESH_UPGRADE in needed:
+        from securemetrics_e2e.errors import UsageError
+        from securemetrics_e2e.versions import previous_minor, resolve
+
+        try:
+            previous_minor(resolve(version))
+        except UsageError as exc:
+            return f"no upgrade to Istio {version}: {exc}"
     lacking = needed - backend_features - VERSION_GATED
     if lacking:
         names = ", ".join(sorted(f.value for f in lacking))

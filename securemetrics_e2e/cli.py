@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import SCENARIOS, Feature, Profile, Scenario, scenario
@@ -116,11 +116,7 @@ def _local_preflight() -> dict[str, str]:
 
 def _check_backend_flags(args: argparse.Namespace) -> None:
     if args.backend == "local":
-        used = [f"--{k}" for k in ("hub", "tag", "kubeconfig", "context") if getattr(args, k)]
-        if getattr(args, "keep", False):
-            used.append("--keep")
-        if getattr(args, "canary", False):
-            used.append("--canary")
+        used = [f"--{k}" for k in CLUSTER_FLAGS if getattr(args, k, None)]
         if used:
             raise UsageError(
                 f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
@@ -200,6 +196,7 @@ def _distribution(args: argparse.Namespace) -> Any:
 def _validate_run(args: argparse.Namespace) -> Selection:
     """Every check that can fail before anything starts: usage first, then the machine."""
     from securemetrics_e2e.report import report_format
+    from securemetrics_e2e.versions import upgrade_pair
 
     _check_backend_flags(args)
     if args.local_fault:
@@ -209,6 +206,9 @@ def _validate_run(args: argparse.Namespace) -> Selection:
         if args.local_fault not in {f.value for f in Fault}:
             raise UsageError(f"unknown --local-fault {args.local_fault!r}; known: {known}")
     sel = select(args)
+    if args.upgrade_from and (sel.backend != "existing" or args.istio_version):
+        # (an existing cluster without --istio-version ends on the Istio it runs)
+        upgrade_pair(args.upgrade_from, sel.istio_version)
     if args.report:
         report_format(Path(args.report))  # fail now, not after a ten-minute run
     if args.junit and Path(args.junit).suffix.lower() != ".xml":
@@ -394,17 +394,11 @@ def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
         keep_cluster=args.keep,
         hub=args.hub,
         tag=args.tag,
+        upgrade_from=args.upgrade_from,
+        canary=args.canary,
         plan_only=True,
     )
-    if args.upgrade_from:
-        from securemetrics_e2e.cluster.upgrade import render_upgrade_plan
-
-        plan = render_upgrade_plan(
-            options, args.upgrade_from, sel.istio_version, canary=args.canary
-        )
-    else:
-        plan = render_plan(options, list(sel.scenarios))
-    return plan.render_text().rstrip("\n") + "\n"
+    return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -418,66 +412,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- list
 
 
-@dataclass(frozen=True)
-class _Capabilities:
-    """What ``variant_skip_reason`` reads of a backend: its name, features and scope."""
-
-    name: str
-    features: frozenset[Feature]
-
-    def scope_reason(self, scenario: Scenario) -> str | None:
-        # a listing is about every run: which scenarios one run leaves out is not its concern
-        return None
-
-
-def _backend_capabilities(name: str, local_network: str) -> _Capabilities:
+def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
     if name == "local":
         from securemetrics_e2e.local.backend import LocalBackend
 
-        local = LocalBackend(network=local_network)
-        return _Capabilities("local", local.features)
+        return LocalBackend(network=local_network).features
     from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
 
-    # version-gated features are judged by variant_skip_reason against the version
-    gated = {Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS}
-    return _Capabilities(name, CLUSTER_FEATURES | gated)
-
-
-def _no_upgrade_to(s: Scenario, version: str) -> str | None:
-    """The upgrade scenario needs a supported minor before ``version`` to start from."""
-    from securemetrics_e2e.versions import previous_minor, resolve
-
-    if s.name != "upgrade":
-        return None
-    try:
-        previous_minor(resolve(version))
-    except UsageError as exc:
-        return str(exc)
-    return None
+    return CLUSTER_FEATURES  # version-gated features are judged against each version
 
 
 def applicability(
     backends: Sequence[str], versions: Sequence[str], profile: str, local_network: str = "auto"
 ) -> list[dict[str, Any]]:
     """One row per scenario variant x Istio version x backend: whether it runs, and why not."""
-    from securemetrics_e2e.backend import Backend
-    from securemetrics_e2e.checks import CHECKS, skip_reason
-    from securemetrics_e2e.plugin import Variant, variant_skip_reason
+    from securemetrics_e2e.applicability import skip_reason
+    from securemetrics_e2e.checks import CHECKS
+    from securemetrics_e2e.plugin import Variant
 
-    caps = {b: _backend_capabilities(b, local_network) for b in backends}
+    features = {b: _backend_features(b, local_network) for b in backends}
     rows = []
     for s in SCENARIOS:
         if profile not in ("all", s.profile.value):
             continue
+        checks = [c for c in CHECKS if c.applies_to(s)]
         for m in s.mtls_modes:
             v = Variant(s, m)
             for b in backends:
-                # variant_skip_reason only reads .name and .features of the backend
-                backend = cast(Backend, caps[b])
+                skipped = [c.id for c in checks if c.needs - features[b]]
                 for version in versions:
-                    reason = variant_skip_reason(v, backend, version) or _no_upgrade_to(s, version)
-                    checks = [c for c in CHECKS if c.applies_to(s)]
-                    skipped = [c.id for c in checks if skip_reason(c, backend)]
+                    reason = skip_reason(
+                        s, m, backend=b, backend_features=features[b], version=version
+                    )
                     rows.append(
                         {
                             "id": v.id,

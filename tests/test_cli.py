@@ -306,6 +306,9 @@ def test_plan_upgrade_from_prints_the_upgrade_scenario(capsys: pytest.CaptureFix
     assert out.index("install Istio 1.30.5") < out.index("canary: install Istio 1.31.1")
     assert "revision 1-31-1" in out
     assert "switch httpbin to them" in out  # 1.31 has the native ports
+    # the same plan as `pytest --plan --upgrade-from`: the other scenarios say why they skip
+    skipped = out.split("\nSKIPPED\n")[1]
+    assert "native-sidecar [PERMISSIVE]: an upgrade run (--upgrade-from 1.30.5)" in skipped
 
 
 def test_plan_upgrade_across_two_minors_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -336,4 +339,6 @@ def test_upgrade_flags_are_checked_before_anything_runs(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run", "--istio-version", "1.31", *argv]) == 2
-    assert message in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the run's header, preflight or any pytest session
+    assert message in err

@@ -416,15 +416,6 @@ class LocalBackend(Backend):
 
     # -- upgrade -----------------------------------------------------------------------
 
-    def scope_reason(self, scenario: Scenario) -> str | None:
-        if scenario.name != "upgrade" or self.upgrade_from:
-            return None
-        try:
-            self.upgrade_versions()
-        except UsageError as exc:
-            return f"no upgrade to Istio {self.istio_version or DEFAULT_VERSION}: {exc}"
-        return None
-
     def upgrade_versions(self) -> tuple[IstioVersion, IstioVersion]:
         """(from, to): ``upgrade_from``, or the minor before the version under test."""
         new = resolve(self.istio_version) if self.istio_version else DEFAULT_VERSION
