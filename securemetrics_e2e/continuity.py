@@ -30,6 +30,7 @@ from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.pki import WorkloadIdentity
 from securemetrics_e2e.probe import ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.results import ContinuityRecord, JobContinuity
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 STATS_PATH = "/stats/prometheus"
@@ -66,39 +67,6 @@ class RotatingBackend(Protocol):
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-@dataclass(frozen=True)
-class JobContinuity:
-    """How one scrape job scraped one workload over the window."""
-
-    job: str
-    scrapes: int
-    successes: int
-    longest_gap_s: float  # longest time inside the window without a successful scrape
-    last_error: str = ""  # Prometheus' lastError of the target at the end of the window
-    #: namespace scope only: the fraction of the window covered by a successful scrape of
-    #: any of the workload's pods (a pod being replaced may fail while its successor serves)
-    covered: float | None = None
-    pods: int = 1
-
-    @property
-    def fraction(self) -> float:
-        if self.covered is not None:
-            return self.covered
-        return self.successes / self.scrapes if self.scrapes else 0.0
-
-    def summary(self) -> str:
-        if self.covered is not None:
-            return (
-                f"{self.job}: {self.covered:.1%} of the window covered ({self.successes}/"
-                f"{self.scrapes} scrapes of {self.pods} pod(s) succeeded), longest gap "
-                f"{self.longest_gap_s:.1f}s"
-            )
-        return (
-            f"{self.job}: {self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes), "
-            f"longest gap {self.longest_gap_s:.1f}s"
-        )
 
 
 @dataclass(frozen=True)
@@ -149,6 +117,13 @@ class Continuity:
         window = (self.end - self.start).total_seconds()
         jobs = "; ".join(j.summary() for j in self.jobs) or "no jobs"
         return f"continuity {status} {self.workload} over {window:.1f}s: {jobs}"
+
+    def records(self, scenario: str, variant: str) -> list[ContinuityRecord]:
+        """One record per job, for the run's result (report and verdict)."""
+        return [
+            ContinuityRecord(scenario, variant, job, passed=not self.job_problems(job))
+            for job in self.jobs
+        ]
 
     def failure_message(self) -> str:
         """What went wrong, naming certificate expiry when that is the cause ("" if ok)."""

@@ -28,7 +28,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.checks import Check, CheckFailed, check, skip_reason
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
-from securemetrics_e2e.results import CheckOutcome, ContinuityRecord, RunResult, Status
+from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
 
@@ -318,9 +318,7 @@ def run_check(
         pytest.skip(reason)
 
     def run() -> None:
-        measured = chk.run(sm_backend, deployment)
-        if measured is not None:
-            _record_continuity(request.config, deployment, measured)
+        _record_continuity(request.config, deployment, chk.run(sm_backend, deployment))
 
     return run
 
@@ -328,23 +326,9 @@ def run_check(
 def _record_continuity(config: pytest.Config, deployment: Deployment, measured: object) -> None:
     from securemetrics_e2e.continuity import Continuity
 
-    if not isinstance(measured, Continuity):
-        return
-    for job in measured.jobs:
-        run_result(config).continuity.append(
-            ContinuityRecord(
-                scenario=deployment.scenario.name,
-                variant=deployment.mtls_mode.value,
-                job=job.job,
-                scrapes=job.scrapes,
-                successes=job.successes,
-                longest_gap_s=job.longest_gap_s,
-                passed=not measured.job_problems(job),
-                scope="pod" if job.covered is None else "namespace",
-                pods=job.pods,
-                covered=job.covered,
-            )
-        )
+    if isinstance(measured, Continuity):
+        records = measured.records(deployment.scenario.name, deployment.mtls_mode.value)
+        run_result(config).continuity.extend(records)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -367,7 +367,7 @@ def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
     for rec in result.continuity:
         status = Status.PASS if rec.passed else Status.FAIL
         lines.append(
-            (status, f"continuity {variant_id(rec.scenario, rec.variant)} {rec.summary()}")
+            (status, f"continuity {variant_id(rec.scenario, rec.variant)} {rec.measured.summary()}")
         )
     return lines
 
@@ -390,9 +390,9 @@ def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed
         why = "nothing was checked; "
     continuity = ""
     if result.continuity:
-        worst = min(rec.fraction for rec in result.continuity)
-        gap = max(rec.longest_gap_s for rec in result.continuity)
-        continuity = f"; continuity {worst:.1%} up, longest gap {gap:.1f}s"
+        worst = min(rec.measured.fraction for rec in result.continuity)
+        gap = max(rec.measured.longest_gap_s for rec in result.continuity)
+        continuity = f"; continuity {worst:.1%} (worst job), longest gap {gap:.1f}s"
     return (
         f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
         f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "

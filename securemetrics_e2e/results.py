@@ -33,20 +33,23 @@ class CheckOutcome:
 
 
 @dataclass(frozen=True)
-class ContinuityRecord:
-    """How continuously one job scraped one workload over a scenario's window."""
+class JobContinuity:
+    """How one scrape job scraped one workload over a continuity scenario's window."""
 
-    scenario: str
-    variant: str
     job: str
     scrapes: int
     successes: int
-    longest_gap_s: float
-    passed: bool = False  # met the goal: whole window scraped, no gap over two intervals
-    #: "pod": one pod's scrapes; "namespace": any pod of the workload (pods replaced)
-    scope: str = "pod"
+    longest_gap_s: float  # longest time inside the window without a successful scrape
+    last_error: str = ""  # Prometheus' lastError of the target at the end of the window
+    #: namespace scope only: the fraction of the window covered by a successful scrape of
+    #: any of the workload's pods (a pod being replaced may fail while its successor serves)
+    covered: float | None = None
     pods: int = 1
-    covered: float | None = None  # namespace scope: the fraction of the window covered
+
+    @property
+    def scope(self) -> str:
+        """ "pod": one pod's scrapes; "namespace": any pod of the workload (pods replaced)."""
+        return "pod" if self.covered is None else "namespace"
 
     @property
     def fraction(self) -> float:
@@ -63,6 +66,16 @@ class ContinuityRecord:
         else:
             measured = f"{self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes)"
         return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s"
+
+
+@dataclass(frozen=True)
+class ContinuityRecord:
+    """One job's continuity in a scenario variant, and whether it met the goal."""
+
+    scenario: str
+    variant: str
+    measured: JobContinuity
+    passed: bool  # whole window scraped (or covered), no gap over two intervals
 
 
 @dataclass

@@ -321,3 +321,49 @@ def test_any_run_gives_a_valid_consistent_report(items: list[CheckOutcome]) -> N
     root = build_junit(result)
     assert len(root.findall("testsuite/testcase")) == len(items)
     assert len(root.findall("testsuite/testcase/failure")) == stats["failed"]
+
+
+def test_continuity_records_reach_the_report_and_the_verdict() -> None:
+    from securemetrics_e2e.continuity import Continuity
+    from securemetrics_e2e.progress import scenario_lines, verdict_line
+    from securemetrics_e2e.results import JobContinuity
+
+    now = datetime(2026, 9, 30, 12, 0, 0, tzinfo=UTC)
+    upgrade = Continuity(
+        "ns/httpbin",
+        now,
+        now.replace(second=20),
+        1.0,
+        (
+            JobContinuity("istio-secure-merged-metrics", 20, 17, 1.0, covered=1.0, pods=2),
+            JobContinuity("istio-secure-envoy-metrics", 9, 9, 3.5, covered=0.8, pods=1),
+        ),
+    )
+    rotation = Continuity(
+        "httpbin", now, now.replace(second=20), 1.0, (JobContinuity("merged", 20, 19, 1.0),)
+    )
+    result = RunResult(
+        outcomes=[outcome("upgrade", "PERMISSIVE", "upgrade-continuity", Status.PASS)],
+        continuity=[
+            *upgrade.records("upgrade", "PERMISSIVE"),
+            *rotation.records("rotation", "PERMISSIVE"),
+        ],
+    )
+    doc = build_report(result, META)  # validated against the shipped schema
+    merged, envoy, pod = doc["continuity"]
+    assert (merged["scope"], merged["pods"], merged["passed"]) == ("namespace", 2, True)
+    assert merged["fraction"] == 1.0  # coverage, not 17/20: the replaced pod's failures
+    assert (envoy["passed"], envoy["fraction"]) == (False, 0.8)
+    assert (pod["scope"], pod["passed"], pod["fraction"]) == ("pod", False, 0.95)
+    lines = {text: status for status, text in scenario_lines(result) if "continuity" in text}
+    assert lines == {
+        "continuity upgrade[PERMISSIVE] istio-secure-merged-metrics: 100.0% of the window "
+        "covered (17/20 scrapes of 2 pod(s) succeeded), longest gap 1.0s": Status.PASS,
+        "continuity upgrade[PERMISSIVE] istio-secure-envoy-metrics: 80.0% of the window "
+        "covered (9/9 scrapes of 1 pod(s) succeeded), longest gap 3.5s": Status.FAIL,
+        "continuity rotation[PERMISSIVE] merged: 95.0% up (19/20 scrapes), longest gap 1.0s": (
+            Status.FAIL
+        ),
+    }
+    verdict = verdict_line(result, backend="local", istio_version="1.31.1", elapsed_s=1.0)
+    assert verdict.endswith("continuity 80.0% (worst job), longest gap 3.5s)")
