@@ -12,10 +12,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario, WorkloadKind, WorkloadSpec
 from securemetrics_e2e.errors import SecureMetricsError
@@ -66,6 +66,16 @@ class Workload:
             for t in targets
             if t.labels.get("pod") == self.pod_name and t.labels.get("namespace") == self.namespace
         ]
+
+    def dropped_in(self, dropped: Iterable[Mapping[str, Any]]) -> bool:
+        """Whether service discovery found this pod and the job's relabeling dropped it
+        (``dropped``: the discovered labels of a job's dropped targets): final, it will
+        never be scraped."""
+        return any(d.get("__meta_kubernetes_pod_name") == self.pod_name for d in dropped)
+
+    def up_series(self, job: str) -> str:
+        """The PromQL selector of ``job``'s ``up`` samples of this pod."""
+        return f'up{{job="{job}",namespace="{self.namespace}",pod="{self.pod_name}"}}'
 
     def url(self, port: int, path: str, scheme: str = "https") -> str:
         host = f"[{self.pod_ip}]" if ":" in self.pod_ip else self.pod_ip

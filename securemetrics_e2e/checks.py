@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
 
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Origin, Workload
@@ -30,8 +29,6 @@ from securemetrics_e2e.results import CheckOutcome, Status
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 STATS_PATH = "/stats/prometheus"
-#: the lifetime of certificates handed back after a continuity check shortened them
-LONG_LIVED = timedelta(hours=24)
 #: a target DOWN in this many scrapes, and never UP, fails without waiting for the timeout
 DOWN_SCRAPES = 3
 
@@ -216,12 +213,7 @@ def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeou
         mine = w.targets_in(api.active_targets(job))
         seen[:] = mine
         if not mine:
-            dropped = [
-                d
-                for d in api.dropped_targets(job)
-                if d.get("__meta_kubernetes_pod_name") == w.pod_name
-            ]
-            if dropped:
+            if w.dropped_in(api.dropped_targets(job)):
                 # discovered and dropped by the job's relabeling: final, no waiting
                 return Target(job, "", "dropped", "", None)
             raise NotYet(f"pod {w.pod_name} not discovered by job {job} yet")
@@ -258,7 +250,7 @@ def _failed_every_scrape(api: PrometheusAPI, job: str, w: Workload) -> bool:
     A single failed scrape may be a warm-up; several in a row, and never a success, is a
     verdict that needs no waiting for the timeout.
     """
-    series = f'up{{job="{job}",namespace="{w.namespace}",pod="{w.pod_name}"}}[5m]'
+    series = f"{w.up_series(job)}[5m]"
     counts = api.query(f"count_over_time({series})")
     best = api.query(f"max_over_time({series})")
     if not counts or not best:
@@ -328,13 +320,7 @@ def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> obj
         # a cluster cannot issue mesh certificates: it waits for the agents' renewals
         run = cluster_rotation(workload)
     elif isinstance(backend, RotatingBackend):
-        try:
-            run = run_rotation(backend, workload)
-        finally:
-            # the scraper's identity is shared with every other scenario: give it back a
-            # certificate that outlives the run, as the agent would keep renewing it
-            backend.issue_scraper(LONG_LIVED)
-            backend.issue_workload(workload, LONG_LIVED)
+        run = run_rotation(backend, workload)
     else:
         raise check.fail(f"backend {backend.name} cannot drive certificate rotation")
     if not run.ok:

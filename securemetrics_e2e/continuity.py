@@ -16,9 +16,10 @@ happened would look like one that succeeded.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -29,13 +30,15 @@ from securemetrics_e2e.backend import Workload
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.pki import WorkloadIdentity
 from securemetrics_e2e.probe import ScrapeResult
-from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.prometheus import PrometheusAPI, Target
 from securemetrics_e2e.results import ContinuityRecord, JobContinuity
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 STATS_PATH = "/stats/prometheus"
 #: the longest time without a successful scrape, in scrape intervals, that still passes
 MAX_GAP_INTERVALS = 2.0
+#: the lifetime of certificates handed back after a rotation shortened them
+LONG_LIVED = timedelta(hours=24)
 #: a successful scrape vouches for the workload until the next one is due; Prometheus
 #: starts scrapes a few milliseconds late, so it vouches for a tenth of an interval more
 COVER_SLACK = 1.1
@@ -144,36 +147,49 @@ def _expired(certificates: Mapping[str, x509.Certificate], now: datetime) -> tup
     )
 
 
-def _selector(job: str, workload: Workload) -> str:
-    return f'up{{job="{job}",namespace="{workload.namespace}",pod="{workload.pod_name}"}}'
-
-
-def _samples(api: PrometheusAPI, selector: str, start: datetime) -> list[tuple[float, bool]]:
-    # The range selector ends at "now" (query has no time parameter), so it reaches
-    # back far enough to cover the window; samples outside it are dropped by the caller.
-    seconds = math.ceil((datetime.now(UTC) - start).total_seconds()) + 2
-    series = api.query(f"{selector}[{seconds}s]")
-    points = [(float(ts), value == "1") for s in series for ts, value in s.get("values", [])]
-    return sorted(points)
-
-
-def _job_continuity(
-    api: PrometheusAPI, job: str, workload: Workload, start: datetime, end: datetime
+def _measure_job(
+    api: PrometheusAPI,
+    job: str,
+    series: str,
+    mine: Callable[[list[Target]], list[Target]],
+    start: datetime,
+    since: datetime | None,
+    end: datetime,
+    *,
+    interval_s: float,
+    cover: bool,
 ) -> JobContinuity:
-    lo, hi = start.timestamp(), end.timestamp()
-    points = [
-        (ts, up) for ts, up in _samples(api, _selector(job, workload), start) if lo <= ts <= hi
-    ]
-    good = [ts for ts, up in points if up]
-    edges = [lo, *good, hi]
-    gap = max(b - a for a, b in itertools.pairwise(edges))
-    mine = workload.targets_in(api.active_targets(job))
+    """One job's continuity from the raw ``up`` samples of ``series`` (PromQL).
+
+    The window is ``[since, end]``, or from the job's first sample after ``start`` when
+    ``since`` is None. ``cover``: judge by coverage (any pod of the workload counts),
+    not by every scrape succeeding.
+    """
+    points = _series_points(api, series, start, interval_s)
+    hi = end.timestamp()
+    if since is None:
+        first = [ts for ts, _, _ in points if ts >= start.timestamp()]
+        lo = min(first) if first else hi
+    else:
+        lo = since.timestamp()
+    inside = [(ts, up, pod) for ts, up, pod in points if lo <= ts <= hi]
+    good = [ts for ts, up, _ in inside if up]
+    covered = None
+    if cover:
+        # a success just before the window still vouches for its first moments
+        vouching = [ts for ts, up, _ in points if up and lo - COVER_SLACK * interval_s < ts <= hi]
+        covered = _covered(vouching, lo, hi, COVER_SLACK * interval_s) if hi > lo else 0.0
+    targets = mine(api.active_targets(job))
     return JobContinuity(
         job=job,
-        scrapes=len(points),
+        scrapes=len(inside),
         successes=len(good),
-        longest_gap_s=gap,
-        last_error=next((t.last_error for t in mine if t.last_error), ""),
+        longest_gap_s=max(b - a for a, b in itertools.pairwise([lo, *good, hi]))
+        if hi > lo
+        else 0.0,
+        last_error=next((t.last_error for t in targets if t.last_error), ""),
+        covered=covered,
+        pods=len({pod for _, _, pod in inside}),
     )
 
 
@@ -198,7 +214,20 @@ def measure_continuity(
         raise UsageError(f"continuity window ends ({end}) before it starts ({start})")
     if not jobs:
         raise UsageError(f"no scrape jobs given for workload {workload.name}")
-    measured = tuple(_job_continuity(api, job, workload, start, end) for job in jobs)
+    measured = tuple(
+        _measure_job(
+            api,
+            job,
+            workload.up_series(job),
+            workload.targets_in,
+            start,
+            start,
+            end,
+            interval_s=interval_s,
+            cover=False,
+        )
+        for job in jobs
+    )
     return Continuity(
         workload=workload.name,
         start=start,
@@ -244,39 +273,30 @@ def measure_namespace_continuity(
     start = min(starts)
     if end <= start:
         raise UsageError(f"continuity window ends ({end}) before it starts ({start})")
-    selector = f'namespace="{namespace}",pod=~"{workload}-.+"'
-    measured = []
-    for job, since in jobs.items():
-        points = _series_points(api, f'up{{job="{job}",{selector}}}', start, interval_s)
-        if since is None:
-            first = [ts for ts, _, _ in points if ts >= start.timestamp()]
-            lo = min(first) if first else end.timestamp()
-        else:
-            lo = since.timestamp()
-        hi = end.timestamp()
-        inside = [(ts, up, pod) for ts, up, pod in points if lo <= ts <= hi]
-        good = [ts for ts, up, _ in inside if up]
-        # a success just before the window still vouches for its first moments
-        vouching = [ts for ts, up, _ in points if up and lo - COVER_SLACK * interval_s < ts <= hi]
-        targets = [
+    labels = f'namespace="{namespace}",pod=~"{workload}-.+"'
+
+    def mine(targets: list[Target]) -> list[Target]:
+        return [
             t
-            for t in api.active_targets(job)
+            for t in targets
             if t.labels.get("namespace") == namespace
             and t.labels.get("pod", "").startswith(f"{workload}-")
         ]
-        measured.append(
-            JobContinuity(
-                job=job,
-                scrapes=len(inside),
-                successes=len(good),
-                longest_gap_s=max(b - a for a, b in itertools.pairwise([lo, *good, hi]))
-                if hi > lo
-                else 0.0,
-                last_error=next((t.last_error for t in targets if t.last_error), ""),
-                covered=_covered(vouching, lo, hi, COVER_SLACK * interval_s) if hi > lo else 0.0,
-                pods=len({pod for _, _, pod in inside}),
-            )
+
+    measured = [
+        _measure_job(
+            api,
+            job,
+            f'up{{job="{job}",{labels}}}',
+            mine,
+            start,
+            since,
+            end,
+            interval_s=interval_s,
+            cover=True,
         )
+        for job, since in jobs.items()
+    ]
     return Continuity(
         workload=f"{namespace}/{workload}",
         start=start,
@@ -298,6 +318,72 @@ def _series_points(
         for ts, value in s.get("values", [])
     ]
     return sorted(points)
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+class Missing(enum.Enum):
+    """What a workload without a target in a job means to :func:`wait_scraped`."""
+
+    WAIT = "wait"  # not discovered yet: keep waiting
+    SKIP = "skip"  # nothing to wait for
+    SKIP_DROPPED = "skip-dropped"  # keep waiting, unless relabeling dropped it (final)
+
+
+@dataclass(frozen=True)
+class ScrapeWait:
+    timed_out: WaitTimeout | None  # None when every job scraped as required in time
+    first_failure: datetime | None  # when Prometheus first recorded a failed scrape
+
+    @property
+    def problem(self) -> str:
+        return str(self.timed_out) if self.timed_out is not None else ""
+
+
+def wait_scraped(
+    api: PrometheusAPI,
+    workloads: Sequence[Workload],
+    what: str,
+    *,
+    timeout: float,
+    jobs: Sequence[str] | None = None,
+    since: datetime | None = None,
+    up: bool = True,
+    missing: Missing = Missing.WAIT,
+    interval: float | None = None,
+) -> ScrapeWait:
+    """Wait until each job (default: the workload's own) has scraped each workload after
+    ``since`` and, with ``up``, successfully. One targets request per poll."""
+    failed: list[datetime] = []
+
+    def judged() -> None:
+        by_job: dict[str, list[Target]] = {}
+        for t in api.active_targets():
+            by_job.setdefault(t.job, []).append(t)
+        for w in workloads:
+            for job in jobs if jobs is not None else list(w.spec.jobs):
+                mine = w.targets_in(by_job.get(job, []))
+                if not mine:
+                    if missing is Missing.SKIP or (
+                        missing is Missing.SKIP_DROPPED and w.dropped_in(api.dropped_targets(job))
+                    ):
+                        continue
+                    raise NotYet(f"job {job}: no target for pod {w.pod_name}")
+                for t in mine:
+                    if since is not None and (t.last_scrape is None or t.last_scrape <= since):
+                        raise NotYet(f"job {job}: {t.scrape_url} last scraped {t.last_scrape}")
+                    if up and t.health != "up":
+                        if t.last_scrape is not None:
+                            failed.append(t.last_scrape)
+                        raise NotYet(f"job {job}: {t.describe()}")
+
+    pace = {"interval": interval, "max_interval": interval} if interval else {}
+    try:
+        wait_for(what, judged, timeout=timeout, **pace)
+    except WaitTimeout as exc:
+        return ScrapeWait(exc, min(failed, default=None))
+    return ScrapeWait(None, None)
 
 
 # --------------------------------------------------------------------------- the driver
@@ -357,34 +443,6 @@ def _wait_new_certificate(
     return serial, "", None
 
 
-def _wait_scraped_up(
-    api: PrometheusAPI, workload: Workload, jobs: Sequence[str], after: datetime, timeout: float
-) -> tuple[str, datetime | None]:
-    """Wait until every job scraped ``workload`` UP after ``after``.
-
-    Returns ("", None), or the problem and when Prometheus first saw a failed scrape.
-    """
-    failed: list[datetime] = []
-
-    def judged() -> None:
-        for job in jobs:
-            mine = workload.targets_in(api.active_targets(job))
-            if not mine:
-                raise NotYet(f"job {job}: no target for pod {workload.pod_name}")
-            for t in mine:
-                if t.last_scrape is None or t.last_scrape <= after:
-                    raise NotYet(f"job {job}: {t.scrape_url} not scraped again yet")
-                if t.health != "up":
-                    failed.append(t.last_scrape)
-                    raise NotYet(f"job {job}: {t.describe()}")
-
-    try:
-        wait_for(f"jobs {', '.join(jobs)} to scrape {workload.name} UP", judged, timeout=timeout)
-    except WaitTimeout as exc:
-        return str(exc), min(failed, default=None)
-    return "", None
-
-
 def run_rotation(
     backend: RotatingBackend,
     workload: Workload,
@@ -392,6 +450,36 @@ def run_rotation(
     rotations: int = 3,
     lifetime: timedelta = timedelta(seconds=4),
     interval_s: float = 1.0,
+) -> RotationRun:
+    """:func:`_rotate_and_measure`, then long-lived certificates handed back.
+
+    The scraper's identity is shared with every other scenario: once measured, it gets a
+    certificate that outlives the run, as the agent would keep renewing it; so does the
+    workload. Bad input is refused before anything is issued.
+    """
+    if rotations < 1:
+        raise UsageError(f"rotations must be at least 1, got {rotations}")
+    if lifetime.total_seconds() < 4 * interval_s:
+        raise UsageError(
+            f"certificate lifetime {lifetime} is shorter than four scrape intervals "
+            f"({4 * interval_s:g}s): a rotation could not be confirmed before expiry"
+        )
+    try:
+        return _rotate_and_measure(
+            backend, workload, rotations=rotations, lifetime=lifetime, interval_s=interval_s
+        )
+    finally:
+        backend.issue_scraper(LONG_LIVED)
+        backend.issue_workload(workload, LONG_LIVED)
+
+
+def _rotate_and_measure(
+    backend: RotatingBackend,
+    workload: Workload,
+    *,
+    rotations: int,
+    lifetime: timedelta,
+    interval_s: float,
 ) -> RotationRun:
     """Rotate ``workload``'s and the scraper's certificates while Prometheus scrapes.
 
@@ -402,20 +490,19 @@ def run_rotation(
     a fresh connection. The first rotation that fails ends the rotations; the window
     still runs on for a few scrape intervals, so that Prometheus records the failure.
     """
-    if rotations < 1:
-        raise UsageError(f"rotations must be at least 1, got {rotations}")
-    if lifetime.total_seconds() < 4 * interval_s:
-        raise UsageError(
-            f"certificate lifetime {lifetime} is shorter than four scrape intervals "
-            f"({4 * interval_s:g}s): a rotation could not be confirmed before expiry"
-        )
     jobs = list(workload.spec.jobs)
     ports = sorted(set(workload.spec.jobs.values()))
     api = backend.prometheus()
     step_timeout = 3 * interval_s + 1.0
-    settle, _ = _wait_scraped_up(api, workload, jobs, datetime.now(UTC), step_timeout * 3)
-    if settle:
-        raise UsageError(f"{workload.name} was not scraped UP before rotation: {settle}")
+    settle = wait_scraped(
+        api,
+        [workload],
+        f"jobs {', '.join(jobs)} to scrape {workload.name} UP",
+        since=datetime.now(UTC),
+        timeout=step_timeout * 3,
+    )
+    if settle.problem:
+        raise UsageError(f"{workload.name} was not scraped UP before rotation: {settle.problem}")
 
     start = datetime.now(UTC)
     first = backend.issue_workload(workload, lifetime)
@@ -443,10 +530,16 @@ def run_rotation(
         _wait_quiet(api, workload, jobs, interval_s)
         reset_at = datetime.now(UTC)
         backend.reset_scraper_connections(workload)
-        problem, when = _wait_scraped_up(api, workload, jobs, reset_at, step_timeout)
-        if problem:
-            problems.append(problem)
-            failures += [when] if when else []
+        scraped = wait_scraped(
+            api,
+            [workload],
+            f"jobs {', '.join(jobs)} to scrape {workload.name} UP",
+            since=reset_at,
+            timeout=step_timeout,
+        )
+        if scraped.problem:
+            problems.append(scraped.problem)
+            failures += [scraped.first_failure] if scraped.first_failure else []
         steps.append(
             RotationStep(
                 index=len(steps) + 1,
@@ -500,8 +593,8 @@ def _wait_quiet(
     def quiet() -> None:
         now = datetime.now(UTC)
         for job in jobs:
-            for t in api.active_targets(job):
-                if t.labels.get("pod") != workload.pod_name or t.last_scrape is None:
+            for t in workload.targets_in(api.active_targets(job)):
+                if t.last_scrape is None:
                     continue
                 phase = (now - t.last_scrape).total_seconds() % interval_s
                 if phase < margin or phase > interval_s - margin:
@@ -522,22 +615,18 @@ def _wait_quiet(
 def _wait_failed_scrapes(
     api: PrometheusAPI, workload: Workload, jobs: Sequence[str], interval_s: float
 ) -> None:
-    """Let Prometheus record a few failed scrapes, so the window shows the outage."""
-    after = datetime.now(UTC)
+    """Let Prometheus record a few failed scrapes, so the window shows the outage.
+
+    Not seeing them is fine: the measurement then reports whatever was recorded.
+    """
     want = math.ceil(MAX_GAP_INTERVALS) + 1
-
-    def recorded() -> None:
-        for job in jobs:
-            for t in api.active_targets(job):
-                if t.labels.get("pod") != workload.pod_name:
-                    continue
-                if t.last_scrape is None or t.last_scrape < after + timedelta(
-                    seconds=want * interval_s
-                ):
-                    raise NotYet(f"job {job}: last scrape {t.last_scrape}")
-
-    # Not finding them is fine: the measurement then reports whatever was recorded.
-    try:
-        wait_for("Prometheus to record the outage", recorded, timeout=(want + 2) * interval_s)
-    except WaitTimeout:
-        return
+    wait_scraped(
+        api,
+        [workload],
+        "Prometheus to record the outage",
+        jobs=jobs,
+        since=datetime.now(UTC) + timedelta(seconds=want * interval_s),
+        up=False,
+        missing=Missing.SKIP,
+        timeout=(want + 2) * interval_s,
+    )

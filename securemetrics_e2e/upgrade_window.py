@@ -19,10 +19,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from securemetrics_e2e.backend import Deployment
-from securemetrics_e2e.continuity import Continuity, measure_namespace_continuity
+from securemetrics_e2e.continuity import Continuity, measure_namespace_continuity, wait_scraped
+from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.versions import IstioVersion
-from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 
 @runtime_checkable
@@ -103,35 +103,6 @@ def _verify(
     return tuple(problems)
 
 
-def _observe_scrapes(
-    api: PrometheusAPI, deployment: Deployment, scrapes: int, interval_s: float
-) -> None:
-    """Keep the window open until every job has scraped the new pods ``scrapes`` more
-    times, so the new configuration is measured over more than its first scrape; a job
-    without a target for them times out after a few intervals, leaving the loss in the
-    window."""
-    since = datetime.now(UTC) + timedelta(seconds=(scrapes - 1) * interval_s)
-
-    def observed() -> None:
-        for w in deployment.workloads:
-            for job in w.spec.jobs:
-                mine = w.targets_in(api.active_targets(job))
-                if not mine:
-                    raise NotYet(f"job {job}: no target for {w.pod_name}")
-                for t in mine:
-                    if t.last_scrape is None or t.last_scrape < since:
-                        raise NotYet(f"job {job}: last scrape of {t.scrape_url} {t.last_scrape}")
-
-    try:
-        wait_for(
-            f"{scrapes} more scrapes of the upgraded pods",
-            observed,
-            timeout=(scrapes + 2) * interval_s,
-        )
-    except WaitTimeout:
-        return  # the measurement judges what was recorded
-
-
 def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> UpgradeRun:
     """Verify ``deployment``, upgrade it, verify again, and measure continuity between.
 
@@ -139,6 +110,9 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
     is; every job the workload had before is measured over all of it, a job only the
     new configuration has from its first sample.
     """
+    names = sorted({w.name for w in deployment.workloads})
+    if len(names) != 1:  # continuity is measured by the one workload's pod names
+        raise UsageError(f"the upgrade scenario deploys one workload, not {names}")
     old, new = backend.upgrade_versions()
     api = backend.prometheus_for(deployment)
     before = _verify(backend, deployment, BEFORE)
@@ -149,7 +123,17 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
     upgrade_s = (datetime.now(UTC) - start).total_seconds()
     after = _verify(backend, upgraded, AFTER)
     # also when verification failed: the window then shows what the failure cost
-    _observe_scrapes(api, upgraded, SETTLE_SCRAPES, backend.scrape_interval_s)
+    # so the new configuration is measured over more than its first scrape; a job
+    # without a target for the new pods times out, leaving the loss in the window
+    interval = backend.scrape_interval_s
+    wait_scraped(
+        api,
+        upgraded.workloads,
+        f"{SETTLE_SCRAPES} more scrapes of the upgraded pods",
+        since=datetime.now(UTC) + timedelta(seconds=(SETTLE_SCRAPES - 1) * interval),
+        up=False,
+        timeout=(SETTLE_SCRAPES + 2) * interval,
+    )
     end = datetime.now(UTC)
     jobs: dict[str, datetime | None] = {}
     for w in deployment.workloads:
@@ -157,9 +141,6 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
     for w in upgraded.workloads:
         for job in w.spec.jobs:
             jobs.setdefault(job, None)
-    names = sorted({w.name for w in deployment.workloads})
-    if len(names) != 1:
-        raise ValueError(f"the upgrade scenario deploys one workload, not {names}")
     continuity = measure_namespace_continuity(
         api, deployment.namespace, names[0], jobs, end, interval_s=backend.scrape_interval_s
     )

@@ -242,8 +242,10 @@ def upgrade_pair(from_text: str, to_text: str) -> tuple[IstioVersion, IstioVersi
 
 
 def _previous(version: IstioVersion) -> str:
-    older = [v for v in supported_versions() if v.minor_version < version.minor_version]
-    return str(older[-1]) if older else "an older supported minor"
+    try:
+        return str(previous_minor(version))
+    except UsageError:
+        return "an older supported minor"
 
 
 def previous_minor(version: IstioVersion) -> IstioVersion:

@@ -39,6 +39,7 @@ class Observed:
     run: RotationRun
     scraper_files: dict[str, int]  # name -> mode, after the run
     first_scraper_serial: int  # what the scraper held before the run
+    left_lifetime: timedelta  # how long the scraper's certificate lives after the run
 
 
 def _rotate(fault: Fault | None) -> Observed:
@@ -49,7 +50,8 @@ def _rotate(fault: Fault | None) -> Observed:
             run = run_rotation(backend, dep.workloads[0], rotations=3, lifetime=LIFETIME)
             directory = backend.scraper_certs.directory
             files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
-            return Observed(run, files, before)
+            left = backend.scraper_identity().not_after - datetime.now(UTC)
+            return Observed(run, files, before, left)
     finally:
         backend.close()
 
@@ -186,3 +188,12 @@ def test_scraper_operations_need_a_deployed_backend() -> None:
         backend.scraper_identity()
     with pytest.raises(UsageError, match="before the first deploy"):
         backend.issue_scraper(LIFETIME)
+
+
+@requires_local_mesh
+def test_rotation_hands_the_shared_scraper_a_long_lived_certificate_back(
+    runs: dict[Fault | None, Observed],
+) -> None:
+    # other scenarios share the scraper: a 4 s certificate left behind would fail them
+    for observed in runs.values():
+        assert observed.left_lifetime > timedelta(hours=1)

@@ -38,6 +38,7 @@ from securemetrics_e2e.catalog import (
     WorkloadSpec,
     upgraded_spec,
 )
+from securemetrics_e2e.continuity import Missing, wait_scraped
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
 from securemetrics_e2e.local import promconfig
 from securemetrics_e2e.local.agent import start_agent
@@ -65,7 +66,6 @@ from securemetrics_e2e.versions import (
     resolve,
     upgrade_pair,
 )
-from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 SCRAPER_NAMESPACE = "istio-system"
 SCRAPER_SERVICE_ACCOUNT = "prometheus"
@@ -476,29 +476,14 @@ class LocalBackend(Backend):
         return runtime.deployment
 
     def _wait_successors_scraped(self, fresh: list[_WorkloadRuntime]) -> None:
-        api = self.prometheus()
-
-        def scraped() -> None:
-            for w in fresh:
-                pod = w.workload.pod_name
-                for job in w.workload.spec.jobs:
-                    mine = [t for t in api.active_targets(job) if t.labels.get("pod") == pod]
-                    if not mine:
-                        dropped = api.dropped_targets(job)
-                        if any(d.get("__meta_kubernetes_pod_name") == pod for d in dropped):
-                            continue  # relabeling dropped it: it will never be scraped
-                        raise NotYet(f"job {job}: pod {pod} not discovered yet")
-                    if any(t.health != "up" for t in mine):
-                        raise NotYet(f"job {job}: " + "; ".join(t.describe() for t in mine))
-
-        try:
-            wait_for(
-                "Prometheus to scrape the restarted pods UP before the old ones retire",
-                scraped,
-                timeout=self.target_timeout,
-            )
-        except WaitTimeout:
-            return  # a rollout does not wait for Prometheus: retire anyway
+        # a rollout does not wait for Prometheus: on timeout the old pods retire anyway
+        wait_scraped(
+            self.prometheus(),
+            [w.workload for w in fresh],
+            "Prometheus to scrape the restarted pods UP before the old ones retire",
+            missing=Missing.SKIP_DROPPED,
+            timeout=self.target_timeout,
+        )
 
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
         if deployment is None or not self._started:
