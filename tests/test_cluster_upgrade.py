@@ -12,14 +12,12 @@ import pytest
 from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, scenario
 from securemetrics_e2e.cluster.kube import RUN_LABEL
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import Plan, render_plan, variant_plan
+from securemetrics_e2e.cluster.plan import Plan, common_kubernetes, render_plan, variant_plan
 from securemetrics_e2e.cluster.tools import Platform, ToolCache
 from securemetrics_e2e.cluster.upgrade import (
     UPGRADE_PHASES,
     UpgradeStep,
     canary_revision,
-    common_kubernetes,
-    render_upgrade_plan,
     run_upgrade,
     upgrade_plan,
 )
@@ -40,10 +38,15 @@ def _no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _plan(tmp_path: Path, old: str, new: str, *, canary: bool = False, **kw: Any) -> Plan:
-    options = ClusterOptions(run_id=RUN, cache_dir=tmp_path / "cache", **kw)
-    return render_upgrade_plan(
-        options, old, new, canary=canary, cache=ToolCache(tmp_path / "cache")
+    options = ClusterOptions(
+        run_id=RUN,
+        cache_dir=tmp_path / "cache",
+        upgrade_from=old,
+        istio_version=new,
+        canary=canary,
+        **kw,
     )
+    return upgrade_plan(options, cache=ToolCache(tmp_path / "cache"))
 
 
 def _annotations(step: Any) -> dict[str, str]:
@@ -281,7 +284,7 @@ def test_driver_runs_every_step_in_order(tmp_path: Path) -> None:
     ran: list[list[str]] = []
     checked: list[str] = []
     window = run_upgrade(
-        plan,
+        plan.steps,
         fake,
         tools=TOOLS,
         run=lambda argv: ran.append(list(argv)),
@@ -319,7 +322,7 @@ def test_driver_runs_only_the_chosen_phases(tmp_path: Path, canary: bool) -> Non
     checked: list[str] = []
     # what the backend does before the upgrade: the scraper, the legacy deployment
     run_upgrade(
-        plan,
+        plan.steps,
         fake,
         tools=TOOLS,
         run=lambda argv: ran.append(list(argv)),
@@ -332,7 +335,7 @@ def test_driver_runs_only_the_chosen_phases(tmp_path: Path, canary: bool) -> Non
     assert fake.find("Sidecar", "httpbin-secure-metrics", NS) is not None
     fake.calls.clear()
     run_upgrade(
-        plan,
+        plan.steps,
         fake,
         tools=TOOLS,
         run=lambda argv: ran.append(list(argv)),
@@ -366,7 +369,7 @@ def test_driver_rejects_an_unknown_phase(tmp_path: Path) -> None:
     ran: list[list[str]] = []
     with pytest.raises(UsageError, match="no phase upgrades; its phases: tools, cluster"):
         run_upgrade(
-            plan,
+            plan.steps,
             _fake(),
             tools=TOOLS,
             run=lambda argv: ran.append(list(argv)),
@@ -385,7 +388,7 @@ def test_driver_stops_at_the_first_failed_verification(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match=re.escape("check failed: legacy on 1.30.5")):
         run_upgrade(
-            plan,
+            plan.steps,
             _fake(),
             tools=TOOLS,
             run=lambda argv: ran.append(list(argv)),
@@ -400,7 +403,7 @@ def test_driver_refuses_an_unresolved_istioctl(tmp_path: Path) -> None:
     ran: list[list[str]] = []
     with pytest.raises(UsageError, match=re.escape("no binary given for istioctl-1.30.5")):
         run_upgrade(
-            plan,
+            plan.steps,
             _fake(),
             tools={},
             run=lambda argv: ran.append(list(argv)),

@@ -36,20 +36,23 @@ from securemetrics_e2e.catalog import (
     MtlsMode,
     scenario,
 )
+from securemetrics_e2e.cluster import backend as backend_module
 from securemetrics_e2e.cluster import istio, pins
+from securemetrics_e2e.cluster import plan as plan_module
 from securemetrics_e2e.cluster.backend import (
     ClusterBackend,
     PreparedCluster,
     backend_on,
-    kind_identity,
     make_cluster_backend,
 )
 from securemetrics_e2e.cluster.errors import DeployFailed, DownloadFailed, IstioConflict
+from securemetrics_e2e.cluster.kube import FIELD_MANAGER
 from securemetrics_e2e.cluster.options import ClusterOptions
+from securemetrics_e2e.cluster.plan import common_kubernetes, kind_identity
 from securemetrics_e2e.cluster.rotation import parse_go_duration
 from securemetrics_e2e.cluster.setup import PhaseTimer, Undo
 from securemetrics_e2e.cluster.tools import Platform, ToolCache, istioctl_spec
-from securemetrics_e2e.cluster.upgrade import common_kubernetes
+from securemetrics_e2e.cluster.upgrade import UPGRADE_PHASES, upgrade_plan
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.upgrade_window import UpgradingBackend
 from securemetrics_e2e.versions import resolve
@@ -130,6 +133,7 @@ class Mesh:
         labels: dict[str, str] | None = None,
     ) -> None:
         labels = labels or {"app": name}
+        # istioctl's field manager, not the run's: the tests tell the run's applies apart
         self.fake.apply(
             {
                 "apiVersion": "apps/v1",
@@ -147,7 +151,8 @@ class Mesh:
                         },
                     },
                 },
-            }
+            },
+            field_manager="istioctl",
         )
 
     # -- the cluster's answers -----------------------------------------------------------
@@ -297,14 +302,14 @@ def test_upgrade_run_installs_the_older_istio_first(fake: FakeKube, tmp_path: Pa
 
 def test_kind_cluster_runs_a_kubernetes_both_versions_support() -> None:
     upgrade = ClusterOptions(upgrade_from="1.28", istio_version="1.29")
-    name, image = kind_identity(upgrade, resolve("1.28.10"))
+    name, image = kind_identity(upgrade)
     assert name == "sm-e2e-upgrade-28-29"
     assert image == pins.node_image(common_kubernetes(resolve("1.28"), resolve("1.29")))
     assert "kindest/node:v1.34." in image  # 1.29 alone would take 1.35, which 1.28 lacks
-    plain_name, plain_image = kind_identity(ClusterOptions(istio_version="1.29"), resolve("1.29"))
+    plain_name, plain_image = kind_identity(ClusterOptions(istio_version="1.29"))
     assert (plain_name, "kindest/node:v1.35." in plain_image) == ("sm-e2e-1-29", True)
     given = ClusterOptions(upgrade_from="1.28", istio_version="1.29", kind_image="my/node:1")
-    assert kind_identity(given, resolve("1.28.10"))[1] == "my/node:1"
+    assert kind_identity(given)[1] == "my/node:1"
 
 
 def test_installed_older_istio_is_upgraded_not_reinstalled(fake: FakeKube, tmp_path: Path) -> None:
@@ -553,6 +558,37 @@ def test_canary_upgrade_moves_the_default_tag_then_restarts(fake: FakeKube, tmp_
     assert after.spec.mode is MetricsMode.NATIVE
     backend.close()
     assert mesh.commands[-1] == [ctl["1.31.1"], "uninstall", "-y", "--purge"]
+
+
+@pytest.mark.parametrize("canary", [False, True])
+def test_upgrade_runs_the_plans_upgrade_and_switch_steps(
+    fake: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, canary: bool
+) -> None:
+    """What the backend runs is what --plan prints for those phases, and building it
+    resolves no tool again (the plan's tools step hashes binaries, may run istioctl)."""
+    ctl = _seed_istioctl(ToolCache(tmp_path / "cache"), "1.30.5", "1.31.1")
+    plan = upgrade_plan(_options(tmp_path, canary=canary), cache=ToolCache(tmp_path / "cache"))
+    mesh = Mesh(fake)
+    backend = _start(tmp_path, fake, mesh, canary=canary)
+    dep = backend.deploy(UPGRADE, MtlsMode.PERMISSIVE)
+    mesh.commands.clear()
+    fake.calls.clear()
+
+    def no_resolution(*args: object, **kw: object) -> str:
+        raise AssertionError("the upgrade resolved a tool again")
+
+    monkeypatch.setattr(plan_module, "describe_resolution", no_resolution)
+    monkeypatch.setattr(backend_module, "resolve_tool", no_resolution)
+    backend.upgrade(dep)
+    roles = {"istioctl-1.31.1": ctl["1.31.1"]}
+    phase_steps = [s for s in plan.steps if s.phase in UPGRADE_PHASES]
+    assert mesh.commands == [
+        [roles.get(c[0], c[0]), *c[1:]] for s in phase_steps for c in s.commands
+    ]
+    applied = [c[1:3] for c in fake.calls if c[0] == "apply" and c[3] == FIELD_MANAGER]
+    assert applied == [(m["kind"], m["metadata"]["name"]) for s in phase_steps for m in s.manifests]
+    assert applied  # 1.30 -> 1.31 switches: the native objects are applied
+    backend.close()
 
 
 def test_129_to_130_keeps_the_legacy_configuration(fake: FakeKube, tmp_path: Path) -> None:

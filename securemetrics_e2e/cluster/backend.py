@@ -15,8 +15,8 @@ implements the :class:`~securemetrics_e2e.backend.Backend` operations:
 * ``plaintext``: curl from inside the target pod or from the scraper pod.
 * ``prometheus``: the scraper's API through the Kubernetes API service proxy.
 * ``upgrade`` (an upgrade run, ``--upgrade-from``): the older Istio is installed at
-  setup; the upgrade scenario's deployment is moved onto the newer one by the upgrade
-  and switch phases of :func:`.upgrade.upgrade_plan`, the plan ``--plan`` prints.
+  setup; the upgrade scenario's deployment is moved onto the newer one by the steps of
+  :func:`.upgrade.upgrade_phase_steps`, the upgrade and switch phases ``--plan`` prints.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from securemetrics_e2e.cluster.options import (
 )
 from securemetrics_e2e.cluster.plan import (
     SCRAPER_DEPLOYMENT,
-    SCRAPER_SELECTOR,
     Plan,
     ScraperPlan,
     VariantPlan,
     WorkloadLocator,
-    kind_cluster_name,
+    kind_identity,
+    planned_version,
     render_plan,
     run_scope_reason,
     scraper_plan,
@@ -100,9 +100,7 @@ from securemetrics_e2e.cluster.upgrade import (
     UPGRADE_PHASES,
     canary_revision,
     run_upgrade,
-    upgrade_cluster_name,
-    upgrade_node_image,
-    upgrade_plan,
+    upgrade_phase_steps,
 )
 from securemetrics_e2e.configdump import listeners_from_config_dump
 from securemetrics_e2e.continuity import RotationRun
@@ -616,7 +614,7 @@ class ClusterBackend(Backend):
         driver = ClusterRotation(
             self.api,
             scraper_namespace=self.scraper.namespace,
-            scraper_pod=self._scraper_pod_name,
+            scraper_pod=self.prober.scraper_pod,
             prometheus=self.prometheus,
             timing=timing or Timing.for_ttl(ttl),
             rotations=rotations,
@@ -624,12 +622,6 @@ class ClusterBackend(Backend):
         )
         with self.timer.phase(f"rotation {workload.namespace}/{workload.pod_name}"):
             return driver.run(workload)
-
-    def _scraper_pod_name(self) -> str:
-        pods = running_pods(self.api, self.scraper.namespace, SCRAPER_SELECTOR)
-        if not pods:
-            raise SecureMetricsError(f"no running scraper pod in {self.scraper.namespace}")
-        return str(pods[0]["metadata"]["name"])
 
     def prometheus(self) -> PrometheusAPI:
         return PrometheusAPI(
@@ -671,23 +663,15 @@ class ClusterBackend(Backend):
             raise UsageError(self.scope_reason(UPGRADE) or "this is not an upgrade run")
         return self._upgrade
 
-    def upgrade_plan(self) -> Plan:
-        """This run's upgrade plan for the cluster as connected: the steps ``--plan``
-        prints, with this run's kubeconfig and context."""
-        return upgrade_plan(
-            self.options,
-            cache=self.cache,
-            target=self.target,
-            istio_namespace=self.istio_namespace,
-        )
-
     def upgrade(self, deployment: Deployment) -> Deployment:
         """Upgrade Istio and move ``deployment`` (the upgrade scenario) onto it.
 
-        Runs the plan's ``upgrade`` phase (istioctl in place or by canary revision, then
-        a restart of the workload, never of the scraper), moves this backend to the new
+        Runs the ``upgrade`` phase (istioctl in place or by canary revision, then a
+        restart of the workload, never of the scraper), moves this backend to the new
         version, runs the ``switch`` phase (native secure ports where the new version
-        has them), and returns the deployment with its new pods and specs.
+        has them), and returns the deployment with its new pods and specs. The steps
+        are the plan's (:func:`.upgrade.upgrade_phase_steps`), for the cluster as
+        connected: this run's kubeconfig, context and Istio namespace.
         """
         old, new = self.upgrade_versions()
         key = (deployment.scenario.name, deployment.mtls_mode)
@@ -700,12 +684,13 @@ class ClusterBackend(Backend):
             )
         if self.version != old:
             raise SecureMetricsError(f"this run already upgraded Istio {old} to {self.version}")
-        plan = self.upgrade_plan()
-        if plan.variants[0].namespace != deployment.namespace:
-            raise SecureMetricsError(
-                f"the upgrade plan moves namespace {plan.variants[0].namespace}, but the "
-                f"deployment is in {deployment.namespace}"
-            )
+        steps = upgrade_phase_steps(
+            self.options,
+            active.plan,
+            self.target,
+            scraper_namespace=self.scraper.namespace,
+            istio_namespace=self.istio_namespace,
+        )
         old_ctl = self.istioctl or str(resolve_tool(istioctl_spec(str(old)), self.cache).path)
         new_ctl = self._upgrade_istioctl or str(
             resolve_tool(istioctl_spec(str(new)), self.cache).path
@@ -715,7 +700,7 @@ class ClusterBackend(Backend):
 
         def execute(phase: str) -> None:
             run_upgrade(
-                plan,
+                steps,
                 self.api,
                 tools=tools,
                 run=self.run,
@@ -876,17 +861,8 @@ class PreparedCluster:
     kind: KindHandle | None
 
 
-def kind_identity(options: ClusterOptions, version: IstioVersion) -> tuple[str, str]:
-    """The kind cluster's name and node image (an upgrade run: one both versions support)."""
-    pair = options.upgrade_versions()
-    if pair is not None:
-        return upgrade_cluster_name(options, *pair), upgrade_node_image(options, *pair)
-    image = options.kind_image or pins.node_image(capabilities(version).kubernetes_range)
-    return kind_cluster_name(options, version), image
-
-
 def _prepare_cluster(
-    options: ClusterOptions, version: IstioVersion, timer: PhaseTimer, cache: ToolCache, undo: Undo
+    options: ClusterOptions, timer: PhaseTimer, cache: ToolCache, undo: Undo
 ) -> PreparedCluster:
     """Preflight, tools and the cluster: kind (created or reused) or the kubeconfig's."""
     if options.mode == "kind":
@@ -895,12 +871,13 @@ def _prepare_cluster(
         with timer.phase("tools"):
             kind_bin = resolve_tool(kind_spec(), cache, override=options.kind_bin).path
             kubectl = resolve_tool(kubectl_spec(), cache, override=options.kubectl_bin).path
-        name, image = kind_identity(options, version)
+        identity = kind_identity(options)
+        name = identity.name
         with timer.phase("cluster"):
-            kind = kind_cluster(name, image, kind_bin, kubectl, timer=timer)
+            kind = kind_cluster(name, identity.image, kind_bin, kubectl, timer=timer)
             if kind.created and not options.keep_cluster:
                 undo.push(f"delete kind cluster {name}", kind.delete)
-        target = istio.KubeTarget(kind.kubeconfig, f"kind-{name}")
+        target = istio.KubeTarget(kind.kubeconfig, identity.context)
         api = connect(
             target.kubeconfig, target.context, discovery_cache=cache.root / "discovery" / name
         )
@@ -1040,14 +1017,12 @@ def make_cluster_backend(
     within seconds. An upgrade run (``options.upgrade_from``) installs the older Istio.
     """
     options = options.validated()
-    pair = options.upgrade_versions()
-    requested = resolve(options.istio_version) if options.istio_version else None
-    start = pair[0] if pair is not None else requested or DEFAULT_VERSION
+    planned_version(options)  # a bad --istio-version fails here, before anything is touched
     timer = PhaseTimer(progress or stderr_progress)
     cache = ToolCache(options.cache_dir)
     undo = Undo()
     try:
-        cluster = _prepare_cluster(options, start, timer, cache, undo)
+        cluster = _prepare_cluster(options, timer, cache, undo)
     except BaseException:
         undo.run(timer.progress)
         raise

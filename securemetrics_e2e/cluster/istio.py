@@ -68,13 +68,15 @@ def install_command(
     tag: str | None = None,
     revision: str | None = None,
     verb: str = "install",
+    profile: str = "default",
 ) -> list[str]:
-    """``istioctl install`` with the default profile (istiod + istio-ingressgateway).
+    """``istioctl install`` with ``profile`` (default: istiod + istio-ingressgateway).
 
     ``verb="upgrade"``: the in-place upgrade, which istio.io runs with the same flags as
-    the install (``istioctl upgrade`` is an alias of ``install``).
+    the install (``istioctl upgrade`` is an alias of ``install``). ``profile="minimal"``
+    installs istiod only (a canary revision beside a running control plane).
     """
-    cmd = [istioctl, verb, "-y", *target.args(), "--set", "profile=default"]
+    cmd = [istioctl, verb, "-y", *target.args(), "--set", f"profile={profile}"]
     if hub:
         cmd += ["--set", f"hub={hub}"]
     if tag:

@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -41,6 +42,7 @@ from securemetrics_e2e.manifests import (
 from securemetrics_e2e.versions import (
     Capabilities,
     IstioVersion,
+    KubernetesRange,
     capabilities,
     previous_minor,
     resolve,
@@ -51,14 +53,69 @@ SCRAPER_DEPLOYMENT = "prometheus"
 SCRAPER_SELECTOR = "app.kubernetes.io/name=prometheus"
 
 
-def kind_cluster_name(options: ClusterOptions, version: IstioVersion) -> str:
-    """One kind cluster per Istio minor, so ``--keep-cluster`` runs reuse it."""
-    return options.cluster_name or f"sm-e2e-{version.major}-{version.minor}"
-
-
 def kind_kubeconfig(name: str) -> Path:
     # where pytest-kind-ng's KindCluster keeps it (relative to the working directory)
     return Path(".pytest-kind") / name / "kubeconfig"
+
+
+def common_kubernetes(old: IstioVersion, new: IstioVersion) -> KubernetesRange:
+    """The Kubernetes minors both versions support: the cluster must run one of them."""
+    a, b = capabilities(old).kubernetes_range, capabilities(new).kubernetes_range
+
+    def key(minor: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in minor.split("."))
+
+    oldest, newest = max(a.oldest, b.oldest, key=key), min(a.newest, b.newest, key=key)
+    if key(oldest) > key(newest):
+        raise UsageError(
+            f"Istio {old} (Kubernetes {a}) and {new} (Kubernetes {b}) share no Kubernetes minor"
+        )
+    return KubernetesRange(oldest, newest)
+
+
+class KindIdentity(NamedTuple):
+    """The kind cluster of a run: its name and node image."""
+
+    name: str
+    image: str
+
+    @property
+    def context(self) -> str:
+        """The kubeconfig context kind writes for the cluster."""
+        return f"kind-{self.name}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return kind_kubeconfig(self.name)
+
+
+def kind_identity(options: ClusterOptions) -> KindIdentity:
+    """The kind cluster a run with ``options`` creates or reuses.
+
+    One cluster per Istio minor, so ``--keep-cluster`` runs reuse it. An upgrade run has
+    one per version pair, apart from plain runs' (a kept one ends on the newer Istio,
+    which a plain run of the older must not find), with the node image of a Kubernetes
+    minor both versions support.
+    """
+    pair = options.upgrade_versions()
+    if pair is not None:
+        old, new = pair
+        name = f"sm-e2e-upgrade-{old.minor}-{new.minor}"
+        kubernetes = common_kubernetes(old, new)
+    else:
+        version = planned_version(options)
+        name = f"sm-e2e-{version.major}-{version.minor}"
+        kubernetes = capabilities(version).kubernetes_range
+    return KindIdentity(
+        options.cluster_name or name, options.kind_image or pins.node_image(kubernetes)
+    )
+
+
+def planned_target(options: ClusterOptions, kind: KindIdentity) -> istio.KubeTarget:
+    """How istioctl and kubectl will reach the cluster of a run with ``options``."""
+    if options.mode == "kind":
+        return istio.KubeTarget(kind.kubeconfig, kind.context)
+    return istio.KubeTarget(options.kubeconfig, options.context)
 
 
 def scenario_namespace(scenario: Scenario, mode: MtlsMode, run_id: str) -> str:
@@ -410,13 +467,8 @@ def render_plan(
     caps = capabilities(version)
     cache = cache or ToolCache(options.cache_dir)
     run_id = options.run_id
-    if options.mode == "kind":
-        name = kind_cluster_name(options, version)
-        kubeconfig: Path | None = kind_kubeconfig(name)
-        context: str | None = f"kind-{name}"
-    else:
-        name, kubeconfig, context = "", options.kubeconfig, options.context
-    target = istio.KubeTarget(kubeconfig, context)
+    kind = kind_identity(options)
+    target = planned_target(options, kind)
     istioctl = str(options.istioctl_bin or "istioctl")
     variants = []
     for s, m in _pairs(scenarios):
@@ -429,9 +481,7 @@ def render_plan(
     active = [v for v in variants if v.skip is None]
     steps: list[Step] = [
         tools_step(options, cache, [istioctl_spec(str(version))]),
-        *cluster_steps(
-            options, name, kubeconfig, options.kind_image or pins.node_image(caps.kubernetes_range)
-        ),
+        *cluster_steps(options, kind),
     ]
     steps.append(
         Step(
@@ -486,7 +536,7 @@ def render_plan(
     for index, v in enumerate(active):
         holder = next((o for o in active[:index] if o.conflicts(v)), None)
         steps += _variant_steps(v, after=holder)
-    teardown = teardown_steps(options, active, scraper, target, istioctl, name, kubeconfig)
+    teardown = teardown_steps(options, active, scraper, target, istioctl, kind)
     return Plan(options, version, steps, variants, teardown)
 
 
@@ -499,9 +549,7 @@ def tools_step(options: ClusterOptions, cache: ToolCache, istioctls: Sequence[To
     return Step("tools", "resolve the tools (flag, PATH, or verified download)", details=tools)
 
 
-def cluster_steps(
-    options: ClusterOptions, name: str, kubeconfig: Path | None, image: str
-) -> list[Step]:
+def cluster_steps(options: ClusterOptions, kind: KindIdentity) -> list[Step]:
     """Where the run happens: a kind cluster created (or reused), or the kubeconfig's."""
     if options.mode != "kind":
         context = f", context {options.context}" if options.context else ", its current context"
@@ -513,7 +561,7 @@ def cluster_steps(
                 "; check that its API server answers within 5 s",
             )
         ]
-    kind = str(options.kind_bin or "kind")
+    kind_bin = str(options.kind_bin or "kind")
     return [
         Step(
             "cluster",
@@ -522,17 +570,17 @@ def cluster_steps(
         ),
         Step(
             "cluster",
-            f"create kind cluster {name} with node image {image}, or reuse it if it exists "
-            "(pytest-kind-ng KindCluster)",
+            f"create kind cluster {kind.name} with node image {kind.image}, or reuse it if it "
+            "exists (pytest-kind-ng KindCluster)",
             commands=[
-                [kind, "get", "clusters"],
+                [kind_bin, "get", "clusters"],
                 [
-                    kind,
+                    kind_bin,
                     "create",
                     "cluster",
-                    f"--name={name}",
-                    f"--kubeconfig={kubeconfig}",
-                    f"--image={image}",
+                    f"--name={kind.name}",
+                    f"--kubeconfig={kind.kubeconfig}",
+                    f"--image={kind.image}",
                 ],
             ],
         ),
@@ -588,8 +636,7 @@ def teardown_steps(
     scraper: ScraperPlan,
     target: istio.KubeTarget,
     istioctl: str,
-    name: str,
-    kubeconfig: Path | None,
+    kind: KindIdentity,
     *,
     uninstall_note: str = "",
 ) -> list[Step]:
@@ -653,14 +700,14 @@ def teardown_steps(
             teardown.append(
                 Step(
                     "cluster",
-                    f"delete kind cluster {name} (--keep-cluster keeps it for the next run)",
+                    f"delete kind cluster {kind.name} (--keep-cluster keeps it for the next run)",
                     commands=[
                         [
                             str(options.kind_bin or "kind"),
                             "delete",
                             "cluster",
-                            f"--name={name}",
-                            f"--kubeconfig={kubeconfig}",
+                            f"--name={kind.name}",
+                            f"--kubeconfig={kind.kubeconfig}",
                         ]
                     ],
                 )

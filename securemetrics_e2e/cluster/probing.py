@@ -41,11 +41,6 @@ _CERT_FILES = ("root-cert.pem", "cert-chain.pem", "key.pem")
 _CERTS_MAX_AGE = 300.0  # re-read the scraper's files: the agent rotates them
 
 
-class _Timer:
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-
 class Prober:
     """Runs the checks' probes on the cluster, from the scraper pod and the workload pods."""
 
@@ -67,7 +62,7 @@ class Prober:
         self.trust_domain = trust_domain
         self.run_id = run_id
         self._workdir_path: Path | None = None
-        self.timer = _Timer(progress)
+        self.progress = progress
         self._forwards: dict[tuple[str, str, int], PortForward | None] = {}
         self._certs: tuple[float, str, OutputCerts] | None = None
         self._foreign: OutputCerts | None = None
@@ -95,21 +90,23 @@ class Prober:
             self._workdir_path = Path(tempfile.mkdtemp(prefix="securemetrics-cluster-"))
         return self._workdir_path
 
-    def _scraper_pod(self) -> str:
+    def scraper_pod(self) -> str:
+        """The name of the scraper's running pod (looked up each time: it may restart)."""
         pods = running_pods(self.api, self.scraper.namespace, SCRAPER_SELECTOR)
         if not pods:
             raise SecureMetricsError(f"no running scraper pod in {self.scraper.namespace}")
         return str(pods[0]["metadata"]["name"])
 
-    def _scraper_certs(self) -> OutputCerts:
-        """The scraper's OUTPUT_CERTS files, copied from its pod into a private directory."""
-        pod = self._scraper_pod()
+    def _scraper_certs(self) -> tuple[str, OutputCerts]:
+        """The scraper's pod, and its OUTPUT_CERTS files copied from it into a private
+        directory."""
+        pod = self.scraper_pod()
         if (
             self._certs is not None
             and self._certs[1] == pod
             and time.monotonic() - self._certs[0] < _CERTS_MAX_AGE
         ):
-            return self._certs[2]
+            return pod, self._certs[2]
         directory = self._workdir / "scraper-certs"
         directory.mkdir(mode=0o700, exist_ok=True)
         paths = []
@@ -126,7 +123,7 @@ class Prober:
             paths.append(atomic_write(directory / name, got.stdout.encode(), KEY_MODE))
         certs = OutputCerts(directory, paths[0], paths[1], paths[2])
         self._certs = (time.monotonic(), pod, certs)
-        return certs
+        return pod, certs
 
     def _foreign_certs(self) -> OutputCerts:
         if self._foreign is None:
@@ -147,7 +144,7 @@ class Prober:
         fwd = PortForward(self.kubectl, self.target.args(), namespace, pod, port)
         fwd.start()
         if not fwd.verified():
-            self.timer.progress(
+            self.progress(
                 f"[cluster] note: port {port} of {namespace}/{pod} does not answer through a "
                 f"port-forward ({fwd.stderr_tail() or 'no TLS reply'}); using the in-cluster "
                 "probe alone"
@@ -166,9 +163,8 @@ class Prober:
         credential: Credential = Credential.SCRAPER,
     ) -> ScrapeResult:
         url = workload.url(port, path)
-        mesh = self._scraper_certs()
+        pod, mesh = self._scraper_certs()
         roots = [mesh.root()]
-        pod = self._scraper_pod()
         staged: str | None = None
         if credential is Credential.FOREIGN_CA:
             staged = self._stage_in_pod(pod, self._foreign_certs(), mesh)
@@ -268,7 +264,7 @@ class Prober:
         if origin is Origin.INSIDE_POD:
             host, namespace, pod = "127.0.0.1", workload.namespace, workload.pod_name
         else:
-            host, namespace, pod = workload.pod_ip, self.scraper.namespace, self._scraper_pod()
+            host, namespace, pod = workload.pod_ip, self.scraper.namespace, self.scraper_pod()
         url = (
             workload.url(port, path, scheme="http")
             if host != "127.0.0.1"

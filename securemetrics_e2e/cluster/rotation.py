@@ -48,6 +48,7 @@ from securemetrics_e2e.continuity import (
     RotationRun,
     RotationStep,
     measure_continuity,
+    wait_scraped,
 )
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.manifests import SECRET_TTL_ENV
@@ -271,22 +272,18 @@ class ClusterRotation:
     def wait_scraped_up(
         self, workload: Workload, jobs: Sequence[str], after: datetime, timeout: float
     ) -> None:
-        api = self.prometheus()
-
-        def up() -> None:
-            for job in jobs:
-                mine = workload.targets_in(api.active_targets(job))
-                if not mine:
-                    raise NotYet(f"job {job}: no target for pod {workload.pod_name}")
-                for t in mine:
-                    if t.last_scrape is None or t.last_scrape <= after:
-                        raise NotYet(f"job {job}: {t.scrape_url} not scraped since {after}")
-                    if t.health != "up":
-                        raise NotYet(f"job {job}: {t.describe()}")
-
-        self._wait(f"jobs {', '.join(jobs)} to scrape {workload.name} UP", up, timeout)
-
-    # -- the run ---------------------------------------------------------------------
+        """Every job scraped ``workload`` UP after ``after``; WaitTimeout otherwise."""
+        waited = wait_scraped(
+            self.prometheus(),
+            [workload],
+            f"jobs {', '.join(jobs)} to scrape {workload.name} UP",
+            jobs=jobs,
+            since=after,
+            timeout=timeout,
+            interval=self.timing.poll_interval,
+        )
+        if waited.timed_out is not None:
+            raise waited.timed_out
 
     def _first_served(self, workload: Workload, port: int) -> ServedCertificate:
         found: list[ServedCertificate] = []

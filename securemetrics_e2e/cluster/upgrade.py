@@ -26,7 +26,8 @@ at once is refused with the intermediate minor named: upgrade in two runs.
 :func:`upgrade_plan` is the whole run, step by step; ``--plan`` prints it, the backend
 builds its cluster, Istio, scraper and deployment with the same builders, and
 :meth:`ClusterBackend.upgrade <securemetrics_e2e.cluster.backend.ClusterBackend.upgrade>`
-executes its :data:`UPGRADE_PHASES` with :func:`run_upgrade`.
+executes the steps of its :data:`UPGRADE_PHASES` with :func:`run_upgrade`, built by the
+one function the plan takes them from, :func:`upgrade_phase_steps`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from securemetrics_e2e.catalog import UPGRADE, MtlsMode, Scenario, upgraded_spec
-from securemetrics_e2e.cluster import istio, pins
+from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.plan import (
@@ -48,7 +49,9 @@ from securemetrics_e2e.cluster.plan import (
     Step,
     VariantPlan,
     cluster_steps,
-    kind_kubeconfig,
+    common_kubernetes,
+    kind_identity,
+    planned_target,
     run_scope_reason,
     scraper_plan,
     skipped_variant,
@@ -61,26 +64,15 @@ from securemetrics_e2e.cluster.resources import wait_rollouts, with_run_label
 from securemetrics_e2e.cluster.tools import ToolCache, istioctl_spec
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.manifests import scenario_manifests
-from securemetrics_e2e.versions import (
-    IstioVersion,
-    KubernetesRange,
-    capabilities,
-    previous_minor,
-    upgrade_pair,
-)
+from securemetrics_e2e.versions import IstioVersion, capabilities
 
 __all__ = [
     "UPGRADE_PHASES",
     "UpgradeStep",
     "UpgradeWindow",
     "canary_revision",
-    "common_kubernetes",
-    "previous_minor",  # the rule lives in versions; kept importable here
-    "render_upgrade_plan",
     "run_upgrade",
-    "upgrade_cluster_name",
-    "upgrade_node_image",
-    "upgrade_pair",
+    "upgrade_phase_steps",
     "upgrade_plan",
     "upgraded_scenario",
 ]
@@ -94,32 +86,6 @@ WORKLOAD_DEPLOYMENT = "httpbin"
 def canary_revision(version: IstioVersion) -> str:
     """The revision name istio.io uses for a version: ``1.31.1`` -> ``1-31-1``."""
     return str(version).replace(".", "-")
-
-
-def common_kubernetes(old: IstioVersion, new: IstioVersion) -> KubernetesRange:
-    """The Kubernetes minors both versions support: the cluster must run one of them."""
-    a, b = capabilities(old).kubernetes_range, capabilities(new).kubernetes_range
-
-    def key(minor: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in minor.split("."))
-
-    oldest, newest = max(a.oldest, b.oldest, key=key), min(a.newest, b.newest, key=key)
-    if key(oldest) > key(newest):
-        raise UsageError(
-            f"Istio {old} (Kubernetes {a}) and {new} (Kubernetes {b}) share no Kubernetes minor"
-        )
-    return KubernetesRange(oldest, newest)
-
-
-def upgrade_cluster_name(options: ClusterOptions, old: IstioVersion, new: IstioVersion) -> str:
-    """The kind cluster of an upgrade run: one per version pair, apart from plain runs'
-    (a kept one ends on the newer Istio, which a plain run of the older must not find)."""
-    return options.cluster_name or f"sm-e2e-upgrade-{old.minor}-{new.minor}"
-
-
-def upgrade_node_image(options: ClusterOptions, old: IstioVersion, new: IstioVersion) -> str:
-    """A kind node image of a Kubernetes minor both versions support."""
-    return options.kind_image or pins.node_image(common_kubernetes(old, new))
 
 
 def upgraded_scenario(version: IstioVersion) -> Scenario:
@@ -145,64 +111,42 @@ class UpgradeStep(Step):
     window: str = ""  # "start" / "end" of the continuity window
 
 
-def render_upgrade_plan(
-    options: ClusterOptions,
-    from_version: str,
-    to_version: str,
-    *,
-    canary: bool,
-    cache: ToolCache | None = None,
-) -> Plan:
-    """:func:`upgrade_plan` for ``from_version`` -> ``to_version`` (the CLI's entry)."""
-    upgrade = dataclasses.replace(
-        options, upgrade_from=from_version, istio_version=to_version, canary=canary
-    )
-    return upgrade_plan(upgrade, cache=cache)
+def _upgrade_pair(options: ClusterOptions) -> tuple[IstioVersion, IstioVersion]:
+    pair = options.upgrade_versions()
+    if pair is None:
+        raise UsageError("an upgrade plan needs --upgrade-from (the Istio version to start on)")
+    return pair
 
 
 def upgrade_plan(
     options: ClusterOptions,
     *,
     cache: ToolCache | None = None,
-    target: istio.KubeTarget | None = None,
-    istio_namespace: str = ISTIO_NAMESPACE,
     scenarios: Sequence[tuple[Scenario, MtlsMode]] = (),
 ) -> Plan:
     """Every command and manifest of an upgrade run, in order, touching nothing.
 
-    ``target`` is how istioctl and kubectl reach the cluster (default: from
-    ``options``; the backend passes the one it connected with). ``scenarios`` other than
-    the upgrade scenario are listed as skipped, with why.
+    ``scenarios`` other than the upgrade scenario are listed as skipped, with why.
     """
     options = options.validated()
-    pair = options.upgrade_versions()
-    if pair is None:
-        raise UsageError("an upgrade plan needs --upgrade-from (the Istio version to start on)")
-    old, new = pair
+    old, new = _upgrade_pair(options)
     canary = options.canary
     cache = cache or ToolCache(options.cache_dir)
     run_id = options.run_id
-    name = upgrade_cluster_name(options, old, new) if options.mode == "kind" else ""
-    kubeconfig = kind_kubeconfig(name) if options.mode == "kind" else options.kubeconfig
-    if target is None:
-        context = f"kind-{name}" if options.mode == "kind" else options.context
-        target = istio.KubeTarget(kubeconfig, context)
+    kind = kind_identity(options)
+    target = planned_target(options, kind)
     # A plan names istioctl by role; the run passes the resolved paths (run_upgrade's tools).
     old_ctl, new_ctl = f"istioctl-{old}", f"istioctl-{new}"
-    kubectl = [str(options.kubectl_bin or "kubectl"), *target.args()]
     scraper = scraper_plan(old, run_id)
-    before = variant_plan(
-        UPGRADE, MtlsMode.PERMISSIVE, old, run_id, istio_namespace=istio_namespace
-    )
+    before = variant_plan(UPGRADE, MtlsMode.PERMISSIVE, old, run_id)
     if before.skip is not None:
         raise UsageError(f"the upgrade scenario cannot start on Istio {old}: {before.skip}")
     namespace = before.namespace
-    revision = canary_revision(new) if canary else None
-    how = f"canary revision {revision}" if canary else "in place"
+    how = f"canary revision {canary_revision(new)}" if canary else "in place"
     steps: list[Step] = [
         tools_step(options, cache, [istioctl_spec(str(old)), istioctl_spec(str(new))])
     ]
-    steps += cluster_steps(options, name, kubeconfig, upgrade_node_image(options, old, new))
+    steps += cluster_steps(options, kind)
     if options.mode == "kind":
         steps[-1].details.append(
             f"Kubernetes {common_kubernetes(old, new)}: supported by both Istio {old} and {new}"
@@ -210,13 +154,13 @@ def upgrade_plan(
     steps.append(
         UpgradeStep(
             "istio",
-            f"if an istiod is installed it must be Istio {old} in {istio_namespace} without a "
+            f"if an istiod is installed it must be Istio {old} in {ISTIO_NAMESPACE} without a "
             "revision (an upgrade run installs and upgrades Istio itself: any other is "
             f"refused); otherwise install Istio {old} with the default profile",
             commands=[istio.install_command(old_ctl, target, hub=options.hub)],
             rollouts=[
-                Rollout("Deployment", "istiod", istio_namespace),
-                Rollout("Deployment", istio.INGRESS_GATEWAY, istio_namespace),
+                Rollout("Deployment", "istiod", ISTIO_NAMESPACE),
+                Rollout("Deployment", istio.INGRESS_GATEWAY, ISTIO_NAMESPACE),
             ],
         )
     )
@@ -247,11 +191,8 @@ def upgrade_plan(
             window="start",
         )
     )
-    steps += _upgrade_steps(old, new, target, istio_namespace, revision, options.hub)
-    steps.append(_restart_step(old, new, kubectl, namespace, scraper.namespace, revision))
-    upgraded = upgraded_scenario(new)
-    final = upgraded.workloads[0]
-    steps.append(_switch_step(before, upgraded, new, run_id, scraper.namespace, istio_namespace))
+    steps += upgrade_phase_steps(options, before, target, scraper_namespace=scraper.namespace)
+    final = upgraded_scenario(new).workloads[0]
     steps.append(
         UpgradeStep(
             "after",
@@ -268,8 +209,7 @@ def upgrade_plan(
         scraper,
         target,
         new_ctl,
-        name,
-        kubeconfig,
+        kind,
         uninstall_note=f" with istioctl {new} (--purge: "
         + ("both revisions)" if canary else "the upgraded control plane)"),
     )
@@ -285,59 +225,75 @@ def upgrade_plan(
     return Plan(options.with_version(str(new)), new, steps, variants, teardown, notes)
 
 
-def _upgrade_steps(
+def upgrade_phase_steps(
+    options: ClusterOptions,
+    before: VariantPlan,
+    target: istio.KubeTarget,
+    *,
+    scraper_namespace: str,
+    istio_namespace: str = ISTIO_NAMESPACE,
+) -> list[UpgradeStep]:
+    """The steps of :data:`UPGRADE_PHASES`: upgrade Istio, restart the workload of
+    ``before`` (the deployed upgrade scenario) onto the new proxies, switch it.
+
+    :func:`upgrade_plan` prints them and the backend runs them, so what runs is what
+    the plan shows; building them resolves no tool and touches nothing.
+    """
+    old, new = _upgrade_pair(options)
+    revision = canary_revision(new) if options.canary else None
+    kubectl = [str(options.kubectl_bin or "kubectl"), *target.args()]
+    return [
+        _upgrade_step(old, new, target, istio_namespace, revision, options.hub),
+        _restart_step(old, new, kubectl, before.namespace, scraper_namespace, revision),
+        _switch_step(
+            before,
+            upgraded_scenario(new),
+            new,
+            options.run_id,
+            scraper_namespace,
+            istio_namespace,
+        ),
+    ]
+
+
+def _upgrade_step(
     old: IstioVersion,
     new: IstioVersion,
     target: istio.KubeTarget,
     istio_namespace: str,
     revision: str | None,
     hub: str | None,
-) -> list[Step]:
+) -> UpgradeStep:
     new_ctl = f"istioctl-{new}"
-    hub_flags = ["--set", f"hub={hub}"] if hub else []
     if revision is None:
-        return [
-            UpgradeStep(
-                "upgrade",
-                f"in place: istioctl upgrade to Istio {new} (same flags as the install)",
-                commands=[istio.install_command(new_ctl, target, hub=hub, verb="upgrade")],
-                rollouts=[
-                    Rollout("Deployment", "istiod", istio_namespace),
-                    Rollout("Deployment", istio.INGRESS_GATEWAY, istio_namespace),
-                ],
-            )
-        ]
-    return [
-        UpgradeStep(
+        return UpgradeStep(
             "upgrade",
-            f"canary: install Istio {new} as revision {revision} beside {old} (istiod only), "
-            "then make it the default revision tag",
-            commands=[
-                [
-                    new_ctl,
-                    "install",
-                    "-y",
-                    *target.args(),
-                    "--set",
-                    "profile=minimal",
-                    *hub_flags,
-                    "--set",
-                    f"revision={revision}",
-                ],
-                [
-                    new_ctl,
-                    "tag",
-                    "set",
-                    "default",
-                    *target.args(),
-                    "--revision",
-                    revision,
-                    "--overwrite",
-                ],
+            f"in place: istioctl upgrade to Istio {new} (same flags as the install)",
+            commands=[istio.install_command(new_ctl, target, hub=hub, verb="upgrade")],
+            rollouts=[
+                Rollout("Deployment", "istiod", istio_namespace),
+                Rollout("Deployment", istio.INGRESS_GATEWAY, istio_namespace),
             ],
-            rollouts=[Rollout("Deployment", f"istiod-{revision}", istio_namespace)],
         )
-    ]
+    return UpgradeStep(
+        "upgrade",
+        f"canary: install Istio {new} as revision {revision} beside {old} (istiod only), "
+        "then make it the default revision tag",
+        commands=[
+            istio.install_command(new_ctl, target, hub=hub, revision=revision, profile="minimal"),
+            [
+                new_ctl,
+                "tag",
+                "set",
+                "default",
+                *target.args(),
+                "--revision",
+                revision,
+                "--overwrite",
+            ],
+        ],
+        rollouts=[Rollout("Deployment", f"istiod-{revision}", istio_namespace)],
+    )
 
 
 def _restart_step(
@@ -427,7 +383,7 @@ class UpgradeWindow:
 
 
 def run_upgrade(
-    plan: Plan,
+    steps: Sequence[Step],
     api: KubeAPI,
     *,
     tools: dict[str, str],
@@ -437,16 +393,18 @@ def run_upgrade(
     progress: Callable[[str], None] = lambda line: None,
     phases: Collection[str] | None = None,
 ) -> UpgradeWindow:
-    """Execute ``plan``'s steps in order (only those of ``phases``, when given).
+    """Execute ``steps`` in order (only those of ``phases``, when given): a plan's
+    (:attr:`Plan.steps`), or those of :func:`upgrade_phase_steps`. Progress numbers
+    them as they are numbered in ``steps``.
 
     ``tools`` maps a tool's role in the plan (``istioctl-<V>``, ``kubectl``) to a binary;
     ``run`` runs one command (raises on failure), ``verify`` runs the checks for a
     verification step (raises on failure). The first failure stops the upgrade: what
     was applied stays for diagnostics, and teardown removes it by its run label.
-    Without ``phases`` the plan must open and close a continuity window; with them the
+    Without ``phases`` the steps must open and close a continuity window; with them the
     window is the time the chosen steps took.
     """
-    known = [s.phase for s in plan.steps]
+    known = [s.phase for s in steps]
     if phases is not None:
         unknown = sorted(set(phases) - set(known))
         if unknown:
@@ -458,7 +416,7 @@ def run_upgrade(
     start: datetime | None = None
     end: datetime | None = None
     verified: list[str] = []
-    for number, step in enumerate(plan.steps, 1):
+    for number, step in enumerate(steps, 1):
         if phases is not None and step.phase not in phases:
             continue
         progress(f"[upgrade] {number}. [{step.phase}] {step.title}")
