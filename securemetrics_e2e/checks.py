@@ -23,6 +23,7 @@ from securemetrics_e2e.catalog import (
     Scenario,
     WorkloadKind,
 )
+from securemetrics_e2e.configdump import listener_on_port
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextOutcome
 from securemetrics_e2e.prometheus import PrometheusAPI, Target
 from securemetrics_e2e.results import CheckOutcome, Status
@@ -89,9 +90,9 @@ def _expected_prefixes(w: Workload, role: str) -> tuple[str, ...]:
 def _listeners_tls_only(check: Check, backend: Backend, dep: Deployment) -> None:
     problems = []
     for w in dep.workloads:
-        by_port = {lst.port: lst for lst in backend.listeners(w)}
+        listeners = backend.listeners(w)
         for role, port in _secure_ports(w):
-            lst = by_port.get(port)
+            lst = listener_on_port(listeners, port)
             if lst is None:
                 problems.append(f"{w.name}: no listener on the {role} port {port}")
                 continue

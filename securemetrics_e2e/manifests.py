@@ -457,10 +457,9 @@ def add_proxy_metadata(deployment: Mapping[str, Any], extra: Mapping[str, str]) 
 
 def proxy_metadata_of(deployment: Mapping[str, Any]) -> dict[str, str]:
     """The ``proxyMetadata`` a Deployment's pods ask the injector for ({} when none)."""
-    text = _pod_annotations(deployment).get(_PROXY_CONFIG)
-    config = yaml.safe_load(text) if text else None
-    metadata = (config or {}).get("proxyMetadata") if isinstance(config, dict) else None
-    return {str(k): str(v) for k, v in (metadata or {}).items()}
+    from securemetrics_e2e.audit import proxy_metadata
+
+    return proxy_metadata(_pod_annotations(deployment))
 
 
 def _with_secret_ttl(deployment: Mapping[str, Any]) -> dict[str, Any]:
