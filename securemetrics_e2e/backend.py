@@ -191,10 +191,6 @@ class Backend(abc.ABC):
         features (e.g. a cluster upgrade run deploys only the upgrade scenario), or None."""
         return None
 
-    def targets(self, job: str) -> list[Target]:
-        """The active targets of a Prometheus scrape job."""
-        return self.prometheus().active_targets(job)
-
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing global
         """Release what the backend holds across deployments."""
 
