@@ -40,6 +40,8 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
         {"hardened-envoy-stats-localhost", "hardened-agent-forbidden"},
     ),
     Fault.EXPIRED_WORKLOAD_CERT: ("native-sidecar", {"mtls-scrape", "envoy-port-stats-only"}),
+    # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
+    Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
     Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
     Fault.UPGRADE_DROPS_TARGETS: ("upgrade", {"upgrade-continuity"}),
@@ -150,6 +152,11 @@ def test_expired_certificate_is_named(control_results: dict[Fault, list[CheckOut
         o for o in control_results[Fault.EXPIRED_WORKLOAD_CERT] if o.check == "mtls-scrape"
     )
     assert "expired" in scrape.message
+
+
+def test_wrong_identity_is_named(control_results: dict[Fault, list[CheckOutcome]]) -> None:
+    scrape = next(o for o in control_results[Fault.WRONG_IDENTITY] if o.check == "mtls-scrape")
+    assert "httpbin-impostor" in scrape.message
 
 
 def test_targets_dropped_by_an_upgrade_are_named(

@@ -339,8 +339,11 @@ class LocalBackend(Backend):
         sds.directory.mkdir(parents=True)
         if fault is Fault.EXPIRED_WORKLOAD_CERT:
             identity = self.ca.issue_expired(ns, spec.service_account)
+        elif fault is Fault.WRONG_IDENTITY:
+            identity = self.ca.issue(ns, f"{spec.service_account}-impostor")
         else:
             identity = self.ca.issue(ns, spec.service_account)
+        expected = SpiffeId.for_workload(self._trust_domain, ns, spec.service_account)
         self.write_sds(sds, identity, fault)
         localhost_only = (
             spec.mode is MetricsMode.HARDENED and fault is not Fault.HARDENED_FLAG_MISSING
@@ -358,7 +361,7 @@ class LocalBackend(Backend):
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []
-        workload = Workload(spec, ns, pod.name, pod.ip, identity.spiffe_id)
+        workload = Workload(spec, ns, pod.name, pod.ip, expected)
         record = promconfig.PodRecord(
             name=pod.name,
             namespace=ns,

@@ -17,6 +17,9 @@ class Fault(enum.StrEnum):
     SCRAPE_JOB_PLAINTEXT = "scrape-job-plaintext"  # the job scrapes plaintext 15090 over http
     HARDENED_FLAG_MISSING = "hardened-flag-missing"  # METRICS_LOCALHOST_ACCESS_ONLY not applied
     EXPIRED_WORKLOAD_CERT = "expired-workload-cert"  # the proxy serves an expired certificate
+    # the proxy serves a valid mesh certificate of another service account: only a scraper
+    # that checks the SPIFFE ID notices (Prometheus runs with insecure_skip_verify)
+    WRONG_IDENTITY = "wrong-identity"
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
     # the pods an upgrade restarts come back without the secure-port annotations, so the
