@@ -334,7 +334,7 @@ def _upgrade_continuity(check: Check, backend: Backend, dep: Deployment) -> obje
 
     if not isinstance(backend, UpgradingBackend):
         raise check.fail(f"backend {backend.name} cannot upgrade a deployment")
-    run = run_upgrade_window(backend, dep)
+    run = run_upgrade_window(backend, dep, partial(verify, backend))
     if not run.ok:
         verdict = f" ({run.continuity.verdict_line()})" if run.continuity is not None else ""
         raise check.fail(run.failure_message() + verdict)
@@ -463,6 +463,17 @@ CHECKS: tuple[Check, ...] = (
     ROTATION,
     UPGRADE,
 )
+
+
+def verify(backend: Backend, dep: Deployment, check_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """The problems ``check_ids`` find on ``dep`` ("[code id] message" each; none: ())."""
+    problems = []
+    for check_id in check_ids:
+        try:
+            check(check_id).run(backend, dep)
+        except CheckFailed as exc:
+            problems.append(f"[{exc.code} {check_id}] {exc.message}")
+    return tuple(problems)
 
 
 def check(check_id: str) -> Check:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from securemetrics_e2e.catalog import (
     scenario,
     upgraded_spec,
 )
+from securemetrics_e2e.checks import verify
 from securemetrics_e2e.continuity import (
     COVER_SLACK,
     Continuity,
@@ -148,7 +150,7 @@ def upgraded() -> Iterator[tuple[LocalBackend, UpgradeRun, str, str]]:
     try:
         dep = backend.deploy(scenario("upgrade"), MtlsMode.PERMISSIVE)
         before_pod = dep.workloads[0].pod_name
-        run = run_upgrade_window(backend, dep)
+        run = run_upgrade_window(backend, dep, partial(verify, backend))
         yield backend, run, before_pod, dep.namespace
     finally:
         backend.close()
