@@ -493,7 +493,20 @@ class LocalBackend(Backend):
             return None
         from securemetrics_e2e.local.diagnostics import capture
 
-        return capture(self, deployment, reason, self.artifacts_dir)
+        variant = f"{deployment.scenario.name}-{deployment.mtls_mode.value.lower()}"
+        server = self.prometheus_server
+        return capture(
+            deployment,
+            reason,
+            self.artifacts_dir / f"local-{self.run_id}" / variant,
+            proxies={w.pod_name: self._runtime(w).envoy for w in deployment.workloads},
+            api=self.prometheus(),
+            scraper_files=(
+                (self.sd_file, "pods-file-sd.json"),
+                (server.config_path, "prometheus.yml"),
+                (server.process.log_path, "prometheus.log"),
+            ),
+        )
 
     def runtime_of(self, workload: Workload) -> _WorkloadRuntime:
         """The processes and files behind ``workload`` (for diagnostics and rotation)."""
