@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -570,9 +569,6 @@ class LocalBackend(Backend):
 
     def identity_of(self, workload: Workload) -> WorkloadIdentity:
         return self._runtime(workload).identity
-
-    def debug_state(self) -> dict[str, Any]:
-        return {"workdir": str(self.workdir), "active": list(self._active)}
 
     def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity:
         """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it."""
