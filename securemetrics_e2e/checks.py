@@ -425,7 +425,7 @@ SERVICE_MONITOR_UP = Check(
     applies=_uses_operator,
 )
 
-ROTATION = Check(
+ROTATION_CONTINUITY = Check(
     "rotation-continuity",
     "SMC011",
     "Rotated workload and scraper certificates are served at once, and Prometheus loses no "
@@ -435,7 +435,7 @@ ROTATION = Check(
     needs=frozenset({Feature.CERT_ROTATION}),
     continuity=True,
 )
-UPGRADE = Check(
+UPGRADE_CONTINUITY = Check(
     "upgrade-continuity",
     "SMC013",
     "Across an Istio minor upgrade the workload is scraped over mTLS before and after, "
@@ -460,8 +460,8 @@ CHECKS: tuple[Check, ...] = (
     MERGED_UP,
     ENVOY_UP,
     SERVICE_MONITOR_UP,
-    ROTATION,
-    UPGRADE,
+    ROTATION_CONTINUITY,
+    UPGRADE_CONTINUITY,
 )
 
 
