@@ -185,7 +185,18 @@ def test_canary_installs_a_revision_and_moves_the_default_tag(tmp_path: Path) ->
     ]
     assert not any(c[1] == "upgrade" for c in plan.commands())
     assert "canary revision 1-31-1" in plan.render_text()
-    assert "--purge: both revisions" in plan.render_text()
+    removal = [c for s in plan.teardown for c in s.commands if c[0].startswith("istioctl")]
+    assert removal == [
+        ["istioctl-1.31.1", "tag", "remove", "default", "-y", *_kind_target()],
+        ["istioctl-1.31.1", "uninstall", "-y", *_kind_target(), "--revision", "1-31-1"],
+        ["istioctl-1.31.1", "uninstall", "-y", *_kind_target(), "--revision", "default"],
+    ]
+    assert not any("--purge" in c for c in plan.commands())
+
+
+def _kind_target() -> list[str]:
+    name = "sm-e2e-upgrade-30-31"
+    return ["--kubeconfig", f".pytest-kind/{name}/kubeconfig", "--context", f"kind-{name}"]
 
 
 @pytest.mark.parametrize("canary", [False, True])

@@ -214,17 +214,39 @@ def resolve_istio(
     requested: str | None,
     revision: str | None,
 ) -> istio.InstalledIstio | None:
-    """The installed istiod for ``revision``, after checking it is the requested version."""
+    """The installed istiod the run uses (for ``revision``, else the one serving
+    ``istio-injection=enabled``), after checking it is the requested version.
+
+    None only when the cluster runs no istiod at all: a control plane that is there but
+    not the one asked for is refused, never installed beside (ISTIO-FACTS.md "Existing
+    clusters": a second control plane changes which istiod injects and signs).
+    """
     installed = istio.detect_istio(api, revision)
     if installed is None:
-        return None
+        others = istio.installed_istiods(api)
+        if not others:
+            return None
+        found = "; ".join(
+            f"istiod image {i.image} in {i.namespace}, revision {i.revision or 'default'}"
+            for i in others
+        )
+        wanted = f"revision {revision}" if revision else "a default revision (or tag)"
+        revs = sorted({i.revision for i in others if i.revision})
+        hint = f" (e.g. --istio-revision {revs[0]})" if revs else " (drop --istio-revision)"
+        raise IstioConflict(
+            f"the cluster runs Istio ({found}) but no istiod of {wanted}; the run uses an "
+            f"installed control plane and never installs one beside it: pass the revision to "
+            f"use{hint}, or use a cluster without Istio"
+        )
     if requested and installed.version and installed.version != requested:
-        where = installed.namespace + (f", revision {revision}" if revision else "")
+        where = installed.namespace + (
+            f", revision {installed.revision}" if installed.revision else ""
+        )
         raise IstioConflict(
             f"the cluster already runs Istio {installed.version} (istiod image "
             f"{installed.image} in {where}) "
             f"but --istio-version {requested} was asked for. Run without --istio-version to "
-            "test the installed Istio, use --istio-revision to install another revision beside "
-            "it, or use a cluster without Istio"
+            "test the installed Istio, or use a cluster without Istio (the run never installs "
+            "a control plane beside an installed one)"
         )
     return installed
