@@ -77,6 +77,38 @@ def test_kind_without_docker(
     assert not cache.exists()  # no download was started
 
 
+def test_missing_docker_names_the_flag_of_the_entry_point_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's flag is --backend, pytest's (and nox -s e2e's) --sm-backend."""
+    from securemetrics_e2e.cluster.setup import existing_cluster_hint
+
+    assert "--sm-backend existing" in existing_cluster_hint("/usr/bin/pytest")
+    cli = existing_cluster_hint("/venv/bin/securemetrics-e2e")
+    assert "run --backend existing" in cli
+    assert "--sm-backend" not in cli
+    assert existing_cluster_hint("/x/securemetrics_e2e/__main__.py") == cli
+    # the real CLI, end to end: the message it prints names its own flag
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "SECUREMETRICS_E2E_CACHE": str(tmp_path / "c")}
+    env.pop("KIND_EXPERIMENTAL_PROVIDER", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "securemetrics_e2e", "run", "--backend", "kind"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "`docker` is not on PATH" in out
+    assert "securemetrics-e2e run --backend existing --kubeconfig PATH" in out
+    assert "--sm-backend" not in out
+
+
 def test_kind_with_podman_provider_names_podman(
     clean_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

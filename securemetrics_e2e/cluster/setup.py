@@ -92,13 +92,23 @@ def container_runtime() -> str:
     return provider if provider in ("podman", "nerdctl") else "docker"
 
 
+def existing_cluster_hint(argv0: str | None = None) -> str:
+    """How to name an existing cluster in the entry point this process was started by:
+    the ``securemetrics-e2e`` CLI (console script or ``python -m securemetrics_e2e``) takes
+    ``--backend existing``; pytest and ``nox -s e2e`` take ``--sm-backend existing``."""
+    path = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else ""))
+    cli = path.name == "securemetrics-e2e" or (
+        path.name == "__main__.py" and path.parent.name == "securemetrics_e2e"
+    )
+    if cli:
+        return "securemetrics-e2e run --backend existing --kubeconfig PATH"
+    return "--sm-backend existing --kubeconfig PATH (nox -s e2e -- --kubeconfig PATH)"
+
+
 def check_container_runtime(timeout: float = 4.0) -> str:
     """Raise :class:`NoContainerRuntime` unless kind's container runtime answers."""
     binary = container_runtime()
-    alternative = (
-        "or run against an existing cluster: --sm-backend existing --kubeconfig PATH "
-        "(nox -s e2e -- --kubeconfig PATH)"
-    )
+    alternative = f"or run against an existing cluster: {existing_cluster_hint()}"
     path = shutil.which(binary)
     if path is None:
         raise NoContainerRuntime(
