@@ -28,7 +28,7 @@ from securemetrics_e2e.cluster.errors import (
     KubeconfigInvalid,
     NoContainerRuntime,
 )
-from securemetrics_e2e.cluster.kube import RUN_LABEL
+from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.setup import PhaseTimer
 from securemetrics_e2e.cluster.tools import ToolCache
@@ -430,11 +430,18 @@ def test_gateway_patch_is_restored_and_exclusive(fake: FakeKube, tmp_path: Path)
         DeployFailed, match=r"legacy-gateway \[PERMISSIVE\] changes .* native-gateway"
     ):
         backend.deploy(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)
+    fake.calls.clear()
     backend.teardown(dep)
     gateway = fake.find("Deployment", "istio-ingressgateway", "istio-system")
     assert gateway is not None  # never deleted: not the run's
     assert gateway["spec"]["template"] == ISTIO_TEMPLATE  # restored as read before patching
     legacy = backend.deploy(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)
+    restored = fake.calls.index(("patch", "Deployment", "istio-ingressgateway", "json"))
+    awaited = fake.calls.index(
+        ("get", "Deployment", "istio-ingressgateway", "istio-system"), restored
+    )
+    server = fake.calls.index(("apply", "Gateway", "istio-ingressgateway-metrics", FIELD_MANAGER))
+    assert restored < awaited < server  # the restored rollout before the 15091 server
     outside = [
         (k[1], k[3])
         for k, o in fake.objects.items()

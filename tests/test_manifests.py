@@ -292,6 +292,7 @@ def test_legacy_gateway_trio_and_annotation_patch() -> None:
     ]
     assert entry["spec"] == {
         "hosts": ["gateway-admin.local"],
+        "exportTo": ["."],  # else every sidecar gets an outbound listener on 15020
         "location": "MESH_INTERNAL",
         "resolution": "STATIC",
         "ports": [{"number": 15020, "name": "http-metrics", "protocol": "HTTP"}],

@@ -434,9 +434,17 @@ class ClusterBackend(Backend):
     def _remove(self, plan: VariantPlan) -> None:
         self.prober.forget(plan.namespace)
         held = {p.name for a in self._active.values() if a.plan is not plan for p in a.plan.patches}
-        for patch in plan.patches:
-            if patch.name not in held:
-                self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        restored = [p for p in plan.patches if p.name not in held]
+        for patch in restored:
+            self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        # The next holder (the legacy gateway after the native one) applies its own
+        # configuration only once the restored pods run: a Gateway server on 15091 bound
+        # while the old pods still carry ENVOY_SECURE_* would meet the native listener.
+        wait_rollouts(
+            self.api,
+            [Rollout(p.kind, p.name, p.namespace) for p in restored if p.kind == "Deployment"],
+            timeout=self.options.rollout_timeout,
+        )
         if plan.solo:
             # the scraper restarts with its own template: the next variant needs it running
             wait_rollouts(

@@ -709,8 +709,8 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     if after is not None:
         shared = after.conflicts(v)
         details.append(
-            f"only once {after.id} is torn down: both change {shared}, so they never run "
-            "at the same time"
+            f"only once {after.id} is torn down and what it patched is restored and rolled "
+            f"out again: both change {shared}, so they never run at the same time"
         )
     steps.append(
         Step(
