@@ -269,6 +269,11 @@ class Controller:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {"name": pod_name, "namespace": meta["namespace"], "labels": labels},
+                "spec": {
+                    k: v
+                    for k, v in dep["spec"]["template"].get("spec", {}).items()
+                    if k == "serviceAccountName"
+                },
                 "status": {"phase": "Running", "podIP": f"10.244.0.{self.ip}"},
             }
             if meta["name"] in self.broken:
@@ -416,6 +421,21 @@ def test_deploy_labels_everything_and_teardown_removes_only_it(
     backend.close()
     assert _namespaces(fake) == BEFORE
     assert {k[3] for k in fake.deleted if k[1] == "Namespace"} == {ns}
+
+
+def test_gateway_identity_is_its_pods_service_account(fake: FakeKube, tmp_path: Path) -> None:
+    """The Helm gateway chart names the account after the release: the expected SPIFFE
+    ID follows the pod, not istioctl's istio-ingressgateway-service-account."""
+    Controller(fake)
+    gateway = fake.find("Deployment", "istio-ingressgateway", "istio-system")
+    assert gateway is not None
+    gateway["spec"]["template"]["spec"]["serviceAccountName"] = "edge-gw"
+    backend = _backend(fake, tmp_path)
+    dep = backend.deploy(scenario("native-gateway"), MtlsMode.PERMISSIVE)
+    identity = str(dep.workload("istio-ingressgateway").spiffe_id)
+    assert identity == "spiffe://cluster.local/ns/istio-system/sa/edge-gw"
+    backend.teardown(dep)
+    backend.close()
 
 
 def test_gateway_patch_is_restored_and_exclusive(fake: FakeKube, tmp_path: Path) -> None:

@@ -497,25 +497,30 @@ class ClusterBackend(Backend):
                 raise DeployFailed(
                     f"no running pod of {loc.name} ({loc.selector}) in {loc.namespace}"
                 )
-            pod = pods[0]
-            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-            found.append(self._workload(specs[loc.name], loc, meta, status))
+            found.append(self._workload(specs[loc.name], loc, pods[0]))
         return found
 
-    def _workload(
-        self,
-        spec: WorkloadSpec,
-        loc: WorkloadLocator,
-        meta: dict[str, Any],
-        status: dict[str, Any],
-    ) -> Workload:
-        """The workload a located pod runs, with the identity its service account gets."""
+    def _workload(self, spec: WorkloadSpec, loc: WorkloadLocator, pod: Obj) -> Workload:
+        """The workload a located pod runs, with the identity istiod signs for it.
+
+        The SPIFFE ID is ``spiffe://<trust domain>/ns/<pod namespace>/sa/<pod's
+        spec.serviceAccountName>``: istiod signs the service account of the pod's token
+        (security/pkg/server/ca/authenticate/kubeauth/kube_jwt.go), so it is read from
+        the pod, not assumed: istioctl names the ingress gateway's account
+        ``istio-ingressgateway-service-account``, the Helm ``gateway`` chart names it
+        after the release (ISTIO-FACTS.md "Gateways"). The catalog's name is only the
+        fallback for a pod that names none (Kubernetes then runs it as ``default``).
+        """
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        account = str((pod.get("spec") or {}).get("serviceAccountName") or "")
         return Workload(
             spec=spec,
             namespace=loc.namespace,
             pod_name=str(meta.get("name", "")),
             pod_ip=str(status.get("podIP", "")),
-            spiffe_id=SpiffeId.for_workload(self.trust_domain, loc.namespace, loc.service_account),
+            spiffe_id=SpiffeId.for_workload(
+                self.trust_domain, loc.namespace, account or loc.service_account
+            ),
         )
 
     # -- shared installs ---------------------------------------------------------------
@@ -799,7 +804,7 @@ class ClusterBackend(Backend):
                 interval=0.2,
                 max_interval=2.0,
             )
-            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            meta = pod.get("metadata") or {}
             image = _proxy_image(pod)
             running = istio.version_from_image(image) if image else None
             if running is not None and running != str(self.version):
@@ -813,7 +818,7 @@ class ClusterBackend(Backend):
                         else ""
                     )
                 )
-            found.append(self._workload(specs[loc.name], loc, meta, status))
+            found.append(self._workload(specs[loc.name], loc, pod))
         return found
 
     # -- diagnostics and the end -------------------------------------------------------
