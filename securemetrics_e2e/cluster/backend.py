@@ -62,6 +62,7 @@ from securemetrics_e2e.cluster.plan import (
     variant_plan,
 )
 from securemetrics_e2e.cluster.probing import Prober
+from securemetrics_e2e.cluster.proxyconfig import env_waits, wait_for_env
 from securemetrics_e2e.cluster.resources import (
     Workload as Rollout,
 )
@@ -396,6 +397,12 @@ class ClusterBackend(Backend):
                 for plan in list(pending):
                     key = (plan.scenario.name, plan.mtls_mode)
                     try:
+                        # the ProxyConfig path: the env first, then the rollout
+                        wait_for_env(
+                            self.api,
+                            env_waits(plan.manifests),
+                            timeout=self.options.rollout_timeout,
+                        )
                         wait_rollouts(
                             self.api,
                             plan.rollouts,

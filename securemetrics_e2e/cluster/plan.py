@@ -20,6 +20,7 @@ from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, Scenario, Wo
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
+from securemetrics_e2e.cluster.proxyconfig import env_waits
 from securemetrics_e2e.cluster.resources import Workload, namespace_manifest, with_run_label
 from securemetrics_e2e.cluster.tools import (
     ToolCache,
@@ -727,6 +728,15 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
                 f"patch {p.kind.lower()}/{p.name} in {p.namespace} (strategic merge; its "
                 "pod template is saved first and restored at teardown)",
                 details=yaml.safe_dump(dict(p.body), sort_keys=False).splitlines(),
+            )
+        )
+    for wait in env_waits(v.manifests):
+        steps.append(
+            Step(
+                f"{v.scenario.name} {v.mtls_mode.value}",
+                f"wait until {wait.describe()}, before its rollout: istiod renders the "
+                "generated gateway from the last push context and does not watch ProxyConfig "
+                "(pilot/pkg/config/kube/gatewaycommon/deploymentcontroller.go)",
             )
         )
     steps.append(
