@@ -565,3 +565,31 @@ def test_servicemonitor_is_judged_on_the_operators_prometheus(tmp_path: Path) ->
         "/api/v1/namespaces/sm-servicemonitor-x/services/prometheus-operated:9090/proxy"
     )
     assert backend.prometheus_for(native).base_url == backend.prometheus().base_url
+
+
+def test_injector_annotation_check_reads_the_admitted_pod(fake: FakeKube, tmp_path: Path) -> None:
+    """SMC014 on the fake API: a pod the injector did not annotate fails it, naming the
+    pod; once the admitted pod carries the merged port (what Istio's injector writes,
+    pkg/kube/inject/webhook.go), it passes."""
+    from securemetrics_e2e.checks import INJECTOR_ANNOTATION, CheckFailed
+
+    Controller(fake)
+    backend = _backend(fake, tmp_path)
+    dep = backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+    workload = dep.workload("httpbin")
+    template = fake.find("Deployment", "httpbin", dep.namespace)
+    assert template is not None  # the chart leaves secure-port to the injector
+    annotations = template["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.istio.io/secure-port" not in annotations
+    with pytest.raises(CheckFailed, match=r"SMC014.*httpbin-1 has prometheus.istio.io/secure-"):
+        INJECTOR_ANNOTATION.run(backend, dep)
+    pod = fake.find("Pod", workload.pod_name, dep.namespace)
+    assert pod is not None
+    pod["metadata"]["annotations"] = {"prometheus.istio.io/secure-port": "15091"}
+    with pytest.raises(CheckFailed, match="'15091', expected '15092'"):
+        INJECTOR_ANNOTATION.run(backend, dep)
+    pod["metadata"]["annotations"]["prometheus.istio.io/secure-port"] = "15092"
+    INJECTOR_ANNOTATION.run(backend, dep)
+    assert backend.pod_annotations(workload) == {"prometheus.istio.io/secure-port": "15092"}
+    backend.teardown(dep)
+    backend.close()

@@ -603,6 +603,17 @@ class ClusterBackend(Backend):
 
     # -- observing ---------------------------------------------------------------------
 
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        """The running pod's annotations as the API server admitted it (after the
+        sidecar injector's mutation)."""
+        pod = self.api.get("v1", "Pod", workload.pod_name, workload.namespace)
+        if pod is None:
+            raise SecureMetricsError(
+                f"pod {workload.pod_name} of {workload.name} is gone from {workload.namespace}"
+            )
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        return {str(k): str(v) for k, v in annotations.items()}
+
     def listeners(self, workload: Workload) -> list[Listener]:
         result = self.api.exec(
             workload.namespace, workload.pod_name, PROXY, CONFIG_DUMP, timeout=60
