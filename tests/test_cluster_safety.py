@@ -27,10 +27,11 @@ from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.plan import Detected, Plan, render_plan
 from securemetrics_e2e.cluster.setup import PhaseTimer, Undo
 from securemetrics_e2e.cluster.tools import ToolCache
-from tests.fakekube import FakeKube, namespace
-from tests.test_cluster_upgrade_run import Mesh, _isolated, _seed_istioctl
+from tests.fakekube import FakeKube
+from tests.test_cluster_upgrade_run import Mesh, _isolated, _seed_istioctl, fake
 
-__all__ = ["_isolated"]  # the upgrade tests' fixture: no istioctl on PATH, linux-amd64
+# the upgrade tests' fixtures: no istioctl on PATH (linux-amd64); istio-system exists
+__all__ = ["_isolated", "fake"]
 
 RUN = "safe1"
 FOUND = istio.InstalledIstio("1.31.1", "istio-system", None, "docker.io/istio/pilot:1.31.1")
@@ -137,14 +138,6 @@ def test_plan_lists_what_it_creates_and_where(tmp_path: Path) -> None:
 
 
 # -- the backend on a fake API -------------------------------------------------------------
-
-
-@pytest.fixture
-def fake() -> FakeKube:
-    kube = FakeKube()
-    for name in ("kube-system", "istio-system"):
-        kube.add(namespace(name))
-    return kube
 
 
 def _start(

@@ -764,6 +764,8 @@ def svid_chain(
     extra_ca: bool = False,
     leaf_signs: bool = True,
     unknown_critical: bool = False,
+    leaf_key: PrivateKey | None = None,
+    identity: SpiffeId = EXPECTED,
 ) -> list[x509.Certificate]:
     """An X.509-SVID under a fresh intermediate of the mesh root, built so that one path
     property (not the SAN) can be wrong; with ``aki=False`` the leaf has no Authority
@@ -822,7 +824,7 @@ def svid_chain(
         .sign(parent_key, hashes.SHA256())
     )
     leaf = (
-        build(EMPTY_NAME, issuer_name, _new_key(), issuer_key)
+        build(EMPTY_NAME, issuer_name, leaf_key or _new_key(), issuer_key)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage(sign=leaf_signs, cert_sign=False), critical=True)
         .add_extension(
@@ -831,7 +833,10 @@ def svid_chain(
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(GOOD_SANS), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+            critical=True,
+        )
     )
     if aki:
         leaf = leaf.add_extension(

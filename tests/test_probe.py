@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests.adapters
 from cryptography.hazmat.primitives.serialization import Encoding
+from test_pki import svid_chain
 from tlsservers import (
     AGENT_403,
     AGENT_403_BODY,
@@ -569,7 +570,7 @@ def test_svid_without_authority_key_identifier_served_by_envoy_is_ok(
     except EnvironmentProblem as exc:
         pytest.skip(f"no real Envoy here: {exc}")
     key = ec.generate_private_key(ec.SECP256R1())
-    chain = svid_without_aki(mesh.ca, key, mesh.expected)
+    chain = svid_chain(mesh.ca, aki=False, leaf_key=key, identity=mesh.expected)
     chain_file, key_file = _serve_files(chain, key, tmp_path / "svid")
     root = mesh.scraper_files.root_cert
     with envoy_tls_server(chain_file, key_file, root, tmp_path) as port:
@@ -582,40 +583,3 @@ def test_svid_without_authority_key_identifier_served_by_envoy_is_ok(
     assert "envoy_server_live" in result.metric_names
     # the same Envoy still refuses a client of a foreign CA: it is really checking
     assert foreign.outcome is MtlsOutcome.HANDSHAKE_REJECTED, foreign.detail
-
-
-def svid_without_aki(ca: MeshCA, key: Any, identity: SpiffeId) -> list[Any]:
-    """The mesh intermediate's leaf for ``identity`` without an Authority Key Identifier."""
-    from datetime import UTC, datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    start = datetime.now(UTC) - timedelta(minutes=5)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.intermediate_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-            critical=True,
-        )
-        .sign(ca.intermediate_key, hashes.SHA256())
-    )
-    return [leaf, ca.intermediate_cert]
