@@ -29,6 +29,7 @@ from securemetrics_e2e.cluster.setup import PhaseTimer, Undo
 from securemetrics_e2e.cluster.tools import ToolCache
 from tests.fakekube import FakeKube
 from tests.test_cluster_upgrade_run import Mesh, _isolated, _seed_istioctl, fake
+from tests.test_cluster_upgrade_run import _options as upgrade_options
 
 # the upgrade tests' fixtures: no istioctl on PATH (linux-amd64); istio-system exists
 __all__ = ["_isolated", "fake"]
@@ -143,17 +144,10 @@ def test_plan_lists_what_it_creates_and_where(tmp_path: Path) -> None:
 def _start(
     tmp_path: Path, fake: FakeKube, mesh: Mesh, lines: list[str] | None = None, **kw: Any
 ) -> Any:
-    values: dict[str, Any] = {
-        "mode": "existing",
-        "run_id": RUN,
-        "cache_dir": tmp_path / "cache",
-        "artifacts_dir": tmp_path / "artifacts",
-        "rollout_timeout": 10,
-    }
-    values.update(kw)
+    plain = {"upgrade_from": None, "istio_version": None, "run_id": RUN}
     sink = lines if lines is not None else []
     return backend_on(
-        ClusterOptions(**values),
+        upgrade_options(tmp_path, **{**plain, **kw}),
         PreparedCluster(fake, istio.KubeTarget(None, None), Path("kubectl"), None),
         timer=PhaseTimer(sink.append),
         cache=ToolCache(tmp_path / "cache"),
