@@ -71,7 +71,8 @@ def test_130_to_131_switches_to_native_ports(tmp_path: Path) -> None:
     assert _annotations(before)["prometheus.istio.io/secure-port"] == "15091"
     switch = _step(plan, "switch")
     native = _annotations(switch)
-    assert native["prometheus.istio.io/secure-port"] == "15092"
+    # the legacy 15091 goes (server-side apply drops it); the injector sets 15092 on the pods
+    assert "prometheus.istio.io/secure-port" not in native
     assert "ENVOY_SECURE_MERGED_METRICS_PORT" in native["proxy.istio.io/config"]
     assert [(o["kind"], o["metadata"]["name"]) for o in switch.delete] == [
         ("Sidecar", "httpbin-secure-metrics")
@@ -313,7 +314,7 @@ def test_driver_runs_every_step_in_order(tmp_path: Path) -> None:
     dep = fake.find("Deployment", "httpbin", NS)
     assert dep is not None
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.istio.io/secure-port"] == "15092"
+    assert "prometheus.istio.io/secure-port" not in annotations  # the injector's to set
     # the Sidecar goes only once the native Deployment was applied and read as rolled out
     calls = fake.calls
     deleted = calls.index(("delete", "Sidecar", "httpbin-secure-metrics", NS))
