@@ -76,3 +76,11 @@ def test_prometheus_envoy_job_targets_up(run_check: Callable[[], None]) -> None:
 def test_servicemonitor_targets_up_over_https(run_check: Callable[[], None]) -> None:
     """The Prometheus Operator scrapes every ServiceMonitor target UP over https."""
     run_check()
+
+
+@pytest.mark.check("injector-secure-port-annotation")
+def test_injector_annotates_native_sidecars_with_the_merged_port(
+    run_check: Callable[[], None],
+) -> None:
+    """The sidecar injector sets prometheus.istio.io/secure-port to the merged port."""
+    run_check()

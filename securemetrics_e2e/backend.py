@@ -157,6 +157,10 @@ class Backend(abc.ABC):
         """Try plain HTTP to ``workload``'s ``port`` from ``origin`` and classify the result."""
 
     @abc.abstractmethod
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        """The annotations of ``workload``'s running pod, as admitted (after injection)."""
+
+    @abc.abstractmethod
     def prometheus(self) -> PrometheusAPI:
         """A client for the scraper's Prometheus HTTP API."""
 

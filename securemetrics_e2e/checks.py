@@ -22,6 +22,7 @@ from securemetrics_e2e.catalog import (
     MetricsMode,
     Scenario,
     WorkloadKind,
+    WorkloadSpec,
 )
 from securemetrics_e2e.configdump import listener_on_port
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextOutcome
@@ -448,6 +449,50 @@ UPGRADE_CONTINUITY = Check(
     continuity=True,
 )
 
+SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
+
+
+def _injector_annotated(spec: WorkloadSpec) -> bool:
+    """Workloads whose secure-port annotation is the injector's to set: native sidecars.
+    Gateways and the legacy workaround set it by hand (ISTIO-FACTS.md)."""
+    return spec.kind is WorkloadKind.SIDECAR and spec.mode in (
+        MetricsMode.NATIVE,
+        MetricsMode.HARDENED,
+    )
+
+
+def _injector_secure_port(check: Check, backend: Backend, dep: Deployment) -> None:
+    """The injector sets ``prometheus.istio.io/secure-port`` from the istio-proxy env
+    ``ENVOY_SECURE_MERGED_METRICS_PORT`` unless already set (pkg/kube/inject/webhook.go
+    applySecurePrometheusAnnotation); Istio's own test wants the merged port there
+    (tests/integration/telemetry/api/metrics_port_test.go, auto-annotation-secure-port)."""
+    problems = []
+    for w in dep.workloads:
+        if not _injector_annotated(w.spec):
+            continue
+        seen = backend.pod_annotations(w).get(SECURE_PORT_ANNOTATION)
+        want = str(w.spec.secure_merged_port)
+        if seen != want:
+            shown = "absent" if seen is None else repr(seen)
+            problems.append(
+                f"{w.name}: pod {w.pod_name} has {SECURE_PORT_ANNOTATION} {shown}, expected "
+                f"{want!r} set by the sidecar injector from ENVOY_SECURE_MERGED_METRICS_PORT"
+            )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+INJECTOR_ANNOTATION = Check(
+    "injector-secure-port-annotation",
+    "SMC014",
+    "The sidecar injector annotates native sidecars with prometheus.istio.io/secure-port "
+    "set to the merged port",
+    _injector_secure_port,
+    applies=lambda s: any(_injector_annotated(w) for w in s.workloads),
+    needs=frozenset({Feature.NATIVE_SECURE_PORTS}),
+)
+
+
 CHECKS: tuple[Check, ...] = (
     LISTENERS,
     MTLS_SCRAPE,
@@ -462,6 +507,7 @@ CHECKS: tuple[Check, ...] = (
     SERVICE_MONITOR_UP,
     ROTATION_CONTINUITY,
     UPGRADE_CONTINUITY,
+    INJECTOR_ANNOTATION,
 )
 
 

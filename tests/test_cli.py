@@ -109,7 +109,7 @@ def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) 
     assert all("cannot provide inbound-capture" in line for line in skipped)
     verdict = next(line for line in lines if line.startswith("securemetrics-e2e verdict:"))
     assert re.match(
-        r"securemetrics-e2e verdict: CONFORMANT \(18 passed, 0 failed, 18 skipped checks; "
+        r"securemetrics-e2e verdict: CONFORMANT \(20 passed, 0 failed, 20 skipped checks; "
         r"backend local, Istio 1\.31\.1, [\d.]+s\)$",
         verdict,
     )

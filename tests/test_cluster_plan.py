@@ -316,7 +316,8 @@ def test_ci_upgrade_jobs_cover_every_supported_step() -> None:
 def test_gateway_scenarios_are_planned_one_after_the_other(tmp_path: Path) -> None:
     text = _plan(tmp_path, "1.31.1").render_text()
     assert (
-        "only once native-gateway [PERMISSIVE] is torn down: both change "
+        "only once native-gateway [PERMISSIVE] is torn down and what it patched is restored "
+        "and rolled out again: both change "
         "Deployment/istio-system/istio-ingressgateway"
     ) in text
     assert text.index("deploy native-gateway [PERMISSIVE]") < text.index(

@@ -26,6 +26,7 @@ from securemetrics_e2e.catalog import (
     scenario,
 )
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.local.backend import injector_secure_port
 from securemetrics_e2e.manifests import (
     GatewayApiPath,
     find_variant,
@@ -178,7 +179,10 @@ def announced_ports(sc: Scenario, objects: list[dict[str, Any]], patches: list[A
     """Scrape job -> port, as the scraper's relabelling will read it from the pods."""
     (workload,) = sc.workloads
     if workload.kind is WorkloadKind.SIDECAR:
-        annotations = pod_annotations(objects)
+        # as admitted: the injector adds secure-port from the proxy env it renders
+        written = pod_annotations(objects)
+        env = proxy_metadata(written) if "proxy.istio.io/config" in written else {}
+        annotations = injector_secure_port(written, env)
     elif sc.name == "gateway-api":
         gateway = one(objects, "Gateway", "gateway.networking.k8s.io")
         annotations = gateway["spec"]["infrastructure"]["annotations"]
@@ -292,6 +296,7 @@ def test_legacy_gateway_trio_and_annotation_patch() -> None:
     ]
     assert entry["spec"] == {
         "hosts": ["gateway-admin.local"],
+        "exportTo": ["."],  # else every sidecar gets an outbound listener on 15020
         "location": "MESH_INTERNAL",
         "resolution": "STATIC",
         "ports": [{"number": 15020, "name": "http-metrics", "protocol": "HTTP"}],

@@ -43,7 +43,16 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
     Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
-    Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
+    Fault.SECURE_PORT_ANNOTATION_MISSING: (
+        "native-sidecar",
+        TARGETS | {"injector-secure-port-annotation"},
+    ),
+    # the injector model leaves secure-port unset: SMC014 says so, and the merged job,
+    # which keys on that annotation, finds no target
+    Fault.INJECTOR_NO_SECURE_PORT: (
+        "native-sidecar",
+        {"injector-secure-port-annotation", "targets-up-merged"},
+    ),
     Fault.UPGRADE_DROPS_TARGETS: ("upgrade", {"upgrade-continuity"}),
 }
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -91,17 +92,53 @@ class _DeploymentRuntime:
     retiring: list[_WorkloadRuntime] = field(default_factory=list)
 
 
+SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
+SECURE_ENVOY_PORT_ANNOTATION = "prometheus.istio.io/secure-envoy-port"
+
+
+def injector_secure_port(
+    annotations: Mapping[str, str], proxy_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The injector's auto-annotation, as pkg/kube/inject/webhook.go
+    applySecurePrometheusAnnotation does it: ``prometheus.istio.io/secure-port`` from the
+    istio-proxy env ``ENVOY_SECURE_MERGED_METRICS_PORT`` (neither empty nor "0"), unless
+    an annotation of that name (compared sanitized, as Istio's SanitizeLabelName does)
+    is already set."""
+    out = dict(annotations)
+    taken = {re.sub(r"[^A-Za-z0-9_]", "_", k) for k in out}
+    if "prometheus_istio_io_secure_port" in taken:
+        return out
+    value = proxy_env.get("ENVOY_SECURE_MERGED_METRICS_PORT", "")
+    if value not in ("", "0"):
+        out[SECURE_PORT_ANNOTATION] = value
+    return out
+
+
 def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
-    """The pod annotations the injector and the chart give this workload."""
+    """The pod annotations the chart and the injector give this workload.
+
+    As charts/httpbin renders them: native sidecars get only ``secure-envoy-port`` by
+    hand (nothing in Istio sets it) and the env the injector reads; gateways and the
+    legacy workaround set ``secure-port`` by hand. The injector then adds the
+    prometheus.io merge annotations and, for sidecars, ``secure-port``.
+    """
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "15020",
         "prometheus.io/path": "/stats/prometheus",
     }
-    if fault is not Fault.SECURE_PORT_ANNOTATION_MISSING:
-        annotations["prometheus.istio.io/secure-port"] = str(spec.secure_merged_port)
-        if spec.secure_envoy_port is not None:
-            annotations["prometheus.istio.io/secure-envoy-port"] = str(spec.secure_envoy_port)
+    native = spec.mode in (MetricsMode.NATIVE, MetricsMode.HARDENED)
+    if spec.secure_envoy_port is not None:
+        annotations[SECURE_ENVOY_PORT_ANNOTATION] = str(spec.secure_envoy_port)
+    if spec.kind is WorkloadKind.SIDECAR and native:
+        env = {"ENVOY_SECURE_MERGED_METRICS_PORT": str(spec.secure_merged_port)}
+        if fault is not Fault.INJECTOR_NO_SECURE_PORT:
+            annotations = injector_secure_port(annotations, env)
+    else:
+        annotations[SECURE_PORT_ANNOTATION] = str(spec.secure_merged_port)
+    if fault is Fault.SECURE_PORT_ANNOTATION_MISSING:
+        annotations.pop(SECURE_PORT_ANNOTATION, None)
+        annotations.pop(SECURE_ENVOY_PORT_ANNOTATION, None)
     return annotations
 
 
@@ -517,6 +554,9 @@ class LocalBackend(Backend):
                 if w.workload == workload:
                     return w
         raise UsageError(f"workload {workload.name} is not deployed on this backend")
+
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        return dict(self._runtime(workload).record.annotations)
 
     def listeners(self, workload: Workload) -> list[Listener]:
         from securemetrics_e2e.configdump import listeners_from_config_dump

@@ -22,6 +22,8 @@ class Fault(enum.StrEnum):
     WRONG_IDENTITY = "wrong-identity"
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
+    # the injector does not auto-annotate native sidecars with secure-port (pre-PR #60430)
+    INJECTOR_NO_SECURE_PORT = "injector-no-secure-port"
     # the pods an upgrade restarts come back without the secure-port annotations, so the
     # scrape jobs silently lose the workload (istio#19874); its first pods are healthy
     UPGRADE_DROPS_TARGETS = "upgrade-drops-targets"
