@@ -518,15 +518,18 @@ def skip_reason(c: Check, backend: Backend) -> str | None:
     return None
 
 
-def run_checks(backend: Backend, dep: Deployment, version: str = "") -> list[CheckOutcome]:
-    """Every check that applies to ``dep``'s scenario, as outcomes mapped through the
-    known-gap table at Istio ``version`` (default: the backend's), for controls and the CLI."""
+def run_checks(
+    backend: Backend, dep: Deployment, version: str = "", only: Collection[str] = ()
+) -> list[CheckOutcome]:
+    """Every check that applies to ``dep``'s scenario (``only``: those of these ids), as
+    outcomes mapped through the known-gap table at Istio ``version`` (default: the
+    backend's), for controls and the CLI."""
     from securemetrics_e2e.knowngaps import checked
 
     version = version or backend.describe().get("istio_version", "")
     outcomes = []
     for c in CHECKS:
-        if not c.applies_to(dep.scenario):
+        if not c.applies_to(dep.scenario) or (only and c.id not in only):
             continue
         start = time.monotonic()
         reason = skip_reason(c, backend)
