@@ -327,7 +327,7 @@ class LocalBackend(Backend):
         runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
-            gateway = self._generated_gateway(unit, namespace, fault)
+            gateway = self._generated_gateway(unit, fault)
             for spec in scenario.workloads:
                 runtime.workloads[spec.name] = self._start_workload(
                     spec,
@@ -359,19 +359,19 @@ class LocalBackend(Backend):
             )
         self._publish_pods()
 
-    def _generated_gateway(
-        self, unit: RunUnit, namespace: str, fault: Fault | None
-    ) -> GeneratedGateway | None:
+    def _generated_gateway(self, unit: RunUnit, fault: Fault | None) -> GeneratedGateway | None:
         """For a Gateway API unit: the proxy Istio's deployment controller would generate
         from the objects the charts render for it (local/gatewaymodel.py)."""
         name = gateway_workload(unit)
         if name is None:
             return None
+        # rendered into a namespace of its own: the local one may be longer than a DNS label,
+        # and the model only relates objects of one namespace
         objects = scenario_manifests(
             unit.scenario,
             unit.mtls_mode,
             self.istio_version or str(DEFAULT_VERSION),
-            namespace=namespace,
+            namespace="smx-gateway",
             variant=unit.variant,
         )
         if fault is Fault.PROXYCONFIG_SELECTS_NOTHING:

@@ -112,23 +112,23 @@ def _selects(proxy_config: Mapping[str, Any], labels: Mapping[str, str]) -> bool
 def _proxy_metadata(
     objects: Iterable[Mapping[str, Any]], namespace: str, name: str
 ) -> dict[str, str]:
-    """GetProxyConfigOrDefault for the gateway-name label: namespace-wide, then selecting."""
+    """EffectiveProxyConfig (pilot/pkg/model/proxy_config.go) for the gateway-name label: the
+    first namespace-wide ProxyConfig, overridden key by key by the first selecting one (the
+    rendered order stands for creation order)."""
     labels = {GATEWAY_NAME_LABEL: name}
-    namespace_wide: dict[str, str] = {}
-    selecting: dict[str, str] = {}
+    namespace_wide: dict[str, str] | None = None
+    selecting: dict[str, str] | None = None
     for obj in objects:
         if obj.get("kind") != "ProxyConfig" or _meta(obj).get("namespace") != namespace:
             continue
-        env = {
-            str(k): str(v)
-            for k, v in ((obj.get("spec") or {}).get("environmentVariables") or {}).items()
-        }
+        spec = obj.get("spec") or {}
+        env = {str(k): str(v) for k, v in (spec.get("environmentVariables") or {}).items()}
         chosen = _selects(obj, labels)
-        if chosen is None:
-            namespace_wide.update(env)
-        elif chosen:
-            selecting.update(env)
-    return {**namespace_wide, **selecting}
+        if chosen is None and namespace_wide is None:
+            namespace_wide = env
+        elif chosen and selecting is None:
+            selecting = env
+    return {**(namespace_wide or {}), **(selecting or {})}
 
 
 def generated_gateway(objects: Iterable[Mapping[str, Any]], name: str) -> GeneratedGateway:
