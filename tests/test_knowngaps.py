@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS, MtlsMode, RunUnit, scenario
 from securemetrics_e2e.checks import CHECKS, check
+from securemetrics_e2e.junit import build_junit
 from securemetrics_e2e.knowngaps import (
     KNOWN_GAPS,
     Judgement,
@@ -17,7 +19,9 @@ from securemetrics_e2e.knowngaps import (
     gaps_for,
     judge,
 )
+from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
 from securemetrics_e2e.progress import scenario_lines, verdict_line
+from securemetrics_e2e.report import build_report, write_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 GW = {"scenario": "gateway-api", "mode": "PERMISSIVE", "variant": "as-documented"}
@@ -169,3 +173,52 @@ def test_a_strict_unit_of_a_version_without_the_gap_keeps_its_fail() -> None:
     )
     assert outcome.status is Status.FAIL
     assert outcome.code == "SMC002"
+
+
+def test_report_junit_and_matrix_show_known_gaps_and_fixed(tmp_path: Path) -> None:
+    documented, fix = scenario("gateway-api").run_units()
+    strict = RunUnit(scenario("native-sidecar"), MtlsMode.STRICT)
+    result = RunResult(
+        outcomes=[
+            _outcome(documented, "mtls-scrape", Status.FAIL, ("scrape:refused",)),
+            _outcome(fix, "mtls-scrape", Status.PASS),
+            _outcome(strict, "mtls-scrape", Status.PASS),  # this distribution closes the gap
+        ],
+        environment={"backend": "kind", "istio_version": V131},
+    )
+    doc = build_report(result)
+    assert doc["verdict"]["statistics"] == {
+        "passed": 1,
+        "failed": 0,
+        "knownGaps": 1,
+        "fixed": 1,
+        "skipped": 0,
+    }
+    gaps = {g["id"]: g for g in doc["knownGaps"]}
+    assert gaps["gateway-api-infrastructure-annotations"]["status"] == "KNOWN-GAP"
+    assert gaps["gateway-api-infrastructure-annotations"]["fix"] == ["proxyconfig"]
+    assert gaps["strict-captures-secure-ports"]["status"] == "FIXED"
+    assert gaps["strict-captures-secure-ports"]["units"] == ["native-sidecar[STRICT/as-documented]"]
+    rows = {r["id"]: r for p in doc["profiles"] for r in p["scenarios"]}
+    assert rows["gateway-api[PERMISSIVE/as-documented]"]["status"] == "KNOWN-GAP"
+    assert rows["native-sidecar[STRICT/as-documented]"]["gaps"] == ["strict-captures-secure-ports"]
+
+    root = build_junit(result)
+    skipped = root.find("testsuite[@name='gateway-api[PERMISSIVE/as-documented]']/testcase/skipped")
+    assert skipped is not None
+    assert skipped.get("message", "").startswith("KNOWN-GAP gateway-api-infrastructure-annotations")
+    assert root.get("failures") == "0"
+
+    path = tmp_path / "report.json"
+    write_report(path, result)
+    matrix = build_matrix(load_reports([path]))
+    text = render_markdown(matrix)
+    assert "| gateway-api[PERMISSIVE/as-documented] | extended | GAP |" in text
+    assert "| native-sidecar[STRICT/as-documented] | core | FIXED+ |" in text
+    assert (
+        "- native-sidecar[STRICT/as-documented] in run 1: FIXED strict-captures-secure-ports"
+        in text
+    )
+    assert '<td class="KNOWN-GAP" title="gateway-api-infrastructure-annotations">GAP</td>' in (
+        render_html(matrix)
+    )
