@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.catalog import MtlsMode, RunUnit, scenario
 from securemetrics_e2e.charts import render_chart
 from securemetrics_e2e.local.faults import select_nothing
-from securemetrics_e2e.local.gatewaymodel import NoSuchGateway, generated_gateway
+from securemetrics_e2e.local.gatewaymodel import NoSuchGateway, generated_gateway, unit_gateway
 from securemetrics_e2e.manifests import scenario_manifests
 
 NS = "sm-gw"
@@ -99,3 +99,18 @@ def test_omitted_infrastructure_annotations_are_not_copied() -> None:
 def test_no_such_gateway() -> None:
     with pytest.raises(NoSuchGateway, match="no Gateway API Gateway 'nope'"):
         generated_gateway(_rendered("proxyconfig"), "nope")
+
+
+def test_unit_gateway_models_only_gateway_api_units() -> None:
+    documented, fix = scenario("gateway-api").run_units()
+    assert unit_gateway(RunUnit(scenario("native-gateway"), MtlsMode.PERMISSIVE), "1.31.1") is None
+    gw = unit_gateway(fix, "1.31.1")
+    assert gw is not None
+    assert gw.deployment == "secure-gw-istio" == fix.scenario.workloads[0].name
+    assert gw.opens_secure_ports
+    broken = unit_gateway(fix, "1.31.1", broken_proxy_config=True)
+    assert broken is not None
+    assert not broken.opens_secure_ports
+    documented_gw = unit_gateway(documented, "1.31.1")
+    assert documented_gw is not None
+    assert not documented_gw.opens_secure_ports

@@ -53,12 +53,11 @@ from securemetrics_e2e.local.bootstrap import (
     sds_secret_rootca,
 )
 from securemetrics_e2e.local.envoy import Envoy
-from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault, select_nothing
-from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, generated_gateway
+from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
+from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.promserver import PrometheusServer
-from securemetrics_e2e.manifests import GENERATED_GATEWAY_SUFFIX, scenario_manifests
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -109,13 +108,6 @@ def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
         if spec.secure_envoy_port is not None:
             annotations["prometheus.istio.io/secure-envoy-port"] = str(spec.secure_envoy_port)
     return annotations
-
-
-def gateway_workload(unit: RunUnit) -> str | None:
-    """The workload of ``unit`` that is a Gateway API gateway Istio generates, if any."""
-    if unit.scenario.name != "gateway-api":
-        return None
-    return next((w.name for w in unit.scenario.workloads if w.kind is WorkloadKind.GATEWAY), None)
 
 
 def _container_ports(spec: WorkloadSpec) -> tuple[tuple[str, str, int], ...]:
@@ -327,13 +319,17 @@ class LocalBackend(Backend):
         runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
-            gateway = self._generated_gateway(unit, fault)
+            gateway = unit_gateway(
+                unit,
+                self.istio_version or str(DEFAULT_VERSION),
+                broken_proxy_config=fault is Fault.PROXYCONFIG_SELECTS_NOTHING,
+            )
             for spec in scenario.workloads:
                 runtime.workloads[spec.name] = self._start_workload(
                     spec,
                     namespace,
                     fault,
-                    gateway=gateway if spec.name == gateway_workload(unit) else None,
+                    gateway=gateway if gateway and spec.name == gateway.deployment else None,
                 )
         except BaseException:
             self.teardown(runtime.deployment)
@@ -358,25 +354,6 @@ class LocalBackend(Backend):
                 dep.variant,
             )
         self._publish_pods()
-
-    def _generated_gateway(self, unit: RunUnit, fault: Fault | None) -> GeneratedGateway | None:
-        """For a Gateway API unit: the proxy Istio's deployment controller would generate
-        from the objects the charts render for it (local/gatewaymodel.py)."""
-        name = gateway_workload(unit)
-        if name is None:
-            return None
-        # rendered into a namespace of its own: the local one may be longer than a DNS label,
-        # and the model only relates objects of one namespace
-        objects = scenario_manifests(
-            unit.scenario,
-            unit.mtls_mode,
-            self.istio_version or str(DEFAULT_VERSION),
-            namespace="smx-gateway",
-            variant=unit.variant,
-        )
-        if fault is Fault.PROXYCONFIG_SELECTS_NOTHING:
-            objects = [select_nothing(o) if o.get("kind") == "ProxyConfig" else o for o in objects]
-        return generated_gateway(objects, name.removesuffix(GENERATED_GATEWAY_SUFFIX))
 
     def _start_workload(
         self,

@@ -29,6 +29,10 @@ from typing import Any
 
 import yaml
 
+from securemetrics_e2e.catalog import RunUnit, WorkloadKind
+from securemetrics_e2e.local.faults import select_nothing
+from securemetrics_e2e.manifests import GENERATED_GATEWAY_SUFFIX, scenario_manifests
+
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
 SECURE_PORT_ENV = "ENVOY_SECURE_METRICS_PORT"
@@ -60,6 +64,11 @@ class GeneratedGateway:
     #: proxyMetadata of the pod's proxy.istio.io/config annotation (the agent merges it into
     #: its proxy config, not into its process environment)
     annotation_metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def deployment(self) -> str:
+        """The generated Deployment's name: the catalog workload this gateway is."""
+        return f"{self.name}{GENERATED_GATEWAY_SUFFIX}"
 
     def _port(self, variable: str) -> int | None:
         value = self.env.get(variable, "0")
@@ -154,3 +163,21 @@ def generated_gateway(objects: Iterable[Mapping[str, Any]], name: str) -> Genera
         env=_proxy_metadata(objects, namespace, name),
         annotation_metadata=annotation_metadata,
     )
+
+
+def unit_gateway(
+    unit: RunUnit, version: str, *, broken_proxy_config: bool = False
+) -> GeneratedGateway | None:
+    """For a Gateway API run unit: the gateway Istio would generate from the objects the
+    charts render for it (None for any other unit). ``broken_proxy_config``: the negative
+    control whose ProxyConfig selects nothing (local/faults.py)."""
+    workload = next((w for w in unit.scenario.workloads if w.kind is WorkloadKind.GATEWAY), None)
+    if unit.scenario.name != "gateway-api" or workload is None:
+        return None
+    # rendered into a namespace of its own: the model only relates objects of one namespace
+    objects = scenario_manifests(
+        unit.scenario, unit.mtls_mode, version, namespace="smx-gateway", variant=unit.variant
+    )
+    if broken_proxy_config:
+        objects = [select_nothing(o) if o.get("kind") == "ProxyConfig" else o for o in objects]
+    return generated_gateway(objects, workload.name.removesuffix(GENERATED_GATEWAY_SUFFIX))
