@@ -185,8 +185,13 @@ class _Group:
             return f"{counted}; failed: {', '.join(dict.fromkeys(self.codes))}"
         if self.status is Status.SKIP:
             return self.reasons[0] if self.reasons else counted
-        words = {Status.KNOWN_GAP: "known gap", Status.FIXED: "fixed", Status.SKIP: "skipped"}
-        extra = [f"{self.statuses.count(s)} {w}" for s, w in words.items() if s in self.statuses]
+        counts = {s: self.statuses.count(s) for s in (Status.KNOWN_GAP, Status.FIXED, Status.SKIP)}
+        words = {
+            Status.KNOWN_GAP: "known gap" if counts[Status.KNOWN_GAP] == 1 else "known gaps",
+            Status.FIXED: "fixed",
+            Status.SKIP: "skipped",
+        }
+        extra = [f"{n} {words[s]}" for s, n in counts.items() if n]
         return ", ".join([counted, *extra])
 
 
@@ -279,7 +284,7 @@ class ProgressPlugin:
                 if self.progress.lines == self._lines_at_start:
                     # nobody reported deployments: the first setup deployed every variant
                     status = Status.FAIL if report.failed else Status.PASS
-                    self.progress.phase("all selected variants", Phase.DEPLOY, took, status)
+                    self.progress.phase("all selected run units", Phase.DEPLOY, took, status)
                     took = 0.0
             self._setup_took[item.nodeid] = max(took, 0.0)
         group = self._item_group.get(item.nodeid)
