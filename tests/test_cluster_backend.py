@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from securemetrics_e2e.backend import Deployment
-from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.catalog import MtlsMode, RunUnit, scenario
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.backend import ClusterBackend, make_cluster_backend
 from securemetrics_e2e.cluster.errors import (
@@ -232,8 +232,8 @@ def test_pytest_plan_prints_and_touches_nothing(tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "securemetrics-e2e cluster plan" in output
-    assert "deploy legacy-sidecar [PERMISSIVE]" in output
-    assert "deploy legacy-sidecar [STRICT]" in output
+    assert "deploy legacy-sidecar[PERMISSIVE/as-documented]" in output
+    assert "deploy legacy-sidecar[STRICT/as-documented]" in output
     assert "istioctl-1.30.5-linux-amd64.tar.gz" in output or "istioctl-1.30.5-" in output
     assert "Traceback" not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "test_backend_use.py"]
@@ -447,7 +447,7 @@ def test_gateway_patch_is_restored_and_exclusive(fake: FakeKube, tmp_path: Path)
     assert gateway["spec"]["template"] != ISTIO_TEMPLATE  # patched
     assert dep.workload("istio-ingressgateway").namespace == "istio-system"
     with pytest.raises(
-        DeployFailed, match=r"legacy-gateway \[PERMISSIVE\] changes .* native-gateway"
+        DeployFailed, match=r"legacy-gateway\[PERMISSIVE/as-documented\] changes .* native-gateway"
     ):
         backend.deploy(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)
     fake.calls.clear()
@@ -509,17 +509,13 @@ def test_deploy_many_applies_everything_before_waiting_and_defers_conflicts(
     Controller(fake)
     backend = _backend(fake, tmp_path)
     wanted = [
-        (scenario("native-sidecar"), MtlsMode.PERMISSIVE),
-        (scenario("hardened"), MtlsMode.STRICT),
-        (scenario("native-gateway"), MtlsMode.PERMISSIVE),
-        (scenario("legacy-gateway"), MtlsMode.PERMISSIVE),  # holds the same gateway
+        RunUnit(scenario("native-sidecar"), MtlsMode.PERMISSIVE),
+        RunUnit(scenario("hardened"), MtlsMode.STRICT),
+        RunUnit(scenario("native-gateway"), MtlsMode.PERMISSIVE),
+        RunUnit(scenario("legacy-gateway"), MtlsMode.PERMISSIVE),  # holds the same gateway
     ]
     results = backend.deploy_many(wanted)
-    assert set(results) == {
-        ("native-sidecar", MtlsMode.PERMISSIVE),
-        ("hardened", MtlsMode.STRICT),
-        ("native-gateway", MtlsMode.PERMISSIVE),
-    }
+    assert set(results) == {u.key for u in wanted[:3]}
     assert all(not isinstance(r, Exception) for r in results.values())
     # every apply happened before the first rollout status was read
     first_read = next(
@@ -530,8 +526,8 @@ def test_deploy_many_applies_everything_before_waiting_and_defers_conflicts(
     for result in results.values():
         assert not isinstance(result, Exception)
         backend.teardown(result)
-    later = backend.deploy_many([(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)])
-    assert not isinstance(later[("legacy-gateway", MtlsMode.PERMISSIVE)], Exception)
+    later = backend.deploy_many([wanted[3]])
+    assert not isinstance(later[wanted[3].key], Exception)
     backend.close()
     assert _namespaces(fake) == BEFORE
 
@@ -541,16 +537,13 @@ def test_deploy_many_reports_each_failure_and_keeps_the_rest(
 ) -> None:
     Controller(fake, broken={"httpbin"})
     backend = _backend(fake, tmp_path)
-    results = backend.deploy_many(
-        [
-            (scenario("native-sidecar"), MtlsMode.STRICT),
-            (scenario("native-gateway"), MtlsMode.PERMISSIVE),
-        ]
-    )
-    failed = results[("native-sidecar", MtlsMode.STRICT)]
+    sidecar = RunUnit(scenario("native-sidecar"), MtlsMode.STRICT)
+    gateway = RunUnit(scenario("native-gateway"), MtlsMode.PERMISSIVE)
+    results = backend.deploy_many([sidecar, gateway])
+    failed = results[sidecar.key]
     assert isinstance(failed, DeployFailed)
     assert "ImagePullBackOff" in str(failed)
-    assert not isinstance(results[("native-gateway", MtlsMode.PERMISSIVE)], Exception)
+    assert not isinstance(results[gateway.key], Exception)
     assert f"sm-native-gateway-permissive-{RUN}" in _namespaces(fake)
     assert f"sm-native-sidecar-strict-{RUN}" not in _namespaces(fake)
     backend.close()

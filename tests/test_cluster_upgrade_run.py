@@ -34,6 +34,7 @@ from securemetrics_e2e.catalog import (
     Feature,
     MetricsMode,
     MtlsMode,
+    RunUnit,
     scenario,
 )
 from securemetrics_e2e.cluster import backend as backend_module
@@ -435,8 +436,9 @@ def test_scope_of_an_upgrade_run(fake: FakeKube, tmp_path: Path) -> None:
     applies = len([c for c in fake.calls if c[0] == "apply"])
     with pytest.raises(UsageError, match="deploys only the upgrade scenario"):
         backend.deploy(scenario("legacy-sidecar"), MtlsMode.PERMISSIVE)
-    results = backend.deploy_many([(scenario("legacy-sidecar"), MtlsMode.STRICT)])
-    assert isinstance(results[("legacy-sidecar", MtlsMode.STRICT)], UsageError)
+    strict = RunUnit(scenario("legacy-sidecar"), MtlsMode.STRICT)
+    results = backend.deploy_many([strict])
+    assert isinstance(results[strict.key], UsageError)
     assert len([c for c in fake.calls if c[0] == "apply"]) == applies
     backend.close()
 
@@ -694,8 +696,8 @@ def test_pytest_plan_prints_the_upgrade_run(tmp_path: Path, canary: bool) -> Non
     assert "(the scraper is NOT restarted)" in output
     assert "restart deployment/prometheus" not in output
     assert (
-        "native-sidecar [STRICT]: an upgrade run (--upgrade-from 1.30.5) deploys only the "
-        "upgrade scenario" in output
+        "native-sidecar[STRICT/as-documented]: an upgrade run (--upgrade-from 1.30.5) deploys "
+        "only the upgrade scenario" in output
     )
     assert "Traceback" not in output
     assert sorted(p.name for p in work.iterdir()) == ["bin", "test_backend_use.py"]

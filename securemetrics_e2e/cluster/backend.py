@@ -34,7 +34,10 @@ from securemetrics_e2e.catalog import (
     UPGRADE,
     Feature,
     MtlsMode,
+    RunUnit,
     Scenario,
+    UnitKey,
+    Variant,
     WorkloadSpec,
     upgraded_spec,
 )
@@ -233,7 +236,7 @@ class ClusterBackend(Backend):
         # The scraper is never restarted by an upgrade (see upgrade._restart_step): this
         # describes the one deployed, on the version the run started on.
         self.scraper: ScraperPlan = scraper_plan(version, options.run_id, revision=options.revision)
-        self._active: dict[tuple[str, MtlsMode], _Active] = {}
+        self._active: dict[UnitKey, _Active] = {}
         self._saved_templates: dict[tuple[str, str, str], Any] = {}
         self.prober = Prober(
             api=api,
@@ -304,10 +307,13 @@ class ClusterBackend(Backend):
     def scope_reason(self, scenario: Scenario) -> str | None:
         return run_scope_reason(scenario, self.options)
 
-    def variant(self, scenario: Scenario, mode: MtlsMode) -> VariantPlan:
+    def variant(
+        self, scenario: Scenario, mode: MtlsMode, variant: Variant | None = None
+    ) -> VariantPlan:
+        variant = variant or scenario.variants[0]
         scope = self.scope_reason(scenario)
         if scope is not None:
-            return skipped_variant(scenario, mode, self.options.run_id, scope)
+            return skipped_variant(scenario, mode, self.options.run_id, scope, variant)
         return variant_plan(
             scenario,
             mode,
@@ -315,15 +321,18 @@ class ClusterBackend(Backend):
             self.options.run_id,
             istio_namespace=self.gateway_namespace,
             revision=self.options.revision,
+            variant=variant,
         )
 
     # -- deploy / teardown -------------------------------------------------------------
 
-    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
-        key = (scenario.name, mtls_mode)
+    def deploy(
+        self, scenario: Scenario, mtls_mode: MtlsMode, variant: Variant | None = None
+    ) -> Deployment:
+        key = RunUnit(scenario, mtls_mode, variant or scenario.variants[0]).key
         if key in self._active:
             return self._active[key].deployment
-        plan = self.variant(scenario, mtls_mode)
+        plan = self.variant(scenario, mtls_mode, variant)
         self._check_deployable(plan, [a.plan for a in self._active.values()])
         outcome = self._deploy_plans([plan])[key]
         if isinstance(outcome, BaseException):
@@ -331,23 +340,23 @@ class ClusterBackend(Backend):
         return outcome
 
     def deploy_many(
-        self, variants: Sequence[tuple[Scenario, MtlsMode]]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        """Deploy independent variants side by side and return each one's outcome.
+        self, units: Sequence[RunUnit]
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        """Deploy independent run units side by side and return each one's outcome.
 
         Everything is applied first, then the rollouts are awaited, so pods of all
         namespaces start together and the whole takes about as long as the slowest.
         A variant that would change what an earlier one holds (the classic ingress
         gateway) is left out of the result: deploy it after tearing the other down.
         """
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         plans: list[VariantPlan] = []
-        for scenario, mode in variants:
-            key = (scenario.name, mode)
+        for unit in units:
+            key = unit.key
             if key in self._active:
                 results[key] = self._active[key].deployment
                 continue
-            plan = self.variant(scenario, mode)
+            plan = self.variant(unit.scenario, unit.mtls_mode, unit.variant)
             try:
                 self._check_deployable(plan, [a.plan for a in self._active.values()] + plans)
             except DeployFailed:
@@ -374,8 +383,8 @@ class ClusterBackend(Backend):
 
     def _deploy_plans(
         self, plans: Sequence[VariantPlan]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         if not plans:
             return results
         label = plans[0].id if len(plans) == 1 else f"{len(plans)} variants"
@@ -391,11 +400,11 @@ class ClusterBackend(Backend):
                     try:
                         self._apply_plan(plan)
                     except SecureMetricsError as exc:
-                        results[(plan.scenario.name, plan.mtls_mode)] = exc
+                        results[plan.key] = exc
                         pending.remove(plan)
                         self._remove(plan)
                 for plan in list(pending):
-                    key = (plan.scenario.name, plan.mtls_mode)
+                    key = plan.key
                     try:
                         # the ProxyConfig path: the env first, then the rollout
                         wait_for_env(
@@ -416,7 +425,7 @@ class ClusterBackend(Backend):
                         self._remove(plan)
                         continue
                     deployment = Deployment(
-                        plan.scenario, plan.mtls_mode, plan.namespace, workloads
+                        plan.scenario, plan.mtls_mode, plan.namespace, workloads, plan.variant
                     )
                     self._active[key] = _Active(plan, deployment)
                     results[key] = deployment
@@ -434,7 +443,7 @@ class ClusterBackend(Backend):
             self._patch(patch.api_version, patch.kind, patch.name, patch.namespace, patch.body)
 
     def teardown(self, deployment: Deployment) -> None:
-        active = self._active.pop((deployment.scenario.name, deployment.mtls_mode), None)
+        active = self._active.pop(deployment.unit.key, None)
         if active is not None:
             self._remove(active.plan)
 
@@ -720,12 +729,12 @@ class ClusterBackend(Backend):
         connected: this run's kubeconfig, context and Istio namespace.
         """
         old, new = self.upgrade_versions()
-        key = (deployment.scenario.name, deployment.mtls_mode)
+        key = deployment.unit.key
         active = self._active.get(key)
         if deployment.scenario.name != UPGRADE.name or active is None:
             raise UsageError(
                 f"upgrade() moves the deployed {UPGRADE.name} scenario; "
-                f"{deployment.scenario.name} [{deployment.mtls_mode.value}] is not it "
+                f"{deployment.unit.id} is not it "
                 "(deploy it first)"
             )
         if self.version != old:
@@ -765,7 +774,11 @@ class ClusterBackend(Backend):
             self.prober.forget(deployment.namespace)  # its port-forwards led to the old pod
             workloads = tuple(self._relocate(active.plan, deployment, replaced))
         upgraded = Deployment(
-            deployment.scenario, deployment.mtls_mode, deployment.namespace, workloads
+            deployment.scenario,
+            deployment.mtls_mode,
+            deployment.namespace,
+            workloads,
+            deployment.variant,
         )
         self._active[key] = _Active(active.plan, upgraded)
         return upgraded
@@ -844,9 +857,11 @@ class ClusterBackend(Backend):
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path:
         """Write diagnostics for ``deployment`` (or every active one); call before teardown."""
         if deployment is not None:
-            active = self._active.get((deployment.scenario.name, deployment.mtls_mode))
+            active = self._active.get(deployment.unit.key)
             plans = [active.plan] if active else []
-            label = f"{deployment.scenario.name}-{deployment.mtls_mode.value}"
+            label = (
+                f"{deployment.scenario.name}-{deployment.mtls_mode.value}-{deployment.variant.id}"
+            )
         else:
             plans = [a.plan for a in self._active.values()]
             label = "run"

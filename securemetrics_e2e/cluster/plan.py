@@ -16,7 +16,17 @@ from typing import NamedTuple
 
 import yaml
 
-from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, Scenario, WorkloadKind
+from securemetrics_e2e.catalog import (
+    AS_DOCUMENTED,
+    SCENARIOS,
+    UPGRADE,
+    MtlsMode,
+    RunUnit,
+    Scenario,
+    UnitKey,
+    Variant,
+    WorkloadKind,
+)
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
@@ -119,8 +129,13 @@ def planned_target(options: ClusterOptions, kind: KindIdentity) -> istio.KubeTar
     return istio.KubeTarget(options.kubeconfig, options.context)
 
 
-def scenario_namespace(scenario: Scenario, mode: MtlsMode, run_id: str) -> str:
-    return f"sm-{scenario.name}-{mode.value.lower()}-{run_id}"
+def scenario_namespace(
+    scenario: Scenario, mode: MtlsMode, run_id: str, variant: Variant = AS_DOCUMENTED
+) -> str:
+    """One namespace per run unit (its PeerAuthentication governs the whole namespace);
+    the scenario's first variant keeps the plain ``sm-<scenario>-<mode>-<run>`` name."""
+    suffix = "" if variant.id is scenario.variants[0].id else f"-{variant.id}"
+    return f"sm-{scenario.name}-{mode.value.lower()}{suffix}-{run_id}"
 
 
 def scraper_namespace(run_id: str) -> str:
@@ -128,15 +143,17 @@ def scraper_namespace(run_id: str) -> str:
 
 
 def version_skip_reason(
-    scenario: Scenario, caps: Capabilities, mode: MtlsMode = MtlsMode.PERMISSIVE
+    scenario: Scenario,
+    caps: Capabilities,
+    mode: MtlsMode = MtlsMode.PERMISSIVE,
+    variant: Variant = AS_DOCUMENTED,
 ) -> str | None:
-    """Why the Istio version (or a cluster) cannot run ``scenario`` in ``mode``."""
+    """Why the Istio version (or a cluster) cannot run ``scenario`` in ``mode`` and ``variant``."""
     from securemetrics_e2e.applicability import VERSION_GATED, skip_reason
     from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
 
     return skip_reason(
-        scenario,
-        mode,
+        RunUnit(scenario, mode, variant),
         backend="cluster",
         backend_features=CLUSTER_FEATURES | VERSION_GATED,
         version=str(caps.version),
@@ -174,10 +191,17 @@ def run_scope_reason(scenario: Scenario, options: ClusterOptions) -> str | None:
     )
 
 
-def skipped_variant(scenario: Scenario, mode: MtlsMode, run_id: str, reason: str) -> VariantPlan:
-    """A variant that is not deployed, with why (nothing rendered for it)."""
-    namespace = scenario_namespace(scenario, mode, run_id)
-    return VariantPlan(scenario, mode, namespace, (), (), (), (), reason)
+def skipped_variant(
+    scenario: Scenario,
+    mode: MtlsMode,
+    run_id: str,
+    reason: str,
+    variant: Variant | None = None,
+) -> VariantPlan:
+    """A run unit that is not deployed, with why (nothing rendered for it)."""
+    variant = variant or scenario.variants[0]
+    namespace = scenario_namespace(scenario, mode, run_id, variant)
+    return VariantPlan(scenario, mode, namespace, (), (), (), (), reason, variant=variant)
 
 
 @dataclass(frozen=True)
@@ -192,7 +216,7 @@ class WorkloadLocator:
 
 @dataclass(frozen=True)
 class VariantPlan:
-    """Everything the backend does to deploy one (scenario, mTLS mode)."""
+    """Everything the backend does to deploy one run unit (scenario, mTLS mode, variant)."""
 
     scenario: Scenario
     mtls_mode: MtlsMode
@@ -204,10 +228,19 @@ class VariantPlan:
     skip: str | None = None
     #: it restarts what every variant shares (the scraper): nothing may run beside it
     solo: bool = False
+    variant: Variant = AS_DOCUMENTED
+
+    @property
+    def unit(self) -> RunUnit:
+        return RunUnit(self.scenario, self.mtls_mode, self.variant)
+
+    @property
+    def key(self) -> UnitKey:
+        return self.unit.key
 
     @property
     def id(self) -> str:
-        return f"{self.scenario.name} [{self.mtls_mode.value}]"
+        return self.unit.id
 
     @property
     def needs_gateway_api(self) -> bool:
@@ -244,12 +277,15 @@ def variant_plan(
     *,
     istio_namespace: str = ISTIO_NAMESPACE,
     revision: str | None = None,
+    variant: Variant | None = None,
 ) -> VariantPlan:
+    """The plan of one run unit (``variant`` None: the scenario's first, as documented)."""
+    variant = variant or scenario.variants[0]
     caps = capabilities(version)
-    namespace = scenario_namespace(scenario, mode, run_id)
-    skip = version_skip_reason(scenario, caps, mode)
+    namespace = scenario_namespace(scenario, mode, run_id, variant)
+    skip = version_skip_reason(scenario, caps, mode, variant)
     if skip is not None:
-        return VariantPlan(scenario, mode, namespace, (), (), (), (), skip)
+        return VariantPlan(scenario, mode, namespace, (), (), (), (), skip, variant=variant)
     rendered = scenario_manifests(
         scenario,
         mode,
@@ -257,6 +293,7 @@ def variant_plan(
         namespace=namespace,
         scraper_namespace=scraper_namespace(run_id),
         gateway_namespace=istio_namespace,
+        variant=variant,
     )
     patches = scenario_patches(
         scenario,
@@ -265,6 +302,7 @@ def variant_plan(
         namespace=namespace,
         scraper_namespace=scraper_namespace(run_id),
         gateway_namespace=istio_namespace,
+        variant=variant,
     )
     solo = scenario.name == ROTATION_SCENARIO
     if solo:
@@ -295,6 +333,7 @@ def variant_plan(
         tuple(rollouts),
         tuple(_locators(scenario, manifests, namespace, istio_namespace)),
         solo=solo,
+        variant=variant,
     )
 
 
@@ -434,16 +473,19 @@ class Plan:
         return "\n".join(lines) + "\n"
 
 
-def _pairs(
-    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None,
-) -> list[tuple[Scenario, MtlsMode]]:
-    pairs: list[tuple[Scenario, MtlsMode]] = []
+def _units(
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode] | RunUnit] | None,
+) -> list[RunUnit]:
+    """Every run unit of the scenarios (of a (scenario, mode): every variant in that mode)."""
+    units: list[RunUnit] = []
     for item in SCENARIOS if scenarios is None else scenarios:
         if isinstance(item, Scenario):
-            pairs += [(item, m) for m in item.mtls_modes]
+            units += item.run_units()
+        elif isinstance(item, RunUnit):
+            units.append(item)
         else:
-            pairs.append(item)
-    return pairs
+            units += [u for u in item[0].run_units() if u.mtls_mode is item[1]]
+    return units
 
 
 def planned_version(options: ClusterOptions) -> IstioVersion:
@@ -461,7 +503,7 @@ class Detected:
 
 def render_plan(
     options: ClusterOptions,
-    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None = None,
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode] | RunUnit] | None = None,
     *,
     cache: ToolCache | None = None,
     detected: Detected | None = None,
@@ -476,7 +518,7 @@ def render_plan(
     if options.upgrade_from is not None:
         from securemetrics_e2e.cluster.upgrade import upgrade_plan
 
-        return upgrade_plan(options, cache=cache, scenarios=_pairs(scenarios), detected=detected)
+        return upgrade_plan(options, cache=cache, scenarios=_units(scenarios), detected=detected)
     version = planned_version(options)
     caps = capabilities(version)
     cache = cache or ToolCache(options.cache_dir)
@@ -485,12 +527,19 @@ def render_plan(
     target = planned_target(options, kind)
     istioctl = str(options.istioctl_bin or "istioctl")
     variants = []
-    for s, m in _pairs(scenarios):
-        scope = run_scope_reason(s, options)
+    for u in _units(scenarios):
+        scope = run_scope_reason(u.scenario, options)
         variants.append(
-            skipped_variant(s, m, run_id, scope)
+            skipped_variant(u.scenario, u.mtls_mode, run_id, scope, u.variant)
             if scope is not None
-            else variant_plan(s, m, version, run_id, revision=options.revision)
+            else variant_plan(
+                u.scenario,
+                u.mtls_mode,
+                version,
+                run_id,
+                revision=options.revision,
+                variant=u.variant,
+            )
         )
     active = [v for v in variants if v.skip is None]
     steps: list[Step] = [
@@ -715,7 +764,7 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
         )
     steps.append(
         Step(
-            f"{v.scenario.name} {v.mtls_mode.value}",
+            v.id,
             f"deploy {v.id} in namespace {v.namespace} (sidecar injection on)",
             manifests=list(v.manifests),
             details=details,
@@ -724,7 +773,7 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     for p in v.patches:
         steps.append(
             Step(
-                f"{v.scenario.name} {v.mtls_mode.value}",
+                v.id,
                 f"patch {p.kind.lower()}/{p.name} in {p.namespace} (strategic merge; its "
                 "pod template is saved first and restored at teardown)",
                 details=yaml.safe_dump(dict(p.body), sort_keys=False).splitlines(),
@@ -741,7 +790,7 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
         )
     steps.append(
         Step(
-            f"{v.scenario.name} {v.mtls_mode.value}",
+            v.id,
             "wait for rollouts, failing fast on ImagePullBackOff/CrashLoopBackOff: "
             + ", ".join(str(w) for w in v.rollouts),
             details=[

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-from securemetrics_e2e.catalog import UPGRADE, MtlsMode, Scenario, upgraded_spec
+from securemetrics_e2e.catalog import UPGRADE, MtlsMode, RunUnit, Scenario, upgraded_spec
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.errors import IstioConflict
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
@@ -126,7 +126,7 @@ def upgrade_plan(
     options: ClusterOptions,
     *,
     cache: ToolCache | None = None,
-    scenarios: Sequence[tuple[Scenario, MtlsMode]] = (),
+    scenarios: Sequence[RunUnit] = (),
     detected: Detected | None = None,
 ) -> Plan:
     """Every command and manifest of an upgrade run, in order, touching nothing.
@@ -256,10 +256,10 @@ def upgrade_plan(
         installs = f"only if no istiod runs: {installs}"
     creates = creates_lines(options, [before], scraper, installs=installs)
     variants: list[VariantPlan] = [before]
-    for s, m in scenarios:
-        reason = run_scope_reason(s, options)
+    for u in scenarios:
+        reason = run_scope_reason(u.scenario, options)
         if reason is not None:
-            variants.append(skipped_variant(s, m, run_id, reason))
+            variants.append(skipped_variant(u.scenario, u.mtls_mode, run_id, reason, u.variant))
     notes = [
         f"upgrade run: Istio {old} -> {new}, {how}; only the upgrade scenario is deployed; "
         f"the cluster must run Kubernetes {common_kubernetes(old, new)} (both support it)",

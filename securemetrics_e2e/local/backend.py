@@ -33,7 +33,10 @@ from securemetrics_e2e.catalog import (
     Feature,
     MetricsMode,
     MtlsMode,
+    RunUnit,
     Scenario,
+    UnitKey,
+    Variant,
     WorkloadKind,
     WorkloadSpec,
     upgraded_spec,
@@ -51,6 +54,7 @@ from securemetrics_e2e.local.bootstrap import (
 )
 from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
+from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.promserver import PrometheusServer
@@ -279,46 +283,54 @@ class LocalBackend(Backend):
         }
 
     def deploy(
-        self, scenario: Scenario, mtls_mode: MtlsMode, *, fault: Fault | None = None
+        self,
+        scenario: Scenario,
+        mtls_mode: MtlsMode,
+        variant: Variant | None = None,
+        *,
+        fault: Fault | None = None,
     ) -> Deployment:
-        """Deploy ``scenario``; ``fault`` breaks this deployment's data plane only (a
-        negative control beside healthy or other broken deployments, one Prometheus)."""
-        runtime = self._begin(scenario, mtls_mode, fault)
+        """Deploy ``scenario`` in ``variant``; ``fault`` breaks this deployment's data plane
+        only (a negative control beside healthy or other broken deployments, one Prometheus)."""
+        runtime = self._begin(RunUnit(scenario, mtls_mode, variant or scenario.variants[0]), fault)
         self._finish([runtime])
         return runtime.deployment
 
     def deploy_many(
-        self, variants: Sequence[tuple[Scenario, MtlsMode]]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        """Start every variant's pods, then wait for all their proxies at once."""
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        self, units: Sequence[RunUnit]
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        """Start every run unit's pods, then wait for all their proxies at once."""
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         started: list[_DeploymentRuntime] = []
-        for scenario, mode in variants:
+        for unit in units:
             try:
-                started.append(self._begin(scenario, mode, None))
+                started.append(self._begin(unit, None))
             except SecureMetricsError as exc:
-                results[(scenario.name, mode)] = exc
+                results[unit.key] = exc
         for runtime in started:
-            dep = runtime.deployment
+            key = runtime.deployment.unit.key
             try:
                 self._finish([runtime])
-                results[(dep.scenario.name, dep.mtls_mode)] = runtime.deployment
+                results[key] = runtime.deployment
             except SecureMetricsError as exc:
-                results[(dep.scenario.name, dep.mtls_mode)] = exc
+                results[key] = exc
         return results
 
     def deploy_with_faults(
-        self, items: Sequence[tuple[Scenario, MtlsMode, Fault]]
+        self, items: Sequence[tuple[Scenario, MtlsMode, Fault] | tuple[RunUnit, Fault]]
     ) -> list[Deployment]:
         """Negative controls side by side: each item a broken deployment of its own,
         started together and awaited together."""
-        runtimes = [self._begin(scenario, mode, fault) for scenario, mode, fault in items]
+        runtimes = [
+            self._begin(item[0], item[1])
+            if len(item) == 2
+            else self._begin(RunUnit(item[0], item[1], item[0].variants[0]), item[2])
+            for item in items
+        ]
         self._finish(runtimes)
         return [runtime.deployment for runtime in runtimes]
 
-    def _begin(
-        self, scenario: Scenario, mtls_mode: MtlsMode, fault: Fault | None
-    ) -> _DeploymentRuntime:
+    def _begin(self, unit: RunUnit, fault: Fault | None) -> _DeploymentRuntime:
         """Create the pods and start their processes, without waiting for them."""
         if fault in SCRAPER_FAULTS:
             raise UsageError(
@@ -332,16 +344,29 @@ class LocalBackend(Backend):
             except BaseException:
                 self.close()
                 raise
+        scenario, mtls_mode, variant = unit.scenario, unit.mtls_mode, unit.variant
         namespace = f"smx-{scenario.name}-{mtls_mode.value.lower()}"
+        if variant.id is not scenario.variants[0].id:
+            namespace += f"-{variant.id}"
         if fault is not None and fault is not self.fault:
             namespace += f"-{fault}"
         if namespace in self._active:
-            raise UsageError(f"scenario {scenario.name} is already deployed on this backend")
-        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, ()))
+            raise UsageError(f"run unit {unit.id} is already deployed on this backend")
+        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
+            gateway = unit_gateway(
+                unit,
+                self.istio_version or str(DEFAULT_VERSION),
+                broken_proxy_config=fault is Fault.PROXYCONFIG_SELECTS_NOTHING,
+            )
             for spec in scenario.workloads:
-                runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault)
+                runtime.workloads[spec.name] = self._start_workload(
+                    spec,
+                    namespace,
+                    fault,
+                    gateway=gateway if gateway and spec.name == gateway.deployment else None,
+                )
         except BaseException:
             self.teardown(runtime.deployment)
             raise
@@ -362,11 +387,17 @@ class LocalBackend(Backend):
                 dep.mtls_mode,
                 dep.namespace,
                 tuple(w.workload for w in runtime.workloads.values()),
+                dep.variant,
             )
         self._publish_pods()
 
     def _start_workload(
-        self, spec: WorkloadSpec, namespace: str, fault: Fault | None
+        self,
+        spec: WorkloadSpec,
+        namespace: str,
+        fault: Fault | None,
+        *,
+        gateway: GeneratedGateway | None = None,
     ) -> _WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
@@ -384,6 +415,10 @@ class LocalBackend(Backend):
         localhost_only = (
             spec.mode is MetricsMode.HARDENED and fault is not Fault.HARDENED_FLAG_MISSING
         )
+        # a generated gateway's proxy takes its environment from Istio's deployment
+        # controller, and the two localhost-only rules read different sources there
+        stats_localhost = localhost_only if gateway is None else gateway.stats_localhost_only
+        agent_localhost = localhost_only if gateway is None else gateway.agent_localhost_only
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
         bootstrap = build_bootstrap(
@@ -392,8 +427,9 @@ class LocalBackend(Backend):
             loopback=pod.loopback,
             wildcard=wildcard,
             sds=sds,
-            localhost_only=localhost_only,
+            localhost_only=stats_localhost,
             fault=fault,
+            secure_ports=gateway is None or gateway.opens_secure_ports,
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []
@@ -415,7 +451,7 @@ class LocalBackend(Backend):
                 pod,
                 wildcard,
                 app_port=APP_PORT if spec.kind is WorkloadKind.SIDECAR else None,
-                localhost_only=localhost_only,
+                localhost_only=agent_localhost,
             )
         )
         return runtime

@@ -7,7 +7,10 @@ FAIL and that the failing check is the one that should catch it.
 
 from __future__ import annotations
 
+import copy
 import enum
+from collections.abc import Mapping
+from typing import Any
 
 
 class Fault(enum.StrEnum):
@@ -29,7 +32,19 @@ class Fault(enum.StrEnum):
     UPGRADE_DROPS_TARGETS = "upgrade-drops-targets"
     # the scraper's OUTPUT_CERTS are written once, never renewed, and expire (istio#28050)
     SCRAPER_CERTS_NOT_REFRESHED = "scraper-certs-not-refreshed"
+    # the fix of a known gap broken: the gateway-api proxyconfig variant's ProxyConfig
+    # selects no pod, so the generated gateway opens no secure port (a FAIL, not KNOWN-GAP)
+    PROXYCONFIG_SELECTS_NOTHING = "proxyconfig-selects-nothing"
 
 
 #: faults of the scraper (its configuration or its certificates): one per backend
 SCRAPER_FAULTS = frozenset({Fault.SCRAPE_JOB_PLAINTEXT, Fault.SCRAPER_CERTS_NOT_REFRESHED})
+
+
+def select_nothing(proxy_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a ProxyConfig whose selector matches no pod (a typo in the gateway name)."""
+    broken = copy.deepcopy(dict(proxy_config))
+    labels = broken.setdefault("spec", {}).setdefault("selector", {}).setdefault("matchLabels", {})
+    for key in list(labels) or ["gateway.networking.k8s.io/gateway-name"]:
+        labels[key] = "no-such-gateway"
+    return broken
