@@ -27,6 +27,12 @@ class Fault(enum.StrEnum):
     UPGRADE_DROPS_TARGETS = "upgrade-drops-targets"
     # the scraper's OUTPUT_CERTS are written once, never renewed, and expire (istio#28050)
     SCRAPER_CERTS_NOT_REFRESHED = "scraper-certs-not-refreshed"
+    # the sidecar's inbound path (istio-iptables, virtualInbound): capture rules never
+    # installed (a failed istio-init / CNI), a STRICT chain group that also accepts
+    # plaintext, a PERMISSIVE passthrough chain terminating the plain TLS it must pass on
+    CAPTURE_MISSING = "capture-missing"
+    STRICT_CHAIN_ACCEPTS_PLAINTEXT = "strict-chain-accepts-plaintext"
+    PASSTHROUGH_TERMINATES_TLS = "passthrough-terminates-tls"
 
 
 #: faults of the scraper (its configuration or its certificates): one per backend
