@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,7 +40,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.continuity import Missing, wait_scraped
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
-from securemetrics_e2e.local import promconfig
+from securemetrics_e2e.local import capture, promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
 from securemetrics_e2e.local.bootstrap import (
@@ -53,6 +54,7 @@ from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -68,6 +70,8 @@ from securemetrics_e2e.versions import (
 
 SCRAPER_NAMESPACE = "istio-system"
 SCRAPER_SERVICE_ACCOUNT = "prometheus"
+#: per captured pod: one line per virtualInbound connection (chain, TLS, peer)
+INBOUND_ACCESS_LOG = "inbound-access.log"
 _counter = itertools.count()
 
 
@@ -230,7 +234,28 @@ class LocalBackend(Backend):
             not self._started or isinstance(self.network, PodNetwork)
         ):
             features.add(Feature.POD_ISOLATION)
+            if self.capture_unavailable_reason() is None:
+                features.add(Feature.INBOUND_CAPTURE)
         return frozenset(features)
+
+    def capture_unavailable_reason(self) -> str | None:
+        """Why sidecar pods get no inbound capture here (None: they do)."""
+        if self._network_choice == "loopback":
+            return "the loopback network has no pod namespaces to hold iptables rules"
+        return PodNetwork.available() or capture.unavailable_reason()
+
+    def _unit_manifests(
+        self, scenario: Scenario, mtls_mode: MtlsMode, namespace: str
+    ) -> list[dict[str, Any]] | None:
+        """The objects the cluster backend would apply for this unit, when its sidecars
+        are captured here: their inbound path is derived from them. Continuity scenarios
+        replay the data-plane half of a change without capture."""
+        if scenario.continuity or Feature.INBOUND_CAPTURE not in self.features:
+            return None
+        if not any(w.kind is WorkloadKind.SIDECAR for w in scenario.workloads):
+            return None
+        version = self.istio_version or str(DEFAULT_VERSION)
+        return scenario_manifests(scenario, mtls_mode, version, namespace=namespace)
 
     def describe(self) -> dict[str, str]:
         network = getattr(self, "network", None)
@@ -303,8 +328,11 @@ class LocalBackend(Backend):
         runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, ()))
         self._active[namespace] = runtime
         try:
+            objects = self._unit_manifests(scenario, mtls_mode, namespace)
             for spec in scenario.workloads:
-                runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault)
+                runtime.workloads[spec.name] = self._start_workload(
+                    spec, namespace, fault, objects
+                )
         except BaseException:
             self.teardown(runtime.deployment)
             raise
@@ -329,7 +357,11 @@ class LocalBackend(Backend):
         self._publish_pods()
 
     def _start_workload(
-        self, spec: WorkloadSpec, namespace: str, fault: Fault | None
+        self,
+        spec: WorkloadSpec,
+        namespace: str,
+        fault: Fault | None,
+        objects: list[dict[str, Any]] | None = None,
     ) -> _WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
@@ -349,6 +381,12 @@ class LocalBackend(Backend):
         )
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
+        virtual_inbound = None
+        if objects is not None and spec.kind is WorkloadKind.SIDECAR:
+            # what istiod and istio-init make of this pod's manifests
+            virtual_inbound = capture.capture_sidecar(
+                pod, objects, spec.name, sds, pod_dir / INBOUND_ACCESS_LOG, fault
+            )
         bootstrap = build_bootstrap(
             spec,
             node_id=f"sidecar~{pod.ip}~{pod.name}.{ns}~{ns}.svc.cluster.local",
@@ -357,6 +395,7 @@ class LocalBackend(Backend):
             sds=sds,
             localhost_only=localhost_only,
             fault=fault,
+            virtual_inbound=virtual_inbound,
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []

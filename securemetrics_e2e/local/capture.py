@@ -24,10 +24,21 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from securemetrics_e2e.errors import EnvironmentProblem
-from securemetrics_e2e.local.inbound import INBOUND_CAPTURE_PORT, TUNNEL_PORT, Capture
+from securemetrics_e2e.local.bootstrap import SdsFiles
+from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.local.inbound import (
+    INBOUND_CAPTURE_PORT,
+    TUNNEL_PORT,
+    Capture,
+    pod_inbound,
+)
 from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.local.virtualinbound import inbound_clusters, virtual_inbound_listener
 
 
 def iptables_rules(capture: Capture) -> list[str]:
@@ -116,3 +127,24 @@ def installed_rules(pod: Pod) -> list[str]:
     if done.returncode != 0:
         raise EnvironmentProblem(f"iptables -S in pod {pod.name} failed: {done.stderr.strip()}")
     return [line for line in done.stdout.splitlines() if line.startswith("-A ")]
+
+
+def capture_sidecar(
+    pod: Pod,
+    objects: Sequence[Mapping[str, Any]],
+    workload: str,
+    sds: SdsFiles,
+    access_log: Path,
+    fault: Fault | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Capture ``pod``'s inbound traffic as istio-init would, and return the virtualInbound
+    listener and clusters istiod would send its Envoy (for ``build_bootstrap``).
+
+    Both come from ``objects``, the manifests of the pod's run unit. Under
+    :attr:`Fault.CAPTURE_MISSING` the rules are not installed (a failed istio-init).
+    """
+    inbound = pod_inbound(objects, workload)
+    listener = virtual_inbound_listener(inbound, sds, access_log=access_log, fault=fault)
+    if fault is not Fault.CAPTURE_MISSING:
+        install(pod, inbound.capture)
+    return listener, inbound_clusters(inbound, pod.ip)
