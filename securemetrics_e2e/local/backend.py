@@ -54,6 +54,7 @@ from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.local.virtualinbound import connections_on_port
 from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
@@ -85,6 +86,8 @@ class _WorkloadRuntime:
     identity: WorkloadIdentity
     record: promconfig.PodRecord
     fault: Fault | None = None
+    #: a captured sidecar's virtualInbound access log
+    inbound_log: Path | None = None
 
 
 @dataclass
@@ -330,9 +333,7 @@ class LocalBackend(Backend):
         try:
             objects = self._unit_manifests(scenario, mtls_mode, namespace)
             for spec in scenario.workloads:
-                runtime.workloads[spec.name] = self._start_workload(
-                    spec, namespace, fault, objects
-                )
+                runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault, objects)
         except BaseException:
             self.teardown(runtime.deployment)
             raise
@@ -409,6 +410,8 @@ class LocalBackend(Backend):
             container_ports=_container_ports(spec),
         )
         runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
+        if virtual_inbound is not None:
+            runtime.inbound_log = pod_dir / INBOUND_ACCESS_LOG
         envoy.start()
         if spec.kind is WorkloadKind.SIDECAR:
             servers.append(start_app(pod, wildcard))
@@ -591,6 +594,11 @@ class LocalBackend(Backend):
             pod = self._runtime(workload).pod
             return pod.call(lambda: attempt_plaintext(pod.loopback, port, path))
         return self.scraper_pod.call(lambda: attempt_plaintext(workload.pod_ip, port, path))
+
+    def inbound_path(self, workload: Workload, port: int) -> str:
+        """What the pod's virtualInbound access log says about connections to ``port``."""
+        log = self._runtime(workload).inbound_log
+        return "" if log is None else connections_on_port(log, port)
 
     def prometheus(self) -> PrometheusAPI:
         if not self._started:

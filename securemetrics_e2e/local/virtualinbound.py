@@ -28,6 +28,7 @@ connection took (the same access-log operators work in a cluster's Envoy).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +55,7 @@ from securemetrics_e2e.local.inbound import (
     PodInbound,
     Protocol,
 )
+from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 LISTENER_NAME: Final = "virtualInbound"
 _TYPES: Final = "type.googleapis.com/envoy.extensions."
@@ -231,6 +233,8 @@ def virtual_inbound_listener(
         "listener_filters_timeout": "0s",  # mesh protocolDetectionTimeout default: none
         "listener_filters": _listener_filters(chains),
         "filter_chains": chains,
+        # setListenerAccessLog: connections no chain matched (flag NR) are logged too
+        "access_log": _access_log(access_log),
     }
 
 
@@ -260,3 +264,64 @@ def inbound_clusters(inbound: PodInbound, pod_ip: str) -> list[dict[str, Any]]:
         _original_dst(PASSTHROUGH_CLUSTER),
         *(_cluster(c, pod_ip) for c in inbound.clusters),
     ]
+
+
+@dataclass(frozen=True)
+class InboundConnection:
+    """One line of the virtualInbound access log (:data:`ACCESS_LOG_FORMAT`)."""
+
+    chain: str
+    port: int
+    tls: str  # the TLS version the sidecar terminated, "" when it did not
+    peer: str  # the client certificate's URI SAN, when the sidecar terminated mTLS
+    upstream: str
+    flags: str
+
+    def describe(self) -> str:
+        if self.chain == "-":
+            return f"no virtualInbound chain matched, the connection was closed ({self.flags})"
+        if self.tls:
+            how = f"the sidecar terminated {self.tls}" + (f" from {self.peer}" if self.peer else "")
+        else:
+            how = "the sidecar did not terminate TLS"
+        upstream = f", forwarded to {self.upstream}" if self.upstream else ", not forwarded"
+        flags = f" ({self.flags})" if self.flags else ""
+        return f"virtualInbound chain {self.chain!r}: {how}{upstream}{flags}"
+
+
+def parse_access_log(text: str) -> list[InboundConnection]:
+    """The connections an access log written with :data:`ACCESS_LOG_FORMAT` records."""
+    found = []
+    for line in text.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "chain" not in fields or not fields.get("port", "").isdigit():
+            continue
+        found.append(
+            InboundConnection(
+                chain=fields["chain"],
+                port=int(fields["port"]),
+                tls="" if fields.get("tls") == "-" else fields.get("tls", ""),
+                peer="" if fields.get("peer") == "-" else fields.get("peer", ""),
+                upstream="" if fields.get("upstream") == "-" else fields.get("upstream", ""),
+                flags="" if fields.get("flags") == "-" else fields.get("flags", ""),
+            )
+        )
+    return found
+
+
+def connections_on_port(log: Path, port: int, timeout: float = 1.0) -> str:
+    """What ``log`` records for connections to ``port`` (waiting up to ``timeout`` for
+    Envoy to flush it), as one line; says so when none reached virtualInbound."""
+
+    def lines() -> list[InboundConnection]:
+        text = log.read_text() if log.exists() else ""
+        found = [c for c in parse_access_log(text) if c.port == port]
+        if not found:
+            raise NotYet(f"no line for port {port} in {log}")
+        return found
+
+    try:
+        found = wait_for(f"virtualInbound access log for port {port}", lines, timeout=timeout)
+    except WaitTimeout:
+        return f"no connection to port {port} went through virtualInbound (not captured)"
+    return "; ".join(dict.fromkeys(c.describe() for c in found))
