@@ -387,3 +387,22 @@ def test_envoy_loads_every_synthetic_combination(sds: SdsFiles, tmp_path: Path) 
             objects.append(sidecar())
         bootstraps.append(_bootstrap(objects, sds, fault))
     _validate(bootstraps, tmp_path)
+
+
+def test_port_level_mode_misses_a_secure_port_that_is_also_a_service_port() -> None:
+    """needPerPortPassthroughFilterChain skips a port any Service targets, and
+    conflictWithReservedListener skips that Service chain: portLevelMtls PERMISSIVE on
+    15092 then changes nothing, the port-less STRICT passthrough takes it."""
+    annotations = {
+        "proxy.istio.io/config": "proxyMetadata:\n  ENVOY_SECURE_MERGED_METRICS_PORT: '15092'\n"
+    }
+    objects = [
+        peer_auth("STRICT", {15091: "PERMISSIVE", 15092: "PERMISSIVE"}),
+        deployment(annotations),
+        service("https-merged", 15092),
+    ]
+    inbound = pod_inbound(objects, "httpbin")
+    assert inbound.group_for(15091).mode == "PERMISSIVE"
+    merged = inbound.group_for(15092)
+    assert merged.port == 0
+    assert merged.mode == "STRICT"
