@@ -267,6 +267,10 @@ class LocalBackend(Backend):
             "istio_version": self.istio_version,
             "network": network.kind if network is not None else self._network_choice,
             "fault": str(self.fault or ""),
+            # the report says whether STRICT and legacy units ran through Istio's inbound path
+            "inbound_capture": f"off: {why_not}"
+            if (why_not := self.capture_unavailable_reason())
+            else "istio-iptables REDIRECT to virtualInbound (15006) in each sidecar pod",
         }
 
     def deploy(
