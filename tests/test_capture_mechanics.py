@@ -9,7 +9,10 @@ ISTIO-FACTS.md's ("Inbound capture and virtualInbound", "Legacy workaround").
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS, MtlsMode, Scenario
 from securemetrics_e2e.local.agent import start_agent
+from securemetrics_e2e.local.app import start_app
 from securemetrics_e2e.local.bootstrap import (
     SdsFiles,
     build_bootstrap,
@@ -47,6 +51,7 @@ class Target:
     pod: Pod
     envoy: Envoy
     agent: PodHTTPServer
+    app: PodHTTPServer
     log: Path
 
 
@@ -68,6 +73,31 @@ class Mesh:
         )
         return result.outcome
 
+    def tls_get(self, name: str, port: int, alpn: list[str]) -> str:
+        """GET /get over TLS with the scraper's certificate offering ``alpn``: the JSON
+        body, or the error that ended the connection."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the identity is not what this test is about
+        context.load_cert_chain(self.certs.cert_chain, self.certs.key)
+        context.set_alpn_protocols(alpn)
+        ip = self.targets[name].pod.ip
+
+        def get() -> str:
+            try:
+                with (
+                    socket.create_connection((ip, port), timeout=3) as raw,
+                    context.wrap_socket(raw) as tls,
+                ):
+                    tls.sendall(b"GET /get HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+                    response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+                    response.begin()
+                    return response.read().decode()
+            except (OSError, http.client.HTTPException) as exc:
+                return f"error: {type(exc).__name__}"
+
+        return self.scraper.call(get)
+
     def plaintext(self, name: str, port: int) -> PlaintextOutcome:
         ip = self.targets[name].pod.ip
         return self.scraper.call(lambda: attempt_plaintext(ip, port)).outcome
@@ -80,13 +110,34 @@ CASES = {
     "native-strict-excluded": ("native-sidecar", MtlsMode.STRICT, "exclude-capture"),
     "legacy-permissive": ("legacy-sidecar", MtlsMode.PERMISSIVE, None),
     "legacy-strict": ("legacy-sidecar", MtlsMode.STRICT, None),
+    "native-strict-port-permissive": ("native-sidecar", MtlsMode.STRICT, "as-documented"),
+    "legacy-permissive-port-strict": ("legacy-sidecar", MtlsMode.PERMISSIVE, None),
 }
+#: a workload PeerAuthentication the case adds to its unit's manifests
+PORT_LEVEL = {
+    "native-strict-port-permissive": {"15091": "PERMISSIVE", "15092": "PERMISSIVE"},
+    "legacy-permissive-port-strict": {"15091": "STRICT"},
+}
+
+
+def _workload_policy(port_level: dict[str, str]) -> dict[str, object]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "httpbin-secure-metrics", "namespace": "demo"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "httpbin"}},
+            "portLevelMtls": {port: {"mode": mode} for port, mode in port_level.items()},
+        },
+    }
 
 
 def _start(network: PodNetwork, ca: MeshCA, workdir: Path, name: str) -> Target:
     scenario_name, mode, variant = CASES[name]
     scenario: Scenario = _BY_NAME[scenario_name]
     objects = scenario_manifests(scenario, mode, "1.31", namespace="demo", variant=variant)
+    if name in PORT_LEVEL:
+        objects.append(_workload_policy(PORT_LEVEL[name]))
     inbound = pod_inbound(objects, "httpbin")
     pod = network.add_pod(name)
     sds = SdsFiles(workdir / name / "sds")
@@ -111,7 +162,8 @@ def _start(network: PodNetwork, ca: MeshCA, workdir: Path, name: str) -> Target:
     envoy = Envoy(pod, workdir / name, bootstrap)
     envoy.start()
     agent = start_agent(pod, "0.0.0.0", app_port=None, localhost_only=False)  # noqa: S104
-    return Target(pod, envoy, agent, log)
+    app = start_app(pod, "0.0.0.0")  # noqa: S104
+    return Target(pod, envoy, agent, app, log)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +183,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     finally:
         for target in targets.values():
             target.agent.close()
+            target.app.close()
             target.envoy.stop()
         network.close()
 
@@ -178,3 +231,24 @@ def test_legacy_strict_terminates_mesh_mtls(mesh: Mesh) -> None:
         "chain=0.0.0.0_15091 port=15091 tls=TLSv1.3 peer=spiffe://cluster.local/ns/istio-system/sa/prometheus"
         in log
     )
+
+
+def test_port_level_permissive_lets_the_scraper_through_in_strict(mesh: Mesh) -> None:
+    assert mesh.scrape("native-strict-port-permissive", 15091) is MtlsOutcome.OK
+    assert mesh.scrape("native-strict-port-permissive", 15092) is MtlsOutcome.OK
+
+
+def test_port_level_strict_makes_the_legacy_port_work_in_permissive(mesh: Mesh) -> None:
+    assert mesh.scrape("legacy-permissive-port-strict", 15091) is MtlsOutcome.OK
+    assert mesh.plaintext("legacy-permissive-port-strict", 15091) is PlaintextOutcome.CLOSED
+
+
+def test_the_application_port_takes_istio_mtls_through_its_chain(mesh: Mesh) -> None:
+    """PERMISSIVE HTTP port: Istio-ALPN TLS is terminated and sent on from 127.0.0.6;
+    a TLS client without an Istio ALPN is reset."""
+    body = mesh.tls_get("native-permissive", 8080, ["istio-http/1.1"])
+    assert json.loads(body)["origin"] == "127.0.0.6", body
+    assert mesh.tls_get("native-permissive", 8080, ["http/1.1"]).startswith("error")
+    # STRICT: any TLS client with a mesh certificate is terminated
+    body = mesh.tls_get("native-strict", 8080, ["http/1.1"])
+    assert json.loads(body)["origin"] == "127.0.0.6", body
