@@ -110,34 +110,15 @@ CASES = {
     "native-strict-excluded": ("native-sidecar", MtlsMode.STRICT, "exclude-capture"),
     "legacy-permissive": ("legacy-sidecar", MtlsMode.PERMISSIVE, None),
     "legacy-strict": ("legacy-sidecar", MtlsMode.STRICT, None),
-    "native-strict-port-permissive": ("native-sidecar", MtlsMode.STRICT, "as-documented"),
-    "legacy-permissive-port-strict": ("legacy-sidecar", MtlsMode.PERMISSIVE, None),
+    "native-strict-port-permissive": ("native-sidecar", MtlsMode.STRICT, "port-permissive"),
+    "legacy-permissive-port-strict": ("legacy-sidecar", MtlsMode.PERMISSIVE, "port-strict"),
 }
-#: a workload PeerAuthentication the case adds to its unit's manifests
-PORT_LEVEL = {
-    "native-strict-port-permissive": {"15091": "PERMISSIVE", "15092": "PERMISSIVE"},
-    "legacy-permissive-port-strict": {"15091": "STRICT"},
-}
-
-
-def _workload_policy(port_level: dict[str, str]) -> dict[str, object]:
-    return {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "PeerAuthentication",
-        "metadata": {"name": "httpbin-secure-metrics", "namespace": "demo"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "httpbin"}},
-            "portLevelMtls": {port: {"mode": mode} for port, mode in port_level.items()},
-        },
-    }
 
 
 def _start(network: PodNetwork, ca: MeshCA, workdir: Path, name: str) -> Target:
     scenario_name, mode, variant = CASES[name]
     scenario: Scenario = _BY_NAME[scenario_name]
     objects = scenario_manifests(scenario, mode, "1.31", namespace="demo", variant=variant)
-    if name in PORT_LEVEL:
-        objects.append(_workload_policy(PORT_LEVEL[name]))
     inbound = pod_inbound(objects, "httpbin")
     pod = network.add_pod(name)
     sds = SdsFiles(workdir / name / "sds")

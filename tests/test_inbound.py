@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from securemetrics_e2e.catalog import SCENARIOS, MtlsMode, WorkloadKind
+from securemetrics_e2e.catalog import SCENARIOS, WorkloadKind
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.bootstrap import (
     SdsFiles,
@@ -36,7 +36,7 @@ from securemetrics_e2e.local.inbound import (
     pod_inbound,
 )
 from securemetrics_e2e.local.virtualinbound import inbound_clusters, virtual_inbound_listener
-from securemetrics_e2e.manifests import scenario_manifests, variants
+from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import MeshCA
 
 NS = "demo"
@@ -331,7 +331,7 @@ def test_bad_exclusion_is_one_clear_error() -> None:
 # ---- a real Envoy loads every generated configuration ---------------------------------------
 
 _SIDECARS = [s for s in SCENARIOS if s.workloads[0].kind is WorkloadKind.SIDECAR]
-_RENDERED = [(s, m, v.name) for s in _SIDECARS for m in s.mtls_modes for v in variants(s)]
+_RENDERED = [unit for s in _SIDECARS for unit in s.run_units()]
 _SYNTHETIC = list(
     itertools.product(["PERMISSIVE", "STRICT", "DISABLE"], ["http", "tcp", "auto"], [False, True])
 )
@@ -371,9 +371,9 @@ def _bootstrap(objects: list[dict[str, Any]], sds: SdsFiles, fault: Fault | None
 
 def test_envoy_loads_every_rendered_configuration(sds: SdsFiles, tmp_path: Path) -> None:
     bootstraps = []
-    for scenario, mode, variant in _RENDERED:
+    for unit in _RENDERED:
         objects = scenario_manifests(
-            scenario, MtlsMode(mode), "1.31", namespace=NS, variant=variant
+            unit.scenario, unit.mtls_mode, "1.31", namespace=NS, variant=unit.variant
         )
         bootstraps.append(_bootstrap(objects, sds, None))
     _validate(bootstraps, tmp_path)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from localmesh import requires_local_mesh
 
-from securemetrics_e2e.catalog import Feature, MtlsMode, scenario
+from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, VariantId, scenario
 from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
@@ -43,8 +43,22 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
     Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
-    Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
+    Fault.SECURE_PORT_ANNOTATION_MISSING: (
+        "native-sidecar",
+        TARGETS | {"injector-secure-port-annotation"},
+    ),
+    # the injector model leaves secure-port unset: SMC014 says so, and the merged job,
+    # which keys on that annotation, finds no target
+    Fault.INJECTOR_NO_SECURE_PORT: (
+        "native-sidecar",
+        {"injector-secure-port-annotation", "targets-up-merged"},
+    ),
     Fault.UPGRADE_DROPS_TARGETS: ("upgrade", {"upgrade-continuity"}),
+    # the fix of a known gap, broken: every check the gap predicts fails, as a FAIL
+    Fault.PROXYCONFIG_SELECTS_NOTHING: (
+        "gateway-api",
+        {"listeners-tls-only", "mtls-scrape", "envoy-port-stats-only"} | TARGETS,
+    ),
     # the inbound path (local/capture.py, local/virtualinbound.py): without the rules the
     # legacy port has no listener at all, while its config_dump still looks right
     Fault.CAPTURE_MISSING: ("legacy-sidecar", {"mtls-scrape", "targets-up-merged"}),
@@ -58,6 +72,16 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
         {"mtls-scrape", "envoy-port-stats-only"} | TARGETS,
     ),
 }
+#: faults that break a variant other than the scenario's first (as-documented) one
+VARIANT = {Fault.PROXYCONFIG_SELECTS_NOTHING: VariantId.PROXYCONFIG}
+
+
+def _unit(fault: Fault) -> RunUnit:
+    sc = scenario(EXPECTED[fault][0])
+    variant = sc.variant(VARIANT[fault]) if fault in VARIANT else sc.variants[0]
+    return RunUnit(sc, _mode(fault), variant)
+
+
 #: faults of a STRICT unit (the others break a PERMISSIVE one)
 STRICT_FAULTS = frozenset({Fault.CAPTURE_MISSING, Fault.STRICT_CHAIN_ACCEPTS_PLAINTEXT})
 #: faults of the inbound path: controllable only where sidecars are captured
@@ -95,9 +119,7 @@ def _data_plane_fault_controls(
         chosen = sorted(faults or frozenset(EXPECTED) - SCRAPER_FAULTS - UPGRADE_FAULTS)
         if Feature.INBOUND_CAPTURE not in backend.features:
             chosen = [f for f in chosen if f not in INBOUND_FAULTS]
-        deployments = backend.deploy_with_faults(
-            [(scenario(EXPECTED[f][0]), _mode(f), f) for f in chosen]
-        )
+        deployments = backend.deploy_with_faults([(_unit(f), f) for f in chosen])
         return {f: run_checks(backend, dep) for f, dep in zip(chosen, deployments, strict=True)}
     finally:
         backend.close()
@@ -162,6 +184,16 @@ def test_fault_makes_the_verdict_fail_naming_its_checks(
         if o.status is Status.FAIL:
             assert o.code.startswith("SMC")
             assert o.message
+
+
+def test_a_broken_fix_variant_is_a_fail_not_a_known_gap(
+    control_results: dict[Fault, list[CheckOutcome]],
+) -> None:
+    outcomes = control_results[Fault.PROXYCONFIG_SELECTS_NOTHING]
+    assert {o.variant for o in outcomes} == {"proxyconfig"}
+    assert not [o for o in outcomes if o.status in (Status.KNOWN_GAP, Status.FIXED)]
+    assert all(o.fix_of == ("gateway-api-infrastructure-annotations",) for o in outcomes)
+    assert RunResult(outcomes=outcomes).unfixed()
 
 
 def test_missing_annotation_is_reported_as_zero_targets(

@@ -35,7 +35,7 @@ from securemetrics_e2e.continuity import (
 )
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.plugin import Variant, variant_skip_reason
+from securemetrics_e2e.plugin import unit_skip_reason
 from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
 
@@ -131,14 +131,12 @@ def test_bad_upgrade_from_is_refused_by_the_backend(upgrade_from: str, message: 
 
 def test_the_oldest_supported_minor_has_no_upgrade_to_it() -> None:
     backend = LocalBackend(istio_version="1.28")
-    reason = variant_skip_reason(
-        Variant(scenario("upgrade"), MtlsMode.PERMISSIVE), backend, "1.28.10"
-    )
+    (upgrade,) = scenario("upgrade").run_units()
+    reason = unit_skip_reason(upgrade, backend, "1.28.10")
     assert reason is not None
     assert "no supported Istio minor precedes 1.28" in reason
     ok = LocalBackend(istio_version="1.29")
-    upgrade = Variant(scenario("upgrade"), MtlsMode.PERMISSIVE)
-    assert variant_skip_reason(upgrade, ok, "1.29") is None
+    assert unit_skip_reason(upgrade, ok, "1.29") is None
 
 
 # -- the local upgrade, for real ------------------------------------------------------------

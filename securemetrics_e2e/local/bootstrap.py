@@ -194,9 +194,14 @@ def build_bootstrap(
     sds: SdsFiles,
     localhost_only: bool,
     fault: Fault | None = None,
+    secure_ports: bool = True,
     virtual_inbound: tuple[dict[str, Any], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The bootstrap for ``spec``'s proxy.
+
+    ``secure_ports`` False: ENVOY_SECURE_METRICS_PORT / ENVOY_SECURE_MERGED_METRICS_PORT
+    are unset (0) in the agent's environment, so envoy_bootstrap.json renders no secure
+    listener (a Gateway API gateway configured through its pod annotations).
 
     ``loopback`` is the pod's localhost (127.0.0.1 inside a namespace) and ``wildcard``
     the address listeners bind where Istio binds 0.0.0.0 (the pod's own address on the
@@ -236,7 +241,9 @@ def build_bootstrap(
 
     if virtual_inbound is not None:
         listeners.append(virtual_inbound[0])
-    if spec.mode is MetricsMode.LEGACY and spec.kind is WorkloadKind.SIDECAR:
+    if not secure_ports:
+        pass
+    elif spec.mode is MetricsMode.LEGACY and spec.kind is WorkloadKind.SIDECAR:
         if virtual_inbound is None:
             # without capture: a listener of its own with defaultEndpoint 127.0.0.1:15020
             inbound = f"inbound|{spec.secure_merged_port}||"
