@@ -14,10 +14,15 @@ PYTHON = "3.11"
 
 
 def _system_packages(session: nox.Session) -> None:
-    """Debian's prometheus and iproute2, installed when missing and we may (root)."""
+    """Debian's prometheus, iproute2 and iptables (the local backend's inbound capture),
+    installed when missing and we may (root)."""
     missing = [
         pkg
-        for pkg, binary in (("prometheus", "prometheus"), ("iproute2", "ip"))
+        for pkg, binary in (
+            ("prometheus", "prometheus"),
+            ("iproute2", "ip"),
+            ("iptables", "iptables-restore"),
+        )
         if shutil.which(binary) is None
     ]
     if not missing:

@@ -132,8 +132,10 @@ def _mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
         for role, port in _secure_ports(w):
             result = backend.scrape(w, port, STATS_PATH)
             if result.outcome is not MtlsOutcome.OK:
+                path = backend.inbound_path(w, port)
                 problems.append(
                     f"{w.name} {role} port {port}: {result.outcome.value}: {result.detail}"
+                    + (f" [inbound path: {path}]" if path else "")
                 )
                 seen.add(f"scrape:{result.outcome.value}")
             elif not result.families:
