@@ -19,13 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from securemetrics_e2e import __version__
+from securemetrics_e2e import __version__, signals
 from securemetrics_e2e.catalog import SCENARIOS, Feature, Profile, Scenario, scenario
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
 
 if TYPE_CHECKING:
     from securemetrics_e2e.progress import Progress, ProgressPlugin
     from securemetrics_e2e.results import RunResult
+    from securemetrics_e2e.versions import IstioVersion
 
 PROG = "securemetrics-e2e"
 BACKENDS = ("local", "kind", "existing")
@@ -90,7 +91,10 @@ def select(args: argparse.Namespace) -> Selection:
     """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
     from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
 
-    version = str(resolve(args.istio_version) if args.istio_version else DEFAULT_VERSION)
+    # "" is a mistake (an unset shell variable), not a request for the default
+    asked = args.istio_version is not None
+    version = resolve(args.istio_version) if asked else DEFAULT_VERSION
+    _check_known_patch(version, custom_build=bool(getattr(args, "tag", None)))
     names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
     if names:
         chosen = [scenario(n) for n in dict.fromkeys(names)]
@@ -103,7 +107,21 @@ def select(args: argparse.Namespace) -> Selection:
                 )
     else:
         chosen = [s for s in SCENARIOS if args.profile in ("all", s.profile.value)]
-    return Selection(args.backend, version, args.profile, tuple(chosen), bool(names))
+    return Selection(args.backend, str(version), args.profile, tuple(chosen), bool(names))
+
+
+def _check_known_patch(version: IstioVersion, *, custom_build: bool) -> None:
+    """A patch newer than any released one is a typo unless the user runs a custom build."""
+    from securemetrics_e2e.versions import latest_known_patch
+
+    latest = latest_known_patch(version)
+    if custom_build or latest is None or version.is_prerelease or version <= latest:
+        return
+    raise UsageError(
+        f"--istio-version {version}: the latest {version.major}.{version.minor} patch "
+        f"this suite knows is {latest}; use a released version, or for a custom build on a "
+        "cluster name its image with --tag (and --hub)"
+    )
 
 
 def _local_preflight() -> dict[str, str]:
@@ -150,7 +168,7 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
         "--scenario",
         ",".join(s.name for s in sel.scenarios),
     ]
-    if sel.backend != "existing" or args.istio_version:
+    if sel.backend != "existing" or args.istio_version is not None:
         argv += ["--istio-version", sel.istio_version]
     if args.upgrade_from:
         argv += ["--upgrade-from", args.upgrade_from]
@@ -195,6 +213,7 @@ def _distribution(args: argparse.Namespace) -> Any:
 
 def _validate_run(args: argparse.Namespace) -> Selection:
     """Every check that can fail before anything starts: usage first, then the machine."""
+    from securemetrics_e2e.outputs import check_writable
     from securemetrics_e2e.report import report_format
     from securemetrics_e2e.versions import upgrade_pair
 
@@ -206,13 +225,16 @@ def _validate_run(args: argparse.Namespace) -> Selection:
         if args.local_fault not in {f.value for f in Fault}:
             raise UsageError(f"unknown --local-fault {args.local_fault!r}; known: {known}")
     sel = select(args)
-    if args.upgrade_from and (sel.backend != "existing" or args.istio_version):
+    if args.upgrade_from and (sel.backend != "existing" or args.istio_version is not None):
         # (an existing cluster without --istio-version ends on the Istio it runs)
         upgrade_pair(args.upgrade_from, sel.istio_version)
-    if args.report:
-        report_format(Path(args.report))  # fail now, not after a ten-minute run
-    if args.junit and Path(args.junit).suffix.lower() != ".xml":
-        raise UsageError(f"--junit {args.junit!r} must end in .xml")
+    if args.report:  # fail now, not after a ten-minute run
+        report_format(Path(args.report))
+        check_writable(Path(args.report), "--report")
+    if args.junit:
+        if Path(args.junit).suffix.lower() != ".xml":
+            raise UsageError(f"--junit {args.junit!r} must end in .xml")
+        check_writable(Path(args.junit), "--junit")
     if sel.backend == "local":
         _local_preflight()
     return sel
@@ -260,7 +282,7 @@ def _run_pytest(argv: list[str], progress: Progress) -> tuple[RunResult, Progres
 
 def cmd_run(args: argparse.Namespace) -> int:
     from securemetrics_e2e.progress import Progress, scenario_lines, verdict_line
-    from securemetrics_e2e.report import ReportMeta, write_report
+    from securemetrics_e2e.report import ReportMeta
 
     sel = _validate_run(args)
     argv = _pytest_args(args, sel)
@@ -270,7 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         date = datetime.now(UTC)
         # an existing cluster's installed Istio is used unless a version is asked for
-        asked = sel.istio_version if sel.backend != "existing" or args.istio_version else ""
+        asked = (
+            sel.istio_version if sel.backend != "existing" or args.istio_version is not None else ""
+        )
         progress.message(
             f"{PROG} {__version__}: backend {sel.backend}, Istio {asked or 'as installed'}, "
             f"profile {sel.profile}: {', '.join(s.name for s in sel.scenarios)}"
@@ -303,20 +327,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         for error in result.errors:
             print(f"{PROG}: error: {error}", file=sys.stderr)
-        if args.report:
-            write_report(Path(args.report), result, meta)
-            progress.message(f"report: {args.report}")
-        if args.junit:
-            from securemetrics_e2e.junit import write_junit
-
-            write_junit(Path(args.junit), result, meta)
-            progress.message(f"junit: {args.junit}")
+        written = _write_outputs(args, result, meta, progress)
     finally:
         if term is not sys.stdout:
             term.close()
-    if result.errors:
+    stopped = signals.received()
+    if stopped is not None:
+        return signals.exit_status(stopped)  # what the shell reports for a signalled run
+    if result.errors or not written:
         return EXIT_USAGE
     return EXIT_OK if result.conformant else EXIT_NOT_CONFORMANT
+
+
+def _write_outputs(args: argparse.Namespace, result: RunResult, meta: Any, progress: Any) -> bool:
+    """Write the report and JUnit; False (error printed) when one cannot be written.
+
+    The verdict is already on the terminal: a write that fails now is an error of its own
+    (exit 2), never a verdict about the mesh.
+    """
+    from securemetrics_e2e.junit import write_junit
+    from securemetrics_e2e.outputs import OutputFailed
+    from securemetrics_e2e.report import write_report
+
+    ok = True
+    for path, write, label in (
+        (args.report, write_report, "report"),
+        (args.junit, write_junit, "junit"),
+    ):
+        if not path:
+            continue
+        try:
+            write(Path(path), result, meta)
+        except OutputFailed as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            ok = False
+            continue
+        progress.message(f"{label}: {path}")
+    return ok
 
 
 # ---------------------------------------------------------------------- plan
@@ -388,7 +435,9 @@ def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
 
     options = ClusterOptions(
         mode=sel.backend,
-        istio_version=sel.istio_version if sel.backend == "kind" or args.istio_version else None,
+        istio_version=sel.istio_version
+        if sel.backend == "kind" or args.istio_version is not None
+        else None,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         context=args.context,
         keep_cluster=args.keep,
@@ -489,7 +538,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from securemetrics_e2e.versions import resolve, supported_versions
 
     backends = list(dict.fromkeys(args.backend or BACKENDS))
-    if args.istio_version:
+    if args.istio_version is not None:
         versions = [str(resolve(v)) for v in dict.fromkeys(args.istio_version)]
     else:
         versions = [str(v) for v in supported_versions()]
@@ -507,12 +556,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
 
+    from securemetrics_e2e.outputs import check_writable, write_atomically
+
+    for option, path in (("--markdown", args.markdown), ("--html", args.html)):
+        if path:
+            check_writable(Path(path), option)  # before reading a single report
     matrix = build_matrix(load_reports([Path(p) for p in args.reports]))
     markdown = render_markdown(matrix)
     if args.markdown:
-        Path(args.markdown).write_text(markdown, encoding="utf-8")
+        write_atomically(Path(args.markdown), markdown.encode("utf-8"), "--markdown")
     if args.html:
-        Path(args.html).write_text(render_html(matrix), encoding="utf-8")
+        write_atomically(Path(args.html), render_html(matrix).encode("utf-8"), "--html")
     if not args.markdown and not args.html:
         sys.stdout.write(markdown)
     else:
@@ -594,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--org", help="organization, e.g. 'Example Corp.'")
     dist.add_argument("--project", help="distribution name, e.g. 'Example Mesh'")
     dist.add_argument("--url", help="distribution URL")
-    dist.add_argument("--version", dest="dist_version", help="distribution version")
+    dist.add_argument("--dist-version", help="distribution version, e.g. 2.4.1")
     dist.add_argument("--contact", action="append", help="contact (repeatable)")
     run.add_argument(
         "--pytest-output",

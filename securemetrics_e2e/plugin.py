@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from securemetrics_e2e import progress
+from securemetrics_e2e import progress, signals
 from securemetrics_e2e.applicability import skip_reason as skip_reason_for
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import (
@@ -31,6 +31,16 @@ from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
+_RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
+
+#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest)
+REPORT_DISTRIBUTION_OPTIONS = {
+    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
+    "project": "distribution name, e.g. 'Example Mesh'",
+    "url": "distribution URL",
+    "dist-version": "distribution version",
+    "contact": "contact (repeatable)",
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write the conformance report here (.json or .yaml)",
     )
+    # the distribution under test, as `securemetrics-e2e run` takes it (--org, ...)
+    for flag, what in REPORT_DISTRIBUTION_OPTIONS.items():
+        group.addoption(
+            f"--sm-{flag}",
+            default=None,
+            action="append" if flag == "contact" else "store",
+            help=f"report: {what}",
+        )
     try:
         from securemetrics_e2e.cluster.backend import add_cluster_options
     except ImportError:  # the cluster backend is optional at import time
@@ -117,6 +135,25 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULT_KEY] = RunResult()
     config.addinivalue_line("markers", "check(id): the conformance check a scenario test performs")
+    path = config.getoption("--sm-report", default=None)
+    if path:
+        from securemetrics_e2e.outputs import check_writable
+        from securemetrics_e2e.report import report_format
+
+        try:  # fail now, not after a ten-minute run
+            report_format(Path(path))
+            check_writable(Path(path), "--sm-report")
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    # SIGTERM / SIGHUP (CI cancellation, timeout, a closed terminal) end the session as
+    # Ctrl-C does: through the fixtures' teardown, which stops the mesh
+    config.stash[_RESTORE_SIGNALS_KEY] = signals.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    restore = config.stash.get(_RESTORE_SIGNALS_KEY, None)
+    if restore is not None:
+        restore()
 
 
 def istio_version(config: pytest.Config) -> str:
@@ -370,7 +407,7 @@ def pytest_runtest_makereport(
                 check=chk.id,
                 status=status,
                 message=message.splitlines()[0] if message else "",
-                code=chk.code if status is Status.FAIL else "",
+                code=chk.code,
                 profile=variant.scenario.profile.value,
                 duration_s=report.duration,
                 nodeid=item.nodeid,
@@ -426,6 +463,26 @@ def pytest_terminal_summary(
     tr.write_line(line, bold=True, red=not result.conformant, green=result.conformant)
     path = config.getoption("--sm-report")
     if path:
-        from securemetrics_e2e.report import write_report
+        from securemetrics_e2e.outputs import OutputFailed
+        from securemetrics_e2e.report import Distribution, ReportMeta, write_report
 
-        write_report(Path(path), result)
+        option = config.getoption
+        meta = ReportMeta.from_environment(
+            result.environment,
+            distribution=Distribution(
+                organization=option("--sm-org") or "",
+                project=option("--sm-project") or "",
+                url=option("--sm-url") or "",
+                version=option("--sm-dist-version") or "",
+                contact=tuple(option("--sm-contact") or ()),
+            ),
+            backend=result.environment.get("backend") or option("--sm-backend"),
+            istio_version=result.environment.get("istio_version") or istio_version(config),
+        )
+        try:
+            write_report(Path(path), result, meta)
+        except OutputFailed as exc:  # the verdict above stands; the report is what failed
+            tr.write_line(f"securemetrics-e2e: error: {exc}", red=True)
+            config.stash[_RESULT_KEY].errors.append(str(exc))
+            return
+        tr.write_line(f"report: {path}")

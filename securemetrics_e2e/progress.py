@@ -137,6 +137,25 @@ def emit(
         progress.phase(variant, phase, elapsed_s, status, detail)
 
 
+#: notes about the run said on the terminal (e.g. what a sweep removed), kept for the report
+_RUN_NOTES: list[str] = []
+
+
+def note(text: str) -> None:
+    """A note about the whole run: printed by the active :class:`Progress`, kept for the report."""
+    _RUN_NOTES.append(text)
+    progress = active()
+    if progress is not None:
+        progress.message(f"note: {text}")
+
+
+def take_notes() -> list[str]:
+    """The run notes since the last call (each run reports its own)."""
+    notes = list(_RUN_NOTES)
+    _RUN_NOTES.clear()
+    return notes
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
     return text.splitlines()[0]
@@ -374,6 +393,16 @@ def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
 
 #: what a PASS of a scenario does not prove, said under it (e.g. cluster-only wiring)
 _NOTES = {s.name: s.notes for s in SCENARIOS if s.notes}
+
+
+def scenario_notes(result: RunResult) -> list[str]:
+    """The notes :func:`scenario_lines` prints under passed scenarios, for the report."""
+    return [
+        f"{variant_id(name, variant)}: {note}"
+        for name, variant in result.scenarios()
+        if result.scenario_status(name, variant) is Status.PASS
+        for note in _NOTES.get(name, ())
+    ]
 
 
 def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed_s: float) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +25,7 @@ import yaml
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import Profile
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.outputs import write_atomically
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 API_VERSION: Final = "securemetrics-e2e/v1alpha1"
@@ -303,25 +302,11 @@ def dump_report(doc: Mapping[str, Any], fmt: str) -> str:
     return yaml.safe_dump(dict(doc), sort_keys=False, allow_unicode=True, width=100)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # A reader (CI uploading artifacts, a matrix merge) never sees half a report.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(path: Path, result: RunResult, meta: ReportMeta | None = None) -> dict[str, Any]:
     """Write the report of ``result`` to ``path`` (JSON or YAML by suffix); return it."""
     fmt = report_format(path)
     doc = build_report(result, meta)
-    _write_atomically(path, dump_report(doc, fmt))
+    write_atomically(path, dump_report(doc, fmt).encode("utf-8"), "report")
     return doc
 
 

@@ -198,6 +198,16 @@ def resolve(text: str) -> IstioVersion:
     return version
 
 
+def latest_known_patch(version: IstioVersion) -> IstioVersion | None:
+    """The newest released patch of ``version``'s minor this table knows, None off-table.
+
+    A newer patch may be a release after this table was written or a typo (1.31.999); the
+    CLI asks the user to say which (a custom build names its image tag).
+    """
+    release = _RELEASES.get(version.minor_version)
+    return release.latest if release else None
+
+
 def capabilities(version: IstioVersion | str) -> Capabilities:
     """The capabilities of a supported version (text is resolved first)."""
     resolved = resolve(version) if isinstance(version, str) else version

@@ -62,6 +62,7 @@ class Envoy:
                 ]
             ),
             workdir / "envoy.log",
+            run_id=pod.run_id,
         )
 
     @property

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from securemetrics_e2e.errors import EnvironmentProblem
+from securemetrics_e2e.local.owner import RUN_ENV
 
 
 class ManagedProcess:
     """A child process with its output in a log file, stopped by :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, run_id: str = "") -> None:
         self.name = name
+        self.run_id = run_id
         self.argv = list(argv)
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
@@ -35,6 +37,9 @@ class ManagedProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    # the run id names the owner: a later run sweeps this process if the
+                    # owner dies without stopping it (SIGKILL)
+                    env={**os.environ, RUN_ENV: self.run_id} if self.run_id else None,
                     # its own process group, so a Ctrl-C at the terminal reaches only the
                     # suite, which then stops this process itself during teardown
                     start_new_session=True,
