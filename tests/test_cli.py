@@ -80,7 +80,7 @@ def _ours(pid: int) -> set[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     good_dir = tmp_path_factory.mktemp("good")
     bad_dir = tmp_path_factory.mktemp("bad")
-    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--version", "2.4.1",
+    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--dist-version", "2.4.1",
             "--contact", "mesh@example.com", "--url", "https://mesh.example"]  # fmt: skip
     started = {
         "good": Run(good_dir, "run", "--scenario", SCENARIOS, "--report", "out/report.yaml",

@@ -64,7 +64,7 @@ def run_of(name: str) -> str | None:
     return match["run"] if match else None
 
 
-def _process_runs() -> dict[int, str]:
+def run_processes() -> dict[int, str]:
     """Every process carrying a run id in its environment: pid -> run id."""
     marker = f"{RUN_ENV}=".encode()
     found: dict[int, str] = {}
@@ -131,7 +131,7 @@ def _gone(pid: int) -> bool:
 def sweep(temp_parents: tuple[Path, ...] = ()) -> Swept:
     """Remove what runs whose owner is gone left behind; a live run's resources stay."""
     swept = Swept()
-    dead = {pid: run for pid, run in _process_runs().items() if not owner_alive(run)}
+    dead = {pid: run for pid, run in run_processes().items() if not owner_alive(run)}
     _stop(sorted(dead))
     swept.processes = sorted(dead)
     try:
