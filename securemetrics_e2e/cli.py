@@ -281,7 +281,7 @@ def _run_pytest(argv: list[str], progress: Progress) -> tuple[RunResult, Progres
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.progress import Progress, scenario_lines, verdict_line
+    from securemetrics_e2e.progress import Progress, scenario_lines, take_notes, verdict_line
     from securemetrics_e2e.report import ReportMeta
 
     sel = _validate_run(args)
@@ -312,6 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             profiles=sel.profiles,
             scenarios=tuple(s.name for s in sel.scenarios) if sel.explicit else (),
             date=date,
+            notes=tuple(take_notes()),
         )
         for status, text in scenario_lines(result):
             head = status.value if text.startswith(status.value) else ""
@@ -323,6 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 backend=meta.backend,
                 istio_version=meta.istio_version or "unknown",
                 elapsed_s=result.measurements["duration_s"],
+                negative_control=args.local_fault or "",
             )
         )
         for error in result.errors:
@@ -450,11 +452,53 @@ def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
     return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
 
 
+#: Istio's default images: pilot.image and global.proxy.image in
+#: manifests/charts/istio-control/istio-discovery/values.yaml, on the release hub
+ISTIO_IMAGES = {"istiod": "pilot", "proxy": "proxyv2"}
+ISTIO_RELEASE_HUB = "docker.io/istio"
+
+
+def _plan_meta(args: argparse.Namespace, sel: Selection) -> Any:
+    """A plan-only report's metadata: what a run would install, as the plan names it."""
+    from securemetrics_e2e.report import ReportMeta
+
+    details: dict[str, str] = {}
+    if sel.backend == "local":
+        from securemetrics_e2e.local.provenance import stand_ins
+
+        details.update(stand_ins())
+    else:
+        hub, tag = args.hub or ISTIO_RELEASE_HUB, args.tag or sel.istio_version
+        for name, image in ISTIO_IMAGES.items():
+            details[f"{name}_image"] = f"{hub}/{image}:{tag}"  # planned: no digest yet
+            details[f"{name}_version"] = sel.istio_version
+    return ReportMeta(
+        distribution=_distribution(args),
+        istio_version=sel.istio_version,
+        istio_hub=args.hub or "",
+        istio_tag=args.tag or "",
+        backend=sel.backend,
+        backend_details=details,
+        profiles=sel.profiles,
+        scenarios=tuple(s.name for s in sel.scenarios) if sel.explicit else (),
+        plan_only=True,
+    )
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    from securemetrics_e2e.outputs import check_writable
+    from securemetrics_e2e.report import report_format, write_report
+    from securemetrics_e2e.results import RunResult
+
     _check_backend_flags(args)
     sel = select(args)
+    if args.report:
+        report_format(Path(args.report))
+        check_writable(Path(args.report), "--report")
     text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
     sys.stdout.write(text)
+    if args.report:
+        write_report(Path(args.report), RunResult(), _plan_meta(args, sel))
     return EXIT_OK
 
 
@@ -555,7 +599,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
-
     from securemetrics_e2e.outputs import check_writable, write_atomically
 
     for option, path in (("--markdown", args.markdown), ("--html", args.html)):
@@ -631,6 +674,15 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-fault", help=argparse.SUPPRESS)
 
 
+def _distribution_options(p: argparse.ArgumentParser) -> None:
+    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+
+    dist = p.add_argument_group("distribution under test (recorded in the report)")
+    for flag, what in DISTRIBUTION_OPTIONS.items():
+        action = "append" if flag == "contact" else "store"
+        dist.add_argument(f"--{flag}", action=action, help=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -644,12 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_options(run)
     run.add_argument("--report", help="write the conformance report (.json, .yaml or .yml)")
     run.add_argument("--junit", help="write JUnit XML (.xml)")
-    dist = run.add_argument_group("distribution under test (recorded in the report)")
-    dist.add_argument("--org", help="organization, e.g. 'Example Corp.'")
-    dist.add_argument("--project", help="distribution name, e.g. 'Example Mesh'")
-    dist.add_argument("--url", help="distribution URL")
-    dist.add_argument("--dist-version", help="distribution version, e.g. 2.4.1")
-    dist.add_argument("--contact", action="append", help="contact (repeatable)")
+    _distribution_options(run)
     run.add_argument(
         "--pytest-output",
         action="store_true",
@@ -660,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show what `run` would do, touching nothing")
     _selection_options(plan)
+    plan.add_argument("--report", help="also write a plan-only report (.json, .yaml or .yml)")
+    _distribution_options(plan)
     plan.set_defaults(func=cmd_plan)
 
     lst = sub.add_parser("list", help="scenarios x Istio versions x backends: what applies")

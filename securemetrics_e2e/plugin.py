@@ -33,15 +33,6 @@ from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 _RESULT_KEY = pytest.StashKey[RunResult]()
 _RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
 
-#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest)
-REPORT_DISTRIBUTION_OPTIONS = {
-    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
-    "project": "distribution name, e.g. 'Example Mesh'",
-    "url": "distribution URL",
-    "dist-version": "distribution version",
-    "contact": "contact (repeatable)",
-}
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -99,7 +90,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the conformance report here (.json or .yaml)",
     )
     # the distribution under test, as `securemetrics-e2e run` takes it (--org, ...)
-    for flag, what in REPORT_DISTRIBUTION_OPTIONS.items():
+    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+
+    for flag, what in DISTRIBUTION_OPTIONS.items():
         group.addoption(
             f"--sm-{flag}",
             default=None,
@@ -459,8 +452,13 @@ def pytest_terminal_summary(
         backend=config.getoption("--sm-backend"),
         istio_version=istio_version(config),
         elapsed_s=elapsed,
+        negative_control=config.getoption("--local-fault") or "",
     )
     tr.write_line(line, bold=True, red=not result.conformant, green=result.conformant)
+    # under the CLI (an active progress) the notes were printed and go into its report
+    notes = progress.take_notes() if progress.active() is None else []
+    for note in notes:  # without the CLI's progress lines nobody printed them yet
+        tr.write_line(f"note: {note}")
     path = config.getoption("--sm-report")
     if path:
         from securemetrics_e2e.outputs import OutputFailed
@@ -478,6 +476,7 @@ def pytest_terminal_summary(
             ),
             backend=result.environment.get("backend") or option("--sm-backend"),
             istio_version=result.environment.get("istio_version") or istio_version(config),
+            notes=tuple(notes),
         )
         try:
             write_report(Path(path), result, meta)

@@ -405,8 +405,20 @@ def scenario_notes(result: RunResult) -> list[str]:
     ]
 
 
-def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed_s: float) -> str:
-    """The one closing line: CONFORMANT or NOT CONFORMANT, with the counts behind it."""
+def verdict_line(
+    result: RunResult,
+    *,
+    backend: str,
+    istio_version: str,
+    elapsed_s: float,
+    negative_control: str = "",
+) -> str:
+    """The one closing line: CONFORMANT or NOT CONFORMANT, with the counts behind it.
+
+    A local run says it judged Istio's reference data plane (not a distribution), and a
+    run with a seeded fault says it is a negative control, so neither line can be quoted
+    as a distribution's result.
+    """
     counts = result.counts()
     if result.errors:
         verdict = "ERROR"
@@ -422,8 +434,13 @@ def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed
         worst = min(rec.measured.fraction for rec in result.continuity)
         gap = max(rec.measured.longest_gap_s for rec in result.continuity)
         continuity = f"; continuity {worst:.1%} (worst job), longest gap {gap:.1f}s"
+    what = ""
+    if negative_control:
+        what = f" [negative control: fault {negative_control}, a FAIL is the expected outcome]"
+    elif backend == "local":
+        what = " [local: Istio's reference data plane, not a distribution]"
     return (
         f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
         f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
-        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity})"
+        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity}){what}"
     )

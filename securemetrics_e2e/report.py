@@ -26,6 +26,7 @@ from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import Profile
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.outputs import write_atomically
+from securemetrics_e2e.progress import scenario_notes
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 API_VERSION: Final = "securemetrics-e2e/v1alpha1"
@@ -46,6 +47,16 @@ class ProfileResult(enum.StrEnum):
     PARTIAL = "partial"  # checks passed, none failed, some skipped
     FAILURE = "failure"  # at least one check failed (or the run hit an error)
     SKIPPED = "skipped"  # nothing ran: every check skipped, which proves nothing
+
+
+#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest)
+DISTRIBUTION_OPTIONS = {
+    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
+    "project": "distribution name, e.g. 'Example Mesh'",
+    "url": "distribution URL",
+    "dist-version": "distribution version",
+    "contact": "contact (repeatable)",
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,10 @@ class ReportMeta:
     scenarios: tuple[str, ...] = ()
     date: datetime | None = None
     suite_version: str = __version__
+    #: what the run printed as notes on the terminal
+    notes: tuple[str, ...] = ()
+    #: a plan-only report: nothing ran
+    plan_only: bool = False
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str], **overrides: Any) -> ReportMeta:
@@ -110,6 +125,67 @@ def check_title(check_id: str) -> str:
         return check(check_id).title
     except KeyError:
         return ""
+
+
+def check_code(check_id: str) -> str:
+    """The SMC code of a check id (every report entry carries one)."""
+    from securemetrics_e2e.checks import check
+
+    return check(check_id).code
+
+
+LOCAL_STATEMENT: Final = (
+    "This is a run of the securemetrics-e2e suite against Istio's reference data plane, not "
+    "of any distribution: upstream Envoy, configured as Istio's pilot-agent configures it, "
+    "and the Prometheus listed here ran on the machine that produced this report. No part "
+    "of the distribution named in this report ran; it is not a result of that distribution."
+)
+CLUSTER_STATEMENT: Final = (
+    "A run against the Istio control and data plane installed on the cluster in "
+    "backend.details: the distribution's own istiod and proxies were tested."
+)
+PLAN_STATEMENT: Final = (
+    "A plan only: nothing ran and nothing was checked. It records what a run with these "
+    "options would install, deploy and check."
+)
+
+
+def provenance(meta: ReportMeta) -> dict[str, Any]:
+    """What actually ran: the report's answer to "a result of what?"."""
+    details = meta.backend_details
+    if meta.plan_only:
+        subject, statement = "plan", PLAN_STATEMENT
+    elif meta.backend == "local":
+        subject, statement = "reference-data-plane", LOCAL_STATEMENT
+    else:
+        subject, statement = "distribution", CLUSTER_STATEMENT
+    components: list[dict[str, Any]] = []
+    for name in ("envoy", "prometheus"):  # the local backend's stand-ins (local/provenance.py)
+        if details.get(name):
+            version = details.get(f"{name}_version") or None
+            components.append({"name": name, "path": details[name], "version": version})
+    for name in ("istiod", "proxy"):  # a cluster's images, as its backend describes them
+        if details.get(f"{name}_image"):
+            components.append(
+                {
+                    "name": name,
+                    "image": details[f"{name}_image"],
+                    "version": details.get(f"{name}_version") or None,
+                    "digest": details.get(f"{name}_image_digest") or None,
+                }
+            )
+    fault = details.get("fault")
+    reported = details.get("istio_version_reported") or (
+        meta.istio_version if subject != "reference-data-plane" else ""
+    )
+    return {
+        "subject": subject,
+        "statement": statement,
+        "negativeControl": {"fault": fault} if fault else None,
+        "components": components,
+        "kubernetesVersion": meta.kubernetes_version or None,
+        "istioVersionReported": reported or None,
+    }
 
 
 def variant_id(scenario: str, variant: str) -> str:
@@ -139,13 +215,13 @@ def _entry(o: CheckOutcome) -> dict[str, Any]:
         "scenario": o.scenario,
         "variant": o.variant,
         "check": o.check,
+        "code": o.code or check_code(o.check),
         "title": check_title(o.check),
         "durationSeconds": round(o.duration_s, 3),
     }
     if o.nodeid:
         entry["nodeid"] = o.nodeid
     if o.status is Status.FAIL:
-        entry["code"] = o.code
         entry["message"] = o.message or "(the check gave no message)"
         entry["diagnostics"] = o.diagnostics or None
     elif o.status is Status.SKIP:
@@ -219,6 +295,8 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
         },
         "kubernetes": {"version": meta.kubernetes_version or None},
         "backend": {"name": meta.backend or "unknown", "details": dict(meta.backend_details)},
+        "provenance": provenance(meta),
+        "notes": [*meta.notes, *scenario_notes(result)],
         "selection": {"profiles": profiles, "scenarios": list(meta.scenarios)},
         "verdict": {
             "conformant": result.conformant,

@@ -56,6 +56,7 @@ from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.owner import new_run_id, sweep
 from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.local.provenance import stand_ins
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -246,6 +247,7 @@ class LocalBackend(Backend):
             "istio_version": self.istio_version,
             "network": network.kind if network is not None else self._network_choice,
             "fault": str(self.fault or ""),
+            **stand_ins(),  # what stood in for the mesh: recorded in the report
         }
 
     def deploy(

@@ -5,6 +5,7 @@ Only processes this run started are ever signalled, and only by the PID it recor
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -13,6 +14,24 @@ from pathlib import Path
 
 from securemetrics_e2e.errors import EnvironmentProblem
 from securemetrics_e2e.local.owner import RUN_ENV
+
+
+@functools.cache
+def binary_version(path: str) -> str:
+    """The first line ``path --version`` prints (Envoy, Prometheus), for the report.
+
+    A binary that cannot say is recorded as such rather than failing the run.
+    """
+    try:
+        done = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if not lines:
+        return f"unknown (exit {done.returncode}, no output)"
+    return lines[0].removeprefix(path).strip()  # Envoy starts the line with its own path
 
 
 class ManagedProcess:
