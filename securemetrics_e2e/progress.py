@@ -291,7 +291,10 @@ class ProgressPlugin:
             # A check runs in its fixture's setup; deployments reported through emit() /
             # timed() during that setup are theirs, not the check's.
             took = report.duration - (self.progress.setup_seconds - self._setup_seconds_before)
-            if not self._deploy_seen:
+            # only a setup that deployed counts: a test skipped before any deployment (a
+            # check applying to none of the selected scenarios) would print a second line
+            deployed = _variant_of(item) is not None and not report.skipped
+            if deployed and not self._deploy_seen:
                 self._deploy_seen = True
                 if self.progress.lines == self._lines_at_start:
                     # nobody reported deployments: the first setup deployed every variant

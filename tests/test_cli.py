@@ -110,7 +110,8 @@ def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) 
     verdict = next(line for line in lines if line.startswith("securemetrics-e2e verdict:"))
     assert re.match(
         r"securemetrics-e2e verdict: CONFORMANT \(18 passed, 0 failed, 18 skipped checks; "
-        r"backend local, Istio 1\.31\.1, [\d.]+s\)$",
+        r"backend local, Istio 1\.31\.1, [\d.]+s\) "
+        r"\[local: Istio's reference data plane, not a distribution\]$",
         verdict,
     )
     assert lines[-2:] == ["report: out/report.yaml", "junit: out/junit.xml"]
@@ -149,7 +150,13 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
     run = runs["bad"]
     assert run.code == 1, run.stdout + run.stderr
     assert ("native-sidecar[PERMISSIVE]", "probe", "FAIL") in run.phases()
-    assert "securemetrics-e2e verdict: NOT CONFORMANT (" in run.stdout
+    verdict = next(line for line in run.stdout.splitlines() if "verdict:" in line)
+    assert verdict.startswith("securemetrics-e2e verdict: NOT CONFORMANT (")
+    assert verdict.endswith(
+        "[negative control: fault foreign-root-trusted, a FAIL is the expected outcome]"
+    )
+    deploys = [p for p in run.phases() if p[1] == "deploy"]
+    assert len(deploys) == 1, run.stdout  # one deploy, one line
     assert "SMC006 foreign-ca-refused: httpbin:" in run.stdout
     doc = load_report(run.cwd / "report.json")
     failed = [e for p in doc["profiles"] for e in p["failed"]]
@@ -158,6 +165,7 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
         ("hardened[PERMISSIVE]", "SMC006", "foreign-ca-refused"),
     }
     assert doc["backend"]["details"]["fault"] == "foreign-root-trusted"
+    assert doc["provenance"]["negativeControl"] == {"fault": "foreign-root-trusted"}
     root = ET.parse(run.cwd / "junit.xml").getroot()  # noqa: S314 - written by the run
     failures = root.findall("testsuite/testcase/failure")
     assert {f.get("type") for f in failures} == {"SMC006"}
