@@ -85,7 +85,7 @@ RULES: Final[dict[str, Rule]] = {
             "scrape job reads a plaintext Istio metrics port (15020 / 15090)",
             "scrape the secure ports instead: scheme https, tls_config with the OUTPUT_CERTS "
             "files, and the address from the prometheus.istio.io/secure-port annotation "
-            "(charts/secure-metrics-prometheus/files/prometheus.yml); with "
+            "(`securemetrics-e2e scrape-config` prints a working configuration); with "
             "METRICS_LOCALHOST_ACCESS_ONLY these ports refuse other pods anyway",
         ),
         Rule(
@@ -283,20 +283,22 @@ _INPUT_SUFFIXES: Final = frozenset({".yaml", ".yml", ".json"})
 
 
 def _files(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
+    """The input files, each once however often it is given (a file and its directory)."""
+    files: dict[Path, Path] = {}
     for path in paths:
         if path.is_dir():
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _INPUT_SUFFIXES
             )
-            files.extend(found)
         elif path.is_file():
-            files.append(path)
+            found = [path]
         else:
             raise AuditInputError(
                 f"{path} does not exist: give Prometheus configs, manifests or dirs"
             )
-    return files
+        for file in found:
+            files.setdefault(file.resolve(), file)
+    return list(files.values())
 
 
 def load(paths: Sequence[Path], result: AuditResult) -> list[_Doc]:
@@ -896,7 +898,24 @@ def audit(paths: Sequence[Path]) -> AuditResult:
     for pod in pods:
         result.findings.extend(_audit_pod_ports(pod, proxy_configs))
         result.findings.extend(_audit_scraper(pod))
+    if not result.prometheus_configs and not result.objects:
+        raise AuditInputError(_nothing_audited(paths, result))
     return result
+
+
+def _nothing_audited(paths: Sequence[Path], result: AuditResult) -> str:
+    """Why an audit found nothing to judge: zero findings there would prove nothing."""
+    given = ", ".join(str(p) for p in paths)
+    if result.templates:
+        return (
+            f"nothing to audit in {given}: only unrendered Helm templates "
+            f"({', '.join(result.templates)}); render them with `helm template` and audit that"
+        )
+    return (
+        f"nothing to audit in {given}: {_plural(result.files, 'file')} read, no Prometheus "
+        "configuration (scrape_configs) and no Kubernetes object (apiVersion, kind) found; give "
+        "your prometheus.yml or rendered manifests"
+    )
 
 
 # ---------------------------------------------------------------------- output

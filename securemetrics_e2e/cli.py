@@ -1,4 +1,4 @@
-"""The ``securemetrics-e2e`` command: run, plan, list, matrix, audit.
+"""The ``securemetrics-e2e`` command: run, plan, list, matrix, audit, scrape-config.
 
 Exit status (every command): 0 success / conformant, 1 not conformant (``run``) or
 warnings (``audit``), 3 errors (``audit``), 2 a usage or environment error, reported as one
@@ -636,6 +636,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return result.exit_status(fail_on)
 
 
+def cmd_scrape_config(args: argparse.Namespace) -> int:
+    """Print the shipped Prometheus scrape configuration (what the suite proves works)."""
+    from securemetrics_e2e.local.promconfig import chart_scrape_config_path
+
+    sys.stdout.write(chart_scrape_config_path().read_text(encoding="utf-8"))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- parser
 
 
@@ -735,6 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest severity that makes the exit status non-zero (default: warning)",
     )
     aud.set_defaults(func=cmd_audit)
+
+    scrape = sub.add_parser(
+        "scrape-config",
+        help="print the Prometheus scrape configuration the suite verifies (the chart's "
+        "prometheus.yml): the secure-port jobs with the OUTPUT_CERTS client certificate",
+    )
+    scrape.set_defaults(func=cmd_scrape_config)
     return parser
 
 
