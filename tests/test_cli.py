@@ -158,6 +158,8 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
     deploys = [p for p in run.phases() if p[1] == "deploy"]
     assert len(deploys) == 1, run.stdout  # one deploy, one line
     assert "SMC006 foreign-ca-refused: httpbin:" in run.stdout
+    assert "a TLS handshake with a client certificate from a foreign CA" in run.stdout
+    assert " — hint: the proxy trusts another CA" in run.stdout
     doc = load_report(run.cwd / "report.json")
     failed = [e for p in doc["profiles"] for e in p["failed"]]
     assert {(e["id"], e["code"], e["check"]) for e in failed} == {
