@@ -348,7 +348,10 @@ def run_check(
         pytest.skip(reason)
 
     def run() -> None:
-        _record_continuity(request.config, deployment, chk.run(sm_backend, deployment))
+        label = Variant(deployment.scenario, deployment.mtls_mode).id
+        with progress.heartbeat(label):  # a rotation or upgrade window runs for seconds
+            measured = chk.run(sm_backend, deployment)
+        _record_continuity(request.config, deployment, measured)
 
     return run
 

@@ -19,6 +19,7 @@ import contextlib
 import enum
 import os
 import sys
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.results import RunResult, Status
+from securemetrics_e2e.waiting import waiting_on
 
 
 class Phase(enum.StrEnum):
@@ -65,6 +67,7 @@ class Progress:
         self.lines = 0
         #: seconds reported for deploy and wait phases, so check timings can leave them out
         self.setup_seconds = 0.0
+        self._lock = threading.Lock()  # heartbeats write from their own thread
 
     @classmethod
     def for_terminal(cls, stream: TextIO | None = None) -> Progress:
@@ -81,9 +84,10 @@ class Progress:
         return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if self.colour else text
 
     def write(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
-        self.lines += 1
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.lines += 1
 
     def phase(
         self,
@@ -154,6 +158,41 @@ def take_notes() -> list[str]:
     notes = list(_RUN_NOTES)
     _RUN_NOTES.clear()
     return notes
+
+
+#: seconds between two heartbeat lines of a long-running step
+HEARTBEAT_S = 5.0
+
+
+@contextlib.contextmanager
+def heartbeat(label: str, interval: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the body runs, say every ``interval`` seconds what it is waiting for.
+
+    A rotation or upgrade window runs for many seconds; a silent terminal looks hung.
+    Nothing is printed for a body shorter than ``interval``, or with no active progress.
+    """
+    progress = active()
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval):  # wakes at once when the body ends
+            what = waiting_on() or "the step to finish"
+            took = time.monotonic() - started
+            progress.write(
+                f"[{progress.elapsed():8.2f}s] {label:<30} {took:4.0f}s: waiting for {what}"
+            )
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _first_line(exc: BaseException) -> str:
