@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The ``securemetrics-e2e`` command: run, plan, list, matrix, audit, scrape-config.
 
 Exit status (every command): 0 success / conformant, 1 not conformant (``run``) or
@@ -753,8 +754,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_completion(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when argcomplete is installed (optional: `pip install argcomplete`,
+    then `eval "$(register-python-argcomplete securemetrics-e2e)"`)."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)  # returns at once unless the shell is completing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        _enable_completion(parser)
     try:
         args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -84,3 +84,26 @@ def test_check_writable_leaves_no_probe_and_creates_no_directory(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OutputFailed, match=r"could not write --html /proc/x\.html"):
         write_atomically(Path("/proc/x.html"), b"x", "--html")
+
+
+def test_shell_completion_completes_subcommands(tmp_path: Path) -> None:
+    pytest.importorskip("argcomplete", reason="completion is optional: pip install argcomplete")
+    out = tmp_path / "completions"
+    line = "securemetrics-e2e ma"
+    done = subprocess.run(
+        [sys.executable, "-m", "securemetrics_e2e"],
+        env={
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+            "_ARGCOMPLETE_IFS": "\n",
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().split() == ["matrix"]
