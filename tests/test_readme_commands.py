@@ -38,3 +38,21 @@ def test_nox_fails_rather_than_skips_and_names_no_fixed_interpreter() -> None:
     # a version list would run every session once per version, or skip where one is missing
     assert not re.search(r"python=\[", text)
     assert not re.search(r"PYTHON = \"3\.\d+\"", text)
+
+
+def test_the_readme_sample_verdict_has_the_current_shape() -> None:
+    from securemetrics_e2e.versions import DEFAULT_VERSION
+
+    (line,) = [
+        line
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.startswith("securemetrics-e2e verdict:")
+    ]
+    # the sample is pasted from a real local run: regenerate it when this fails
+    assert re.fullmatch(
+        r"securemetrics-e2e verdict: CONFORMANT \(\d+ passed, 0 failed, \d+ skipped checks; "
+        rf"backend local, Istio {re.escape(str(DEFAULT_VERSION))}, [\d.]+s; continuity "
+        r"100\.0% \(worst job\), longest gap [\d.]+s\) "
+        r"\[local: Istio's reference data plane, not a distribution\]",
+        line,
+    )
