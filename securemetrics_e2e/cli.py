@@ -27,7 +27,6 @@ from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, Usa
 if TYPE_CHECKING:
     from securemetrics_e2e.progress import Progress, ProgressPlugin
     from securemetrics_e2e.results import RunResult
-    from securemetrics_e2e.versions import IstioVersion
 
 PROG = "securemetrics-e2e"
 BACKENDS = ("local", "kind", "existing")
@@ -90,12 +89,12 @@ class Selection:
 
 def select(args: argparse.Namespace) -> Selection:
     """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
-    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
+    from securemetrics_e2e.versions import DEFAULT_VERSION, check_released, resolve
 
     # "" is a mistake (an unset shell variable), not a request for the default
     asked = args.istio_version is not None
     version = resolve(args.istio_version) if asked else DEFAULT_VERSION
-    _check_known_patch(version, custom_build=bool(getattr(args, "tag", None)))
+    check_released(version, custom_build=bool(getattr(args, "tag", None)))
     names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
     if names:
         chosen = [scenario(n) for n in dict.fromkeys(names)]
@@ -109,20 +108,6 @@ def select(args: argparse.Namespace) -> Selection:
     else:
         chosen = [s for s in SCENARIOS if args.profile in ("all", s.profile.value)]
     return Selection(args.backend, str(version), args.profile, tuple(chosen), bool(names))
-
-
-def _check_known_patch(version: IstioVersion, *, custom_build: bool) -> None:
-    """A patch newer than any released one is a typo unless the user runs a custom build."""
-    from securemetrics_e2e.versions import latest_known_patch
-
-    latest = latest_known_patch(version)
-    if custom_build or latest is None or version.is_prerelease or version <= latest:
-        return
-    raise UsageError(
-        f"--istio-version {version}: the latest {version.major}.{version.minor} patch "
-        f"this suite knows is {latest}; use a released version, or for a custom build on a "
-        "cluster name its image with --tag (and --hub)"
-    )
 
 
 def _local_preflight() -> dict[str, str]:

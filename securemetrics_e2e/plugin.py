@@ -150,10 +150,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def istio_version(config: pytest.Config) -> str:
-    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
+    from securemetrics_e2e.versions import DEFAULT_VERSION, check_released, resolve
 
     text = config.getoption("--istio-version")
-    return str(resolve(text) if text else DEFAULT_VERSION)
+    if text is None:
+        return str(DEFAULT_VERSION)
+    version = resolve(text)  # "" is an error (an unset variable), not the default
+    check_released(version, custom_build=bool(config.getoption("--istio-tag", default=None)))
+    return str(version)
 
 
 def variant_skip_reason(variant: Variant, backend: Backend, version: str) -> str | None:

@@ -174,6 +174,8 @@ def provenance(meta: ReportMeta) -> dict[str, Any]:
                     "digest": details.get(f"{name}_image_digest") or None,
                 }
             )
+    if subject != "reference-data-plane" and meta.istio_version:
+        components.append(_cluster_prometheus(meta))
     fault = details.get("fault")
     reported = details.get("istio_version_reported") or (
         meta.istio_version if subject != "reference-data-plane" else ""
@@ -185,6 +187,26 @@ def provenance(meta: ReportMeta) -> dict[str, Any]:
         "components": components,
         "kubernetesVersion": meta.kubernetes_version or None,
         "istioVersionReported": reported or None,
+    }
+
+
+def _cluster_prometheus(meta: ReportMeta) -> dict[str, Any]:
+    """The Prometheus that judged on a cluster: the scraper chart's image for the Istio minor
+    (manifests.scraper_release), unless the backend reports the image it ran."""
+    from securemetrics_e2e.versions import capabilities
+
+    details = meta.backend_details
+    image = details.get("prometheus_image")
+    if not image:
+        try:
+            image = capabilities(meta.istio_version).prometheus_image
+        except UsageError:
+            image = "unknown"
+    return {
+        "name": "prometheus",
+        "image": image,
+        "version": image.rsplit(":", 1)[1] if ":" in image else None,
+        "digest": details.get("prometheus_image_digest") or None,
     }
 
 

@@ -198,14 +198,20 @@ def resolve(text: str) -> IstioVersion:
     return version
 
 
-def latest_known_patch(version: IstioVersion) -> IstioVersion | None:
-    """The newest released patch of ``version``'s minor this table knows, None off-table.
+def check_released(version: IstioVersion, *, custom_build: bool) -> None:
+    """UsageError for a patch newer than any this table knows, unless it is a custom build.
 
-    A newer patch may be a release after this table was written or a typo (1.31.999); the
-    CLI asks the user to say which (a custom build names its image tag).
+    Such a patch is a typo (1.31.999) or a release after this table was written; the user
+    says which: a custom build names its image tag (--tag / --istio-tag on a cluster).
     """
     release = _RELEASES.get(version.minor_version)
-    return release.latest if release else None
+    if custom_build or release is None or version.is_prerelease or version <= release.latest:
+        return
+    raise UsageError(
+        f"--istio-version {version}: the latest {version.major}.{version.minor} patch "
+        f"this suite knows is {release.latest}; use a released version, or for a custom "
+        "build on a cluster name its image with --tag (and --hub)"
+    )
 
 
 def capabilities(version: IstioVersion | str) -> Capabilities:
