@@ -14,14 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from securemetrics_e2e.outputs import write_atomically
-from securemetrics_e2e.report import ReportMeta, check_title, variant_id
+from securemetrics_e2e.report import ReportMeta, check_title, provenance, variant_id
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 
 def _properties(meta: ReportMeta, profile: str) -> list[tuple[str, str]]:
+    prov = provenance(meta)  # a CI page must not show a local run as the distribution's
+    control = prov["negativeControl"]
     props = [
         ("securemetrics.suite_version", meta.suite_version),
         ("securemetrics.backend", meta.backend),
+        ("securemetrics.subject", prov["subject"]),
+        ("securemetrics.negative_control", control["fault"] if control else ""),
         ("securemetrics.profile", profile),
         ("istio.version", meta.istio_version),
         ("istio.hub", meta.istio_hub),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e.cli import main
+from securemetrics_e2e.junit import build_junit
 from securemetrics_e2e.matrix import REFERENCE, build_matrix, load_reports, render_markdown
 from securemetrics_e2e.report import LOCAL_STATEMENT, ReportMeta, load_report, write_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
@@ -107,3 +108,7 @@ def test_a_negative_control_is_marked_in_the_report_and_the_matrix(tmp_path: Pat
     matrix = build_matrix(load_reports([tmp_path / "nc.json"]))
     assert "negative control (fault foreign-root-trusted)" in matrix.columns[0].label
     assert "FAIL (negative control)" in render_markdown(matrix)
+    root = build_junit(RunResult(outcomes=[failed]), meta)
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert props["securemetrics.subject"] == "reference-data-plane"
+    assert props["securemetrics.negative_control"] == "foreign-root-trusted"
