@@ -32,6 +32,9 @@ from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
 _RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
+_SESSION_KEY = pytest.StashKey[pytest.Session]()
+#: the exit status of a run whose report cannot be written: an error, never "not conformant"
+EXIT_OUTPUT_FAILED = 2
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,7 @@ def run_result(config: pytest.Config) -> RunResult:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SESSION_KEY] = session
     session.config.stash[_RESULT_KEY].measurements["start"] = time.time()
 
 
@@ -489,6 +493,6 @@ def pytest_terminal_summary(
             write_report(Path(path), result, meta)
         except OutputFailed as exc:  # the verdict above stands; the report is what failed
             tr.write_line(f"securemetrics-e2e: error: {exc}", red=True)
-            config.stash[_RESULT_KEY].errors.append(str(exc))
+            config.stash[_SESSION_KEY].exitstatus = EXIT_OUTPUT_FAILED
             return
         tr.write_line(f"report: {path}")

@@ -1,4 +1,7 @@
-"""Any way a run ends leaves nothing behind: SIGINT, SIGTERM, SIGHUP, and SIGKILL + next run.
+"""Any way a run ends leaves nothing behind and is reported for what it is.
+
+SIGINT, SIGTERM, SIGHUP, and SIGKILL + next run; and a report that becomes unwritable
+during the run (exit 2 after the verdict, never the "not conformant" 1).
 
 Each test starts a real local run in a subprocess, waits until it has deployed (its pod
 network exists and an Envoy of the run is up), sends the signal and then looks for what
@@ -160,3 +163,29 @@ def test_sweep_leaves_names_of_other_shapes_alone(tmp_path: Path) -> None:
     other.mkdir()
     sweep((tmp_path,))
     assert other.exists()
+
+
+@requires_local_mesh
+@pytest.mark.parametrize("path", ["cli", "pytest"])
+def test_a_report_unwritable_after_the_run_is_exit_2_after_the_verdict(
+    path: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()  # writable when checked, before anything starts
+    report = str(out / "report.json")
+    if path == "cli":
+        cli = [sys.executable, "-m", "securemetrics_e2e", "run", "--scenario", "native-sidecar"]
+        proc = _start([*cli, "--report", report])
+    else:
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "scenarios"]
+        proc = _start([*argv, "--scenario", "native-sidecar", "--sm-report", report])
+    _wait_deployed(proc)
+    out.rmdir()
+    out.write_text("")  # the directory is gone: the report cannot be written any more
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 2, stdout + stderr
+    assert "securemetrics-e2e verdict: CONFORMANT" in stdout
+    shown = stdout + stderr
+    assert f"securemetrics-e2e: error: could not write report {report}: " in shown
+    assert "Traceback" not in shown
+    assert _leftovers(proc.pid) == {"namespaces": [], "processes": [], "directories": []}
