@@ -3,48 +3,45 @@
 
 Exit status (every command): 0 success / conformant, 1 not conformant (``run``) or
 warnings (``audit``), 3 errors (``audit``), 2 a usage or environment error, reported as one
-message naming the input and the fix, never a traceback.
+message naming the input and the fix, never a traceback (an output file that cannot be
+written after the run is 2 too: the verdict stands); a run stopped by SIGINT, SIGTERM or
+SIGHUP cleans up and exits 128 + the signal number. The commands that run no scenario
+live in commands.py, what a command line selects in selection.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from securemetrics_e2e import __version__, signals
-from securemetrics_e2e.catalog import SCENARIOS, Feature, Profile, Scenario, scenario
+from securemetrics_e2e.commands import cmd_audit, cmd_list, cmd_matrix, cmd_plan, cmd_scrape_config
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
+from securemetrics_e2e.selection import (
+    BACKENDS,
+    CLUSTER_FLAGS,
+    EXIT_NOT_CONFORMANT,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROFILES,
+    PROG,
+    Selection,
+    check_backend_flags,
+    distribution,
+    local_preflight,
+    select,
+)
 
 if TYPE_CHECKING:
     from securemetrics_e2e.progress import Progress, ProgressPlugin
     from securemetrics_e2e.results import RunResult
-
-PROG = "securemetrics-e2e"
-BACKENDS = ("local", "kind", "existing")
-PROFILES = ("core", "extended", "all")
-
-EXIT_OK = 0
-EXIT_NOT_CONFORMANT = 1
-EXIT_USAGE = 2
-
-#: CLI flag -> the pytest option it becomes for the cluster backends
-CLUSTER_FLAGS = {
-    "hub": "--istio-hub",
-    "tag": "--istio-tag",
-    "kubeconfig": "--kubeconfig",
-    "context": "--kube-context",
-    "keep": "--keep-cluster",
-    "canary": "--canary",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,69 +64,6 @@ def scenarios_dir() -> Path:
         f"the conformance scenarios are neither packaged in {package / '_data'} nor beside "
         f"the package in {package.parent}; reinstall securemetrics-e2e"
     )
-
-
-# ---------------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    backend: str
-    istio_version: str
-    profile: str
-    scenarios: tuple[Scenario, ...]
-    explicit: bool  # the user named scenarios
-
-    @property
-    def profiles(self) -> tuple[str, ...]:
-        if self.profile != "all":
-            return (self.profile,)
-        return tuple(p.value for p in Profile)
-
-
-def select(args: argparse.Namespace) -> Selection:
-    """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
-    from securemetrics_e2e.versions import DEFAULT_VERSION, check_released, resolve
-
-    # "" is a mistake (an unset shell variable), not a request for the default
-    asked = args.istio_version is not None
-    version = resolve(args.istio_version) if asked else DEFAULT_VERSION
-    check_released(version, custom_build=bool(getattr(args, "tag", None)))
-    names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
-    if names:
-        chosen = [scenario(n) for n in dict.fromkeys(names)]
-        if args.profile != "all":
-            wrong = [s.name for s in chosen if s.profile.value != args.profile]
-            if wrong:
-                raise UsageError(
-                    f"scenario {', '.join(wrong)} is not in profile {args.profile!r}; "
-                    f"drop --profile or use --profile all"
-                )
-    else:
-        chosen = [s for s in SCENARIOS if args.profile in ("all", s.profile.value)]
-    return Selection(args.backend, str(version), args.profile, tuple(chosen), bool(names))
-
-
-def _local_preflight() -> dict[str, str]:
-    """The binaries the local backend runs; EnvironmentProblem naming how to get a missing one."""
-    from securemetrics_e2e.local.envoy import envoy_binary
-    from securemetrics_e2e.local.promserver import prometheus_binary
-
-    return {"prometheus": prometheus_binary(), "envoy": envoy_binary()}
-
-
-def _check_backend_flags(args: argparse.Namespace) -> None:
-    if args.backend == "local":
-        used = [f"--{k}" for k in CLUSTER_FLAGS if getattr(args, k, None)]
-        if used:
-            raise UsageError(
-                f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
-                "control plane and keeps nothing after the run (use --backend kind or existing)"
-            )
-    elif getattr(args, "local_fault", None) or args.local_network != "auto":
-        raise UsageError("--local-network and --local-fault apply to --backend local only")
-    if getattr(args, "canary", False) and not args.upgrade_from:
-        raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
 
 
 # ---------------------------------------------------------------------- run
@@ -185,25 +119,13 @@ def _terminal() -> TextIO:
     return open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)
 
 
-def _distribution(args: argparse.Namespace) -> Any:
-    from securemetrics_e2e.report import Distribution
-
-    return Distribution(
-        organization=args.org or "",
-        project=args.project or "",
-        url=args.url or "",
-        version=args.dist_version or "",
-        contact=tuple(args.contact or ()),
-    )
-
-
 def _validate_run(args: argparse.Namespace) -> Selection:
     """Every check that can fail before anything starts: usage first, then the machine."""
     from securemetrics_e2e.outputs import check_writable
     from securemetrics_e2e.report import report_format
     from securemetrics_e2e.versions import upgrade_pair
 
-    _check_backend_flags(args)
+    check_backend_flags(args)
     if args.local_fault:
         from securemetrics_e2e.local.faults import Fault
 
@@ -222,7 +144,7 @@ def _validate_run(args: argparse.Namespace) -> Selection:
             raise UsageError(f"--junit {args.junit!r} must end in .xml")
         check_writable(Path(args.junit), "--junit")
     if sel.backend == "local":
-        _local_preflight()
+        local_preflight()
     return sel
 
 
@@ -290,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env = {**observer.backend_description, **result.environment}
         meta = ReportMeta.from_environment(
             env,
-            distribution=_distribution(args),
+            distribution=distribution(args),
             istio_version=env.get("istio_version") or asked,
             istio_hub=args.hub or env.get("istio_hub") or "",
             istio_tag=args.tag or env.get("istio_tag") or "",
@@ -352,282 +274,6 @@ def _write_outputs(args: argparse.Namespace, result: RunResult, meta: Any, progr
             continue
         progress.message(f"{label}: {path}")
     return ok
-
-
-# ---------------------------------------------------------------------- plan
-
-
-def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
-    from securemetrics_e2e.checks import CHECKS, skip_reason
-    from securemetrics_e2e.local.backend import LocalBackend
-    from securemetrics_e2e.plugin import Variant, variant_skip_reason
-
-    backend = LocalBackend(
-        network=args.local_network,
-        istio_version=sel.istio_version,
-        upgrade_from=args.upgrade_from,
-    )
-    lines = [
-        f"{PROG} run plan: backend local, Istio {sel.istio_version}, profile {sel.profile}",
-        "",
-        "Environment (read, not changed):",
-    ]
-    try:
-        found = _local_preflight()
-        lines += [f"  {name}: {path}" for name, path in found.items()]
-    except EnvironmentProblem as exc:
-        lines.append(f"  MISSING: {exc}")
-    network = {
-        "auto": "network namespaces when `ip netns add` works (root), else 127.0.0.0/8 addresses",
-        "netns": "network namespaces (fails without root)",
-        "loopback": "127.0.0.0/8 addresses (no pod isolation: hardened checks skip)",
-    }[args.local_network]
-    lines += [
-        f"  pod network: {network}",
-        "",
-        "Steps:",
-        "  1. create a temporary directory, a mesh CA and a foreign CA (for the negative checks)",
-        "  2. start the scraper pod: Prometheus loaded with "
-        "charts/secure-metrics-prometheus/files/prometheus.yml (file_sd instead of Kubernetes SD)",
-        "  3. per variant below: start one pod per workload (Envoy configured as pilot-agent "
-        "would, the agent's status port, the app), then run its checks",
-        "  4. stop every process, delete every namespace and the temporary directory",
-        "",
-        "Variants:",
-    ]
-    variants = [Variant(s, m) for s in sel.scenarios for m in s.mtls_modes]
-    for v in variants:
-        reason = variant_skip_reason(v, backend, sel.istio_version)
-        if reason:
-            lines.append(f"  SKIP {v.id}: {reason}")
-            continue
-        lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
-        if v.scenario.name == "upgrade":
-            old, new = backend.upgrade_versions()
-            lines.append(
-                f"         from Istio {old}'s configuration to {new}'s: the pod is replaced "
-                "while Prometheus scrapes (no istioctl: that part needs a cluster)"
-            )
-        for c in CHECKS:
-            if not c.applies_to(v.scenario):
-                continue
-            why = skip_reason(c, backend)
-            mark = f"skip: {why}" if why else c.code
-            lines.append(f"         {c.id:<32} {mark}")
-    return "\n".join(lines) + "\n"
-
-
-def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
-    from securemetrics_e2e.cluster.options import ClusterOptions
-    from securemetrics_e2e.cluster.plan import render_plan
-
-    options = ClusterOptions(
-        mode=sel.backend,
-        istio_version=sel.istio_version
-        if sel.backend == "kind" or args.istio_version is not None
-        else None,
-        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
-        context=args.context,
-        keep_cluster=args.keep,
-        hub=args.hub,
-        tag=args.tag,
-        upgrade_from=args.upgrade_from,
-        canary=args.canary,
-        plan_only=True,
-    )
-    return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
-
-
-#: Istio's default images: pilot.image and global.proxy.image in
-#: manifests/charts/istio-control/istio-discovery/values.yaml, on the release hub
-ISTIO_IMAGES = {"istiod": "pilot", "proxy": "proxyv2"}
-ISTIO_RELEASE_HUB = "docker.io/istio"
-
-
-def _plan_meta(args: argparse.Namespace, sel: Selection) -> Any:
-    """A plan-only report's metadata: what a run would install, as the plan names it."""
-    from securemetrics_e2e.report import ReportMeta
-
-    details: dict[str, str] = {}
-    if sel.backend == "local":
-        from securemetrics_e2e.local.provenance import stand_ins
-
-        details.update(stand_ins())
-    else:
-        hub, tag = args.hub or ISTIO_RELEASE_HUB, args.tag or sel.istio_version
-        for name, image in ISTIO_IMAGES.items():
-            details[f"{name}_image"] = f"{hub}/{image}:{tag}"  # planned: no digest yet
-            details[f"{name}_version"] = sel.istio_version
-    return ReportMeta(
-        distribution=_distribution(args),
-        istio_version=sel.istio_version,
-        istio_hub=args.hub or "",
-        istio_tag=args.tag or "",
-        backend=sel.backend,
-        backend_details=details,
-        profiles=sel.profiles,
-        scenarios=tuple(s.name for s in sel.scenarios) if sel.explicit else (),
-        plan_only=True,
-    )
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.outputs import check_writable
-    from securemetrics_e2e.report import report_format, write_report
-    from securemetrics_e2e.results import RunResult
-
-    _check_backend_flags(args)
-    sel = select(args)
-    if args.report:
-        report_format(Path(args.report))
-        check_writable(Path(args.report), "--report")
-    text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
-    sys.stdout.write(text)
-    if args.report:
-        write_report(Path(args.report), RunResult(), _plan_meta(args, sel))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- list
-
-
-def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
-    if name == "local":
-        from securemetrics_e2e.local.backend import LocalBackend
-
-        return LocalBackend(network=local_network).features
-    from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
-
-    return CLUSTER_FEATURES  # version-gated features are judged against each version
-
-
-def applicability(
-    backends: Sequence[str], versions: Sequence[str], profile: str, local_network: str = "auto"
-) -> list[dict[str, Any]]:
-    """One row per scenario variant x Istio version x backend: whether it runs, and why not."""
-    from securemetrics_e2e.applicability import skip_reason
-    from securemetrics_e2e.checks import CHECKS
-    from securemetrics_e2e.plugin import Variant
-
-    features = {b: _backend_features(b, local_network) for b in backends}
-    rows = []
-    for s in SCENARIOS:
-        if profile not in ("all", s.profile.value):
-            continue
-        checks = [c for c in CHECKS if c.applies_to(s)]
-        for m in s.mtls_modes:
-            v = Variant(s, m)
-            for b in backends:
-                skipped = [c.id for c in checks if c.needs - features[b]]
-                for version in versions:
-                    reason = skip_reason(
-                        s, m, backend=b, backend_features=features[b], version=version
-                    )
-                    rows.append(
-                        {
-                            "id": v.id,
-                            "scenario": s.name,
-                            "variant": m.value,
-                            "profile": s.profile.value,
-                            "backend": b,
-                            "istioVersion": version,
-                            "applies": reason is None,
-                            "reason": reason or "",
-                            "checks": 0 if reason else len(checks) - len(skipped),
-                            "skippedChecks": [] if reason else skipped,
-                        }
-                    )
-    return rows
-
-
-def _render_list(rows: list[dict[str, Any]], versions: Sequence[str]) -> str:
-    notes: dict[str, int] = {}
-    table: dict[tuple[str, str, str], dict[str, str]] = {}
-    for r in rows:
-        key = (r["id"], r["profile"], r["backend"])
-        if r["applies"]:
-            cell = f"yes ({r['checks']})"
-            if r["skippedChecks"]:
-                why = f"checks skipped here: {', '.join(r['skippedChecks'])}"
-                cell += f" [{notes.setdefault(why, len(notes) + 1)}]"
-        else:
-            cell = f"no [{notes.setdefault(r['reason'], len(notes) + 1)}]"
-        table.setdefault(key, {})[r["istioVersion"]] = cell
-    header = ["SCENARIO[MODE]", "PROFILE", "BACKEND", *versions]
-    body = [[*key, *(cells.get(v, "") for v in versions)] for key, cells in table.items()]
-    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-           for row in [header, *body]]  # fmt: skip
-    out.append("")
-    out.append("yes (N): the variant runs, with N checks; no: it is skipped, because:")
-    out += [f"[{n}] {text}" for text, n in notes.items()]
-    return "\n".join(out) + "\n"
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.versions import resolve, supported_versions
-
-    backends = list(dict.fromkeys(args.backend or BACKENDS))
-    if args.istio_version is not None:
-        versions = [str(resolve(v)) for v in dict.fromkeys(args.istio_version)]
-    else:
-        versions = [str(v) for v in supported_versions()]
-    rows = applicability(backends, versions, args.profile, args.local_network)
-    if args.format == "json":
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    else:
-        sys.stdout.write(_render_list(rows, versions))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- matrix
-
-
-def cmd_matrix(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
-    from securemetrics_e2e.outputs import check_writable, write_atomically
-
-    for option, path in (("--markdown", args.markdown), ("--html", args.html)):
-        if path:
-            check_writable(Path(path), option)  # before reading a single report
-    matrix = build_matrix(load_reports([Path(p) for p in args.reports]))
-    markdown = render_markdown(matrix)
-    if args.markdown:
-        write_atomically(Path(args.markdown), markdown.encode("utf-8"), "--markdown")
-    if args.html:
-        write_atomically(Path(args.html), render_html(matrix).encode("utf-8"), "--html")
-    if not args.markdown and not args.html:
-        sys.stdout.write(markdown)
-    else:
-        written = [p for p in (args.markdown, args.html) if p]
-        print(
-            f"{PROG} matrix: {len(matrix.rows)} scenario variants x {len(matrix.columns)} runs "
-            f"-> {', '.join(written)}"
-        )
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- audit
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.audit import Severity, audit, render_json, render_text
-
-    fail_on = Severity[args.fail_on.upper()]
-    result = audit([Path(p) for p in args.paths])
-    if args.format == "json":
-        sys.stdout.write(render_json(result, fail_on))
-    else:
-        sys.stdout.write(render_text(result))
-    return result.exit_status(fail_on)
-
-
-def cmd_scrape_config(args: argparse.Namespace) -> int:
-    """Print the shipped Prometheus scrape configuration (what the suite proves works)."""
-    from securemetrics_e2e.local.promconfig import chart_scrape_config_path
-
-    sys.stdout.write(chart_scrape_config_path().read_text(encoding="utf-8"))
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------- parser

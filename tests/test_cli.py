@@ -22,7 +22,8 @@ import pytest
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import scenario
 from securemetrics_e2e.checks import CHECKS
-from securemetrics_e2e.cli import applicability, main
+from securemetrics_e2e.cli import main
+from securemetrics_e2e.commands import applicability
 from securemetrics_e2e.progress import Phase, Progress, emit, timed, verdict_line
 from securemetrics_e2e.report import load_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
