@@ -197,44 +197,39 @@ def _is_injected(labels: Mapping[str, str], annotations: Mapping[str, str]) -> b
     return flag.lower() != "false"
 
 
+def _view(doc: Doc, meta: Mapping[str, Any], spec: Mapping[str, Any], **extra: Any) -> PodView:
+    """The pod a workload's template (or a Prometheus resource) describes."""
+    obj = doc.data
+    labels, annotations = str_map(meta.get("labels")), str_map(meta.get("annotations"))
+    return PodView(
+        subject_of(obj),
+        doc.file,
+        doc.line,
+        str(as_map(obj.get("metadata")).get("namespace", "") or ""),
+        labels,
+        annotations,
+        tuple(as_map(c) for c in as_list(spec.get("containers"))),
+        tuple(as_map(v) for v in as_list(spec.get("volumes"))),
+        _is_injected(labels, annotations),
+        **extra,
+    )
+
+
 def pod_views(doc: Doc) -> Iterator[PodView]:
     obj = doc.data
-    namespace = str(as_map(obj.get("metadata")).get("namespace", "") or "")
     template = _pod_template(obj)
     if template is not None:
-        meta = as_map(template.get("metadata"))
-        spec = as_map(template.get("spec"))
-        labels, annotations = str_map(meta.get("labels")), str_map(meta.get("annotations"))
-        yield PodView(
-            subject_of(obj),
-            doc.file,
-            doc.line,
-            namespace,
-            labels,
-            annotations,
-            tuple(as_map(c) for c in as_list(spec.get("containers"))),
-            tuple(as_map(v) for v in as_list(spec.get("volumes"))),
-            _is_injected(labels, annotations),
-        )
+        yield _view(doc, as_map(template.get("metadata")), as_map(template.get("spec")))
     elif obj.get("kind") == "Prometheus" and str(obj.get("apiVersion", "")).startswith(
         "monitoring.coreos.com/"
     ):
         spec = as_map(obj.get("spec"))
-        meta = as_map(spec.get("podMetadata"))
-        labels, annotations = str_map(meta.get("labels")), str_map(meta.get("annotations"))
-        secrets = tuple(f"/etc/prometheus/secrets/{s}" for s in as_list(spec.get("secrets")))
-        yield PodView(
-            subject_of(obj),
-            doc.file,
-            doc.line,
-            namespace,
-            labels,
-            annotations,
-            tuple(as_map(c) for c in as_list(spec.get("containers"))),
-            tuple(as_map(v) for v in as_list(spec.get("volumes"))),
-            _is_injected(labels, annotations),
+        yield _view(
+            doc,
+            as_map(spec.get("podMetadata")),
+            spec,
             operator_mounts=tuple(as_map(m) for m in as_list(spec.get("volumeMounts"))),
-            secret_dirs=secrets,
+            secret_dirs=tuple(f"/etc/prometheus/secrets/{s}" for s in as_list(spec.get("secrets"))),
         )
 
 
