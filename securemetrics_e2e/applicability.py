@@ -1,14 +1,15 @@
-"""Whether a scenario variant can run on a backend at an Istio version, and why not.
+"""Whether a run unit can run on a backend at an Istio version, and why not.
 
 One place for the rule, used by the pytest plugin (to skip with the reason), the CLI's
-``list`` and the cluster plan: a variant needs its scenario's features plus its mTLS
-mode's; version-gated features come from the Istio version, the others from the
-backend. An upgrade needs a supported minor before the version to start from.
+``list`` and the cluster plan: a run unit needs its scenario's features plus what its
+mTLS mode and variant need (:attr:`RunUnit.features`); version-gated features come from
+the Istio version, the others from the backend. An upgrade needs a supported minor
+before the version to start from.
 """
 
 from __future__ import annotations
 
-from securemetrics_e2e.catalog import CLUSTER_ONLY, Feature, MtlsMode, Scenario, mode_features
+from securemetrics_e2e.catalog import CLUSTER_ONLY, Feature, RunUnit
 
 VERSION_GATED = frozenset({Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS})
 
@@ -27,15 +28,14 @@ def version_features(version: str) -> frozenset[Feature]:
 
 
 def skip_reason(
-    scenario: Scenario,
-    mtls_mode: MtlsMode,
+    unit: RunUnit,
     *,
     backend: str,
     backend_features: frozenset[Feature],
     version: str,
 ) -> str | None:
-    """Why the variant cannot run, or None when it can."""
-    needed = scenario.features | mode_features(mtls_mode)
+    """Why the run unit cannot run, or None when it can."""
+    needed = unit.features
     lacking_version = needed & VERSION_GATED - version_features(version)
     if lacking_version:
         names = ", ".join(sorted(f.value for f in lacking_version))

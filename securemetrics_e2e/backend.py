@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from securemetrics_e2e.catalog import Feature, MtlsMode, Scenario, WorkloadKind, WorkloadSpec
+from securemetrics_e2e.catalog import (
+    Feature,
+    MtlsMode,
+    RunUnit,
+    Scenario,
+    UnitKey,
+    Variant,
+    WorkloadKind,
+    WorkloadSpec,
+)
 from securemetrics_e2e.errors import SecureMetricsError
 
 if TYPE_CHECKING:
@@ -97,12 +106,22 @@ class Listener:
 
 @dataclass(frozen=True)
 class Deployment:
-    """A scenario deployed by a backend, ready to be checked."""
+    """A run unit deployed by a backend, ready to be checked."""
 
     scenario: Scenario
     mtls_mode: MtlsMode
     namespace: str
     workloads: tuple[Workload, ...]
+    #: default: the scenario's first variant (what an unqualified deploy means)
+    variant: Variant = None  # type: ignore[assignment]  # filled in by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.variant is None:
+            object.__setattr__(self, "variant", self.scenario.variants[0])
+
+    @property
+    def unit(self) -> RunUnit:
+        return RunUnit(self.scenario, self.mtls_mode, self.variant)
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:
@@ -129,8 +148,11 @@ class Backend(abc.ABC):
         """Facts for the report: backend, Istio version, Kubernetes version, network mode."""
 
     @abc.abstractmethod
-    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
-        """Deploy ``scenario`` and wait until its proxies and the scraper are ready."""
+    def deploy(
+        self, scenario: Scenario, mtls_mode: MtlsMode, variant: Variant | None = None
+    ) -> Deployment:
+        """Deploy ``scenario`` in ``variant`` (None: the scenario's first, the one an
+        unqualified run means) and wait until its proxies and the scraper are ready."""
 
     @abc.abstractmethod
     def teardown(self, deployment: Deployment) -> None:
@@ -157,24 +179,29 @@ class Backend(abc.ABC):
         """Try plain HTTP to ``workload``'s ``port`` from ``origin`` and classify the result."""
 
     @abc.abstractmethod
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        """The annotations of ``workload``'s running pod, as admitted (after injection)."""
+
+    @abc.abstractmethod
     def prometheus(self) -> PrometheusAPI:
         """A client for the scraper's Prometheus HTTP API."""
 
     def deploy_many(
-        self, variants: Sequence[tuple[Scenario, MtlsMode]]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        """Deploy several variants; a variant missing from the result is deferred.
+        self, units: Sequence[RunUnit]
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        """Deploy several run units; a unit missing from the result (by
+        :attr:`RunUnit.key`) is deferred.
 
-        A backend may leave out a variant that would change what another one holds
+        A backend may leave out a unit that would change what another one holds
         (on a cluster, two scenarios patching the same ingress gateway); deploy it
         again once the other is torn down. This default deploys one after the other.
         """
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
-        for scenario, mode in variants:
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
+        for unit in units:
             try:
-                results[(scenario.name, mode)] = self.deploy(scenario, mode)
+                results[unit.key] = self.deploy(unit.scenario, unit.mtls_mode, unit.variant)
             except SecureMetricsError as exc:
-                results[(scenario.name, mode)] = exc
+                results[unit.key] = exc
         return results
 
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
@@ -195,9 +222,11 @@ class Backend(abc.ABC):
         """Release what the backend holds across deployments."""
 
     @contextlib.contextmanager
-    def deployed(self, scenario: Scenario, mtls_mode: MtlsMode) -> Iterator[Deployment]:
+    def deployed(
+        self, scenario: Scenario, mtls_mode: MtlsMode, variant: Variant | None = None
+    ) -> Iterator[Deployment]:
         """Deploy, yield, and always tear down, even when the body fails."""
-        deployment = self.deploy(scenario, mtls_mode)
+        deployment = self.deploy(scenario, mtls_mode, variant)
         try:
             yield deployment
         finally:

@@ -95,6 +95,60 @@ class WorkloadSpec:
         return jobs
 
 
+class VariantId(enum.StrEnum):
+    """A configuration of a scenario: the documented one, or the fix of a known gap."""
+
+    AS_DOCUMENTED = "as-documented"
+    # pod annotation traffic.sidecar.istio.io/excludeInboundPorts: "15091,15092"
+    EXCLUDE_CAPTURE = "exclude-capture"
+    # workload PeerAuthentication portLevelMtls PERMISSIVE on 15091/15092
+    PORT_PERMISSIVE = "port-permissive"
+    # legacy sidecar: workload PeerAuthentication portLevelMtls {15091: STRICT}
+    PORT_STRICT = "port-strict"
+    # Gateway API: a ProxyConfig selecting the gateway-name label sets environmentVariables
+    PROXYCONFIG = "proxyconfig"
+    # servicemonitor: the application's Service port declared TCP
+    TCP_APP_PORT = "tcp-app-port"
+    # servicemonitor: a PodMonitor on the secure merged port (Istio's prometheus-operator.yaml)
+    PODMONITOR = "podmonitor"
+
+
+_VARIANT_DESCRIPTIONS: dict[VariantId, str] = {
+    VariantId.AS_DOCUMENTED: "the configuration istio.io documents",
+    VariantId.EXCLUDE_CAPTURE: "pod annotation traffic.sidecar.istio.io/excludeInboundPorts "
+    '"15091,15092": the sidecar never captures the secure ports',
+    VariantId.PORT_PERMISSIVE: "workload PeerAuthentication with portLevelMtls PERMISSIVE on "
+    "15091 and 15092",
+    VariantId.PORT_STRICT: "workload PeerAuthentication with portLevelMtls {15091: STRICT}",
+    VariantId.PROXYCONFIG: "a ProxyConfig selecting gateway.networking.k8s.io/gateway-name "
+    "sets environmentVariables",
+    VariantId.TCP_APP_PORT: "the application's Service port declared TCP",
+    VariantId.PODMONITOR: "a PodMonitor on the secure merged port, as Istio's "
+    "samples/addons/extras/prometheus-operator.yaml scrapes the proxies",
+}
+
+#: variants whose outcome depends on the sidecar's inbound capture (iptables to 15006)
+_CAPTURE_VARIANTS = frozenset(
+    {VariantId.EXCLUDE_CAPTURE, VariantId.PORT_PERMISSIVE, VariantId.PORT_STRICT}
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a scenario, and the mTLS modes it runs in."""
+
+    id: VariantId
+    #: None: every mode of the scenario
+    mtls_modes: tuple[MtlsMode, ...] | None = None
+
+    @property
+    def description(self) -> str:
+        return _VARIANT_DESCRIPTIONS[self.id]
+
+
+AS_DOCUMENTED = Variant(VariantId.AS_DOCUMENTED)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -106,6 +160,83 @@ class Scenario:
     notes: tuple[str, ...] = field(default=())
     #: a continuity scenario: checked over a window of time, by its own checks only
     continuity: bool = False
+    #: its configurations, the first the one an unqualified run means
+    variants: tuple[Variant, ...] = (AS_DOCUMENTED,)
+
+    def variant(self, variant_id: str) -> Variant:
+        """The variant called ``variant_id``; a clear error listing this scenario's ones."""
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        known = ", ".join(v.id for v in self.variants)
+        raise UsageError(
+            f"scenario {self.name!r} has no variant {variant_id!r}; its variants: {known}"
+        )
+
+    def run_units(self) -> tuple[RunUnit, ...]:
+        """Every (mode, variant) this scenario runs in, mode by mode."""
+        return tuple(
+            RunUnit(self, mode, v)
+            for mode in self.mtls_modes
+            for v in self.variants
+            if v.mtls_modes is None or mode in v.mtls_modes
+        )
+
+
+#: how backends key deployed run units: (scenario name, mode, variant id)
+UnitKey = tuple[str, MtlsMode, VariantId]
+
+
+@dataclass(frozen=True)
+class RunUnit:
+    """What the suite deploys and reports: a scenario in one mTLS mode and one variant."""
+
+    scenario: Scenario
+    mtls_mode: MtlsMode
+    variant: Variant = AS_DOCUMENTED
+
+    @property
+    def id(self) -> str:
+        return unit_id(self.scenario.name, self.mtls_mode.value, self.variant.id)
+
+    @property
+    def key(self) -> UnitKey:
+        return (self.scenario.name, self.mtls_mode, self.variant.id)
+
+    @property
+    def features(self) -> frozenset[Feature]:
+        """The scenario's features plus what this mode and variant need from the backend."""
+        return self.scenario.features | (
+            frozenset({Feature.INBOUND_CAPTURE}) if needs_inbound_capture(self) else frozenset()
+        )
+
+
+def unit_id(scenario_name: str, mtls_mode: str, variant_id: str) -> str:
+    """The id progress lines, reports, JUnit and pytest use: ``scenario[MODE/variant]``."""
+    return f"{scenario_name}[{mtls_mode}/{variant_id}]"
+
+
+def needs_inbound_capture(unit: RunUnit) -> bool:
+    """Whether ``unit``'s outcome depends on the sidecar's inbound capture.
+
+    Capture (iptables REDIRECT to 15006, virtualInbound) is what the mTLS mode and the
+    port-level PeerAuthentication act on (istio/istio
+    pilot/pkg/networking/core/listener_inbound.go, filterchain_options.go); the injection
+    template excludes only 15090, 15021 and 15020 from it
+    (manifests/charts/istio-control/istio-discovery/files/injection-template.yaml). So on
+    sidecars: every STRICT unit, every unit of a legacy Sidecar ingress (an inbound chain
+    governed by the port's mode) and every variant that changes capture or a port's mode.
+    A continuity scenario measures continuity across a change (rotation, upgrade); the
+    local backend replays that change's data-plane half without capture.
+    """
+    sidecars = [w for w in unit.scenario.workloads if w.kind is WorkloadKind.SIDECAR]
+    if not sidecars or unit.scenario.continuity:
+        return False
+    return (
+        unit.mtls_mode is MtlsMode.STRICT
+        or any(w.mode is MetricsMode.LEGACY for w in sidecars)
+        or unit.variant.id in _CAPTURE_VARIANTS
+    )
 
 
 HTTPBIN = "httpbin"
@@ -119,6 +250,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         features=frozenset({Feature.NATIVE_SECURE_PORTS}),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
+        variants=(
+            AS_DOCUMENTED,
+            # the fixes of strict-captures-secure-ports run where the gap is: in PERMISSIVE
+            # port-permissive renders the namespace's own mode again and exclude-capture
+            # skips a passthrough chain that hands TLS on untouched, so both would repeat
+            # the as-documented PERMISSIVE unit
+            Variant(VariantId.EXCLUDE_CAPTURE, (MtlsMode.STRICT,)),
+            Variant(VariantId.PORT_PERMISSIVE, (MtlsMode.STRICT,)),
+        ),
     ),
     Scenario(
         name="native-gateway",
@@ -144,9 +284,12 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "secure-gw-istio", WorkloadKind.GATEWAY, MetricsMode.NATIVE, "secure-gw-istio"
             ),
         ),
+        variants=(AS_DOCUMENTED, Variant(VariantId.PROXYCONFIG)),
         notes=(
-            "Whether spec.infrastructure annotations or a ProxyConfig open the ports on a "
-            "generated gateway is Istio-side wiring: only the cluster backend checks it.",
+            "as-documented puts proxy.istio.io/config in spec.infrastructure.annotations; "
+            "proxyconfig sets the variables through a ProxyConfig resource. The local "
+            "backend derives the generated gateway's environment from those objects as "
+            "Istio's deployment controller does (local/gatewaymodel.py).",
         ),
     ),
     Scenario(
@@ -159,6 +302,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.HARDENED, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
+        variants=(
+            AS_DOCUMENTED,
+            # the fixes of strict-captures-secure-ports run where the gap is: in PERMISSIVE
+            # port-permissive renders the namespace's own mode again and exclude-capture
+            # skips a passthrough chain that hands TLS on untouched, so both would repeat
+            # the as-documented PERMISSIVE unit
+            Variant(VariantId.EXCLUDE_CAPTURE, (MtlsMode.STRICT,)),
+            Variant(VariantId.PORT_PERMISSIVE, (MtlsMode.STRICT,)),
+        ),
     ),
     Scenario(
         name="legacy-sidecar",
@@ -167,6 +319,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         features=frozenset(),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.LEGACY, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
+        # STRICT as documented already terminates mesh mTLS on the Sidecar ingress port
+        variants=(AS_DOCUMENTED, Variant(VariantId.PORT_STRICT, (MtlsMode.PERMISSIVE,))),
     ),
     Scenario(
         name="legacy-gateway",
@@ -197,6 +351,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
+        variants=(AS_DOCUMENTED, Variant(VariantId.TCP_APP_PORT), Variant(VariantId.PODMONITOR)),
     ),
 )
 
@@ -219,7 +374,14 @@ UPGRADE = Scenario(
     # deployed with the legacy configuration of the older minor; see upgraded_spec
     workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.LEGACY, "httpbin"),),
     continuity=True,
+    # the legacy workaround works in PERMISSIVE only with STRICT on its port (known gap
+    # legacy-sidecar-permissive-plaintext): the upgrade starts from the working one
+    variants=(Variant(VariantId.PORT_STRICT),),
     notes=(
+        "It starts from the legacy configuration that works: the Sidecar ingress on 15091 "
+        "with portLevelMtls {15091: STRICT} (variant port-strict); as documented, without "
+        "it, PERMISSIVE serves that port in plaintext (known gap "
+        "legacy-sidecar-permissive-plaintext).",
         "On a cluster this is an upgrade run (--upgrade-from): istioctl installs the older "
         "minor, upgrades in place or by canary revision, and the workload is restarted. "
         "The local backend rebuilds the data-plane half: the workload's pod is replaced by "
@@ -246,8 +408,3 @@ def upgraded_spec(spec: WorkloadSpec, native_secure_ports: bool) -> WorkloadSpec
     if spec.mode is MetricsMode.LEGACY and native_secure_ports:
         return WorkloadSpec(spec.name, spec.kind, MetricsMode.NATIVE, spec.service_account)
     return spec
-
-
-def mode_features(mode: MtlsMode) -> frozenset[Feature]:
-    """STRICT only differs from PERMISSIVE where the sidecar captures inbound traffic."""
-    return frozenset({Feature.INBOUND_CAPTURE}) if mode is MtlsMode.STRICT else frozenset()

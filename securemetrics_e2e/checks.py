@@ -8,7 +8,7 @@ check proves the same thing on the local backend and on a cluster. It raises
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +22,7 @@ from securemetrics_e2e.catalog import (
     MetricsMode,
     Scenario,
     WorkloadKind,
+    WorkloadSpec,
 )
 from securemetrics_e2e.configdump import listener_on_port
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextOutcome
@@ -35,13 +36,22 @@ DOWN_SCRAPES = 3
 
 
 class CheckFailed(AssertionError):
-    """A conformance check saw the mesh misbehave."""
+    """A conformance check saw the mesh misbehave.
 
-    def __init__(self, check_id: str, code: str, message: str) -> None:
+    ``observed`` names what was seen, machine-readable, one ``clause:outcome`` token per
+    kind of problem (e.g. ``scrape:closed``, ``target:down``, ``listener:missing``): the
+    known-gap table (:mod:`securemetrics_e2e.knowngaps`) compares them with what a gap
+    predicts, so a failure that looks different is not taken for the gap.
+    """
+
+    def __init__(
+        self, check_id: str, code: str, message: str, observed: Collection[str] = ()
+    ) -> None:
         super().__init__(f"[{code} {check_id}] {message}")
         self.check_id = check_id
         self.code = code
         self.message = message
+        self.observed = tuple(sorted(set(observed)))
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,10 @@ class Check:
     def applies_to(self, scenario: Scenario) -> bool:
         return self.continuity == scenario.continuity and self.applies(scenario)
 
-    def fail(self, message: str) -> CheckFailed:
+    def fail(self, message: str, observed: Collection[str] = ()) -> CheckFailed:
         """The failure, its message ending in this check's hint (what to change)."""
-        return CheckFailed(
-            self.id, self.code, f"{message} — hint: {self.hint}" if self.hint else message
-        )
+        text = f"{message} — hint: {self.hint}" if self.hint else message
+        return CheckFailed(self.id, self.code, text, observed)
 
     def run(self, backend: Backend, deployment: Deployment) -> object:
         """Raise :class:`CheckFailed` if ``deployment`` misbehaves; else return what was
@@ -93,32 +102,36 @@ def _expected_prefixes(w: Workload, role: str) -> tuple[str, ...]:
 
 
 def _listeners_tls_only(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         listeners = backend.listeners(w)
         for role, port in _secure_ports(w):
             lst = listener_on_port(listeners, port)
             if lst is None:
                 problems.append(f"{w.name}: no listener on the {role} port {port}")
+                seen.add("listener:missing")
                 continue
             if not lst.tls_only:
                 problems.append(f"{w.name}: listener {lst.name} accepts non-TLS connections")
+                seen.add("listener:not-tls-only")
             if not lst.client_cert_required:
                 problems.append(
                     f"{w.name}: listener {lst.name} does not require a client certificate"
                 )
+                seen.add("listener:no-client-cert")
             expected = _expected_prefixes(w, role)
             if tuple(sorted(lst.route_prefixes)) != tuple(sorted(expected)):
                 problems.append(
                     f"{w.name}: {role} port {port} routes {list(lst.route_prefixes)}, "
                     f"expected {list(expected)}"
                 )
+                seen.add("listener:routes")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
 def _mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         for role, port in _secure_ports(w):
             result = backend.scrape(w, port, STATS_PATH)
@@ -126,19 +139,22 @@ def _mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
                 problems.append(
                     f"{w.name} {role} port {port}: {result.outcome.value}: {result.detail}"
                 )
+                seen.add(f"scrape:{result.outcome.value}")
             elif not result.families:
                 problems.append(f"{w.name} {role} port {port}: 200 but no metric families")
+                seen.add("scrape:no-families")
             elif result.peer_spiffe_id != w.spiffe_id:
                 problems.append(
                     f"{w.name} {role} port {port}: peer identity {result.peer_spiffe_id}, "
                     f"expected {w.spiffe_id}"
                 )
+                seen.add("scrape:peer-identity")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
 def _envoy_port_stats_only(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         port = w.spec.secure_envoy_port
         if port is None:
@@ -154,12 +170,13 @@ def _envoy_port_stats_only(check: Check, backend: Backend, dep: Deployment) -> N
                 f"{w.name}: /metrics on the secure Envoy-only port {port} {got}; expected "
                 f"HTTP 404 (only {STATS_PATH} is routed)"
             )
+            seen.add(f"stats-only:{result.outcome.value}")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
 def _plaintext_refused(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         for role, port in _secure_ports(w):
             for origin in (Origin.OTHER_POD, Origin.INSIDE_POD):
@@ -169,14 +186,15 @@ def _plaintext_refused(check: Check, backend: Backend, dep: Deployment) -> None:
                         f"{w.name}: plain HTTP from {origin.value} to the {role} port {port} "
                         f"was served ({result.outcome.value}: {result.detail})"
                     )
+                    seen.add(f"plaintext-{origin.value}:{result.outcome.value}")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
 def _credential_refused(
     credential: Credential, check: Check, backend: Backend, dep: Deployment
 ) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         for role, port in _secure_ports(w):
             result = backend.scrape(w, port, STATS_PATH, credential=credential)
@@ -185,8 +203,9 @@ def _credential_refused(
                     f"{w.name}: the {role} port {port} completed a TLS handshake with "
                     f"{_CREDENTIAL_TEXT[credential]} and answered HTTP {result.status}"
                 )
+                seen.add(f"handshake:{result.outcome.value}")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
 #: how failure messages name a credential and a plain-HTTP outcome (not by enum value)
@@ -215,7 +234,7 @@ def _hardened_port(
     backend: Backend,
     dep: Deployment,
 ) -> None:
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         seen_out = backend.plaintext(w, port, Origin.OTHER_POD)
         if seen_out.outcome is not outside:
@@ -224,6 +243,7 @@ def _hardened_port(
                 f"{_PLAINTEXT_TEXT[seen_out.outcome]} ({seen_out.detail}); it must be "
                 f"{_PLAINTEXT_TEXT[outside]}"
             )
+            seen.add(f"{Origin.OTHER_POD.value}:{seen_out.outcome.value}")
         seen_in = backend.plaintext(w, port, Origin.INSIDE_POD)
         if seen_in.outcome is not inside:
             problems.append(
@@ -231,12 +251,16 @@ def _hardened_port(
                 f"{_PLAINTEXT_TEXT[seen_in.outcome]} ({seen_in.detail}); it must be "
                 f"{_PLAINTEXT_TEXT[inside]}"
             )
+            seen.add(f"{Origin.INSIDE_POD.value}:{seen_in.outcome.value}")
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
-def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeout: float) -> str:
-    """Why ``job`` does not scrape ``want`` UP for workload ``w`` ("" when it does)."""
+def _target_problem(
+    api: PrometheusAPI, job: str, w: Workload, want: str, timeout: float
+) -> tuple[str, str]:
+    """Why ``job`` does not scrape ``want`` UP for workload ``w``, and the observed outcome
+    (``target:timeout|dropped|down|wrong-url``); ("", "") when it does."""
     seen: list[Target] = []
 
     def judged() -> Target:
@@ -259,19 +283,19 @@ def _target_problem(api: PrometheusAPI, job: str, w: Workload, want: str, timeou
     try:
         target = wait_for(f"job {job} to scrape {want} successfully", judged, timeout=timeout)
     except WaitTimeout as exc:
-        return f"{w.name}: {exc}"
+        return "target:timeout", f"{w.name}: {exc}"
     if target.health == "dropped":
-        return (
+        return "target:dropped", (
             f"{w.name}: job {job} found ZERO targets for pod {w.pod_name}: the pod was "
             f"dropped by relabeling (is the pod annotation that names its secure port "
             f"missing? cf. istio#19874)"
         )
     if target.health == "down":
-        return f"{w.name}: job {job}: {target.describe()}"
+        return "target:down", f"{w.name}: job {job}: {target.describe()}"
     if target.scrape_url != want:
         urls = ", ".join(f"{t.scrape_url} ({t.health})" for t in seen)
-        return f"{w.name}: job {job} scrapes {urls}, expected {want}"
-    return ""
+        return "target:wrong-url", f"{w.name}: job {job} scrapes {urls}, expected {want}"
+    return "", ""
 
 
 def _failed_every_scrape(api: PrometheusAPI, job: str, w: Workload) -> bool:
@@ -290,33 +314,45 @@ def _failed_every_scrape(api: PrometheusAPI, job: str, w: Workload) -> bool:
 
 def _targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> None:
     api = backend.prometheus_for(dep)
-    problems = []
+    problems, seen = [], set()
     for w in dep.workloads:
         port = w.spec.jobs.get(job)
         if port is None:
             continue
-        problem = _target_problem(api, job, w, w.url(port, STATS_PATH), backend.target_timeout)
+        observed, problem = _target_problem(
+            api, job, w, w.url(port, STATS_PATH), backend.target_timeout
+        )
         if problem:
             problems.append(problem)
+            seen.add(observed)
     if problems:
-        raise check.fail("; ".join(problems))
+        raise check.fail("; ".join(problems), seen)
 
 
-#: the job prefix the Prometheus Operator gives ServiceMonitor scrape pools
+#: the job prefixes the Prometheus Operator gives ServiceMonitor and PodMonitor scrape pools
 SERVICE_MONITOR_JOB = "serviceMonitor/"
+POD_MONITOR_JOB = "podMonitor/"
+
+
+def _port_of(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[-1]
 
 
 def _servicemonitor_targets_up(check: Check, backend: Backend, dep: Deployment) -> None:
-    """Every ServiceMonitor of the scenario has targets, all UP over https."""
+    """Every ServiceMonitor / PodMonitor of the scenario has targets, all UP over https.
+
+    Observed outcomes name the port of each target not UP (``down:<port>``), so a known gap
+    about one port (the application's, or the secure merged one) is told from another.
+    """
     api = backend.prometheus_for(dep)
-    prefix = f"{SERVICE_MONITOR_JOB}{dep.namespace}/"
+    prefixes = tuple(f"{p}{dep.namespace}/" for p in (SERVICE_MONITOR_JOB, POD_MONITOR_JOB))
     seen: list[Target] = []
 
     def all_scraped() -> list[Target]:
-        mine = [t for t in api.active_targets() if t.job.startswith(prefix)]
+        mine = [t for t in api.active_targets() if t.job.startswith(prefixes)]
         seen[:] = mine
         if not mine:
-            raise NotYet(f"no scrape pool {prefix}* yet")
+            raise NotYet(f"no scrape pool {' or '.join(p + '*' for p in prefixes)} yet")
         if any(t.health == "unknown" for t in mine):
             raise NotYet("not scraped yet: " + ", ".join(t.scrape_url for t in mine))
         if any(t.health != "up" for t in mine):
@@ -330,10 +366,13 @@ def _servicemonitor_targets_up(check: Check, backend: Backend, dep: Deployment) 
             timeout=backend.target_timeout,
         )
     except WaitTimeout as exc:
-        raise check.fail(str(exc)) from None
+        down = {f"down:{_port_of(t.scrape_url)}" for t in seen if t.health != "up"}
+        raise check.fail(str(exc), down or {"target:timeout"}) from None
     plain = [t.scrape_url for t in targets if not t.scrape_url.startswith("https://")]
     if plain:
-        raise check.fail(f"ServiceMonitor targets scraped without TLS: {', '.join(plain)}")
+        raise check.fail(
+            f"ServiceMonitor targets scraped without TLS: {', '.join(plain)}", {"target:plaintext"}
+        )
 
 
 def _uses_operator(s: Scenario) -> bool:
@@ -363,7 +402,7 @@ def _upgrade_continuity(check: Check, backend: Backend, dep: Deployment) -> obje
 
     if not isinstance(backend, UpgradingBackend):
         raise check.fail(f"backend {backend.name} cannot upgrade a deployment")
-    run = run_upgrade_window(backend, dep)
+    run = run_upgrade_window(backend, dep, partial(verify, backend))
     if not run.ok:
         verdict = f" ({run.continuity.verdict_line()})" if run.continuity is not None else ""
         raise check.fail(run.failure_message() + verdict)
@@ -475,7 +514,7 @@ ENVOY_UP = Check(
 SERVICE_MONITOR_UP = Check(
     "servicemonitor-targets-up",
     "SMC012",
-    "The Prometheus Operator scrapes every ServiceMonitor target UP over https",
+    "The Prometheus Operator scrapes every ServiceMonitor and PodMonitor target UP over https",
     _servicemonitor_targets_up,
     applies=_uses_operator,
     hint="the ServiceMonitor endpoint needs scheme https and a tlsConfig reading the "
@@ -483,7 +522,7 @@ SERVICE_MONITOR_UP = Check(
     "of the Prometheus resource, with its istio-proxy writing them)",
 )
 
-ROTATION = Check(
+ROTATION_CONTINUITY = Check(
     "rotation-continuity",
     "SMC011",
     "Rotated workload and scraper certificates are served at once, and Prometheus loses no "
@@ -496,7 +535,7 @@ ROTATION = Check(
     "once into a Secret: istio#28050); a proxy that keeps an old certificate is not reading "
     "SDS updates",
 )
-UPGRADE = Check(
+UPGRADE_CONTINUITY = Check(
     "upgrade-continuity",
     "SMC013",
     "Across an Istio minor upgrade the workload is scraped over mTLS before and after, "
@@ -512,6 +551,54 @@ UPGRADE = Check(
     "and the native ports while the rollout runs",
 )
 
+SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
+
+
+def _injector_annotated(spec: WorkloadSpec) -> bool:
+    """Workloads whose secure-port annotation is the injector's to set: native sidecars.
+    Gateways and the legacy workaround set it by hand (ISTIO-FACTS.md)."""
+    return spec.kind is WorkloadKind.SIDECAR and spec.mode in (
+        MetricsMode.NATIVE,
+        MetricsMode.HARDENED,
+    )
+
+
+def _injector_secure_port(check: Check, backend: Backend, dep: Deployment) -> None:
+    """The injector sets ``prometheus.istio.io/secure-port`` from the istio-proxy env
+    ``ENVOY_SECURE_MERGED_METRICS_PORT`` unless already set (pkg/kube/inject/webhook.go
+    applySecurePrometheusAnnotation); Istio's own test wants the merged port there
+    (tests/integration/telemetry/api/metrics_port_test.go, auto-annotation-secure-port)."""
+    problems = []
+    for w in dep.workloads:
+        if not _injector_annotated(w.spec):
+            continue
+        seen = backend.pod_annotations(w).get(SECURE_PORT_ANNOTATION)
+        want = str(w.spec.secure_merged_port)
+        if seen != want:
+            shown = "absent" if seen is None else repr(seen)
+            problems.append(
+                f"{w.name}: pod {w.pod_name} has {SECURE_PORT_ANNOTATION} {shown}, expected "
+                f"{want!r} set by the sidecar injector from ENVOY_SECURE_MERGED_METRICS_PORT"
+            )
+    if problems:
+        raise check.fail("; ".join(problems))
+
+
+INJECTOR_ANNOTATION = Check(
+    "injector-secure-port-annotation",
+    "SMC014",
+    "The sidecar injector annotates native sidecars with prometheus.istio.io/secure-port "
+    "set to the merged port",
+    _injector_secure_port,
+    applies=lambda s: any(_injector_annotated(w) for w in s.workloads),
+    needs=frozenset({Feature.NATIVE_SECURE_PORTS}),
+    hint="the injector sets the annotation from the istio-proxy env "
+    "ENVOY_SECURE_MERGED_METRICS_PORT only when the pod has none (pkg/kube/inject/webhook.go "
+    "applySecurePrometheusAnnotation): remove a hand-set secure-port annotation naming "
+    "another port",
+)
+
+
 CHECKS: tuple[Check, ...] = (
     LISTENERS,
     MTLS_SCRAPE,
@@ -524,9 +611,21 @@ CHECKS: tuple[Check, ...] = (
     MERGED_UP,
     ENVOY_UP,
     SERVICE_MONITOR_UP,
-    ROTATION,
-    UPGRADE,
+    ROTATION_CONTINUITY,
+    UPGRADE_CONTINUITY,
+    INJECTOR_ANNOTATION,
 )
+
+
+def verify(backend: Backend, dep: Deployment, check_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """The problems ``check_ids`` find on ``dep`` ("[code id] message" each; none: ())."""
+    problems = []
+    for check_id in check_ids:
+        try:
+            check(check_id).run(backend, dep)
+        except CheckFailed as exc:
+            problems.append(f"[{exc.code} {check_id}] {exc.message}")
+    return tuple(problems)
 
 
 def check(check_id: str) -> Check:
@@ -543,31 +642,38 @@ def skip_reason(c: Check, backend: Backend) -> str | None:
     return None
 
 
-def run_checks(backend: Backend, dep: Deployment, variant: str = "") -> list[CheckOutcome]:
-    """Every check that applies to ``dep``'s scenario, as outcomes (for controls and the CLI)."""
+def run_checks(
+    backend: Backend, dep: Deployment, version: str = "", only: Collection[str] = ()
+) -> list[CheckOutcome]:
+    """Every check that applies to ``dep``'s scenario (``only``: those of these ids), as
+    outcomes mapped through the known-gap table at Istio ``version`` (default: the
+    backend's), for controls and the CLI."""
+    from securemetrics_e2e.knowngaps import checked
+
+    version = version or backend.describe().get("istio_version", "")
     outcomes = []
     for c in CHECKS:
-        if not c.applies_to(dep.scenario):
+        if not c.applies_to(dep.scenario) or (only and c.id not in only):
             continue
         start = time.monotonic()
         reason = skip_reason(c, backend)
+        observed: tuple[str, ...] = ()
         if reason is not None:
-            status, message, code = Status.SKIP, reason, ""
+            status, message = Status.SKIP, reason
         else:
             try:
                 c.run(backend, dep)
-                status, message, code = Status.PASS, "", ""
+                status, message = Status.PASS, ""
             except CheckFailed as exc:
-                status, message, code = Status.FAIL, exc.message, exc.code
+                status, message, observed = Status.FAIL, exc.message, exc.observed
         outcomes.append(
-            CheckOutcome(
-                scenario=dep.scenario.name,
-                variant=variant or dep.mtls_mode.value,
-                check=c.id,
-                status=status,
-                message=message,
-                code=code,
-                profile=dep.scenario.profile.value,
+            checked(
+                dep.unit,
+                c,
+                version,
+                status,
+                message,
+                observed,
                 duration_s=time.monotonic() - start,
             )
         )

@@ -27,8 +27,9 @@ from securemetrics_e2e.selection import (
 
 def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
     from securemetrics_e2e.checks import CHECKS, skip_reason
+    from securemetrics_e2e.knowngaps import gaps_for
     from securemetrics_e2e.local.backend import LocalBackend
-    from securemetrics_e2e.plugin import Variant, variant_skip_reason
+    from securemetrics_e2e.plugin import unit_skip_reason
 
     backend = LocalBackend(
         network=args.local_network,
@@ -57,19 +58,22 @@ def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
         "  1. create a temporary directory, a mesh CA and a foreign CA (for the negative checks)",
         "  2. start the scraper pod: Prometheus loaded with "
         "charts/secure-metrics-prometheus/files/prometheus.yml (file_sd instead of Kubernetes SD)",
-        "  3. per variant below: start one pod per workload (Envoy configured as pilot-agent "
+        "  3. per run unit below: start one pod per workload (Envoy configured as pilot-agent "
         "would, the agent's status port, the app), then run its checks",
         "  4. stop every process, delete every namespace and the temporary directory",
         "",
-        "Variants:",
+        "Run units (scenario[MODE/variant]):",
     ]
-    variants = [Variant(s, m) for s in sel.scenarios for m in s.mtls_modes]
-    for v in variants:
-        reason = variant_skip_reason(v, backend, sel.istio_version)
+    units = [u for s in sel.scenarios for u in s.run_units()]
+    for v in units:
+        reason = unit_skip_reason(v, backend, sel.istio_version)
         if reason:
             lines.append(f"  SKIP {v.id}: {reason}")
             continue
         lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
+        lines.append(f"         variant {v.variant.id}: {v.variant.description}")
+        for gap in gaps_for(v.scenario.name, v.mtls_mode.value, v.variant.id, sel.istio_version):
+            lines.append(f"         known gap {gap.id} (fix: {gap.fix_text})")
         if v.scenario.name == "upgrade":
             old, new = backend.upgrade_versions()
             lines.append(
@@ -172,10 +176,11 @@ def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
 def applicability(
     backends: Sequence[str], versions: Sequence[str], profile: str, local_network: str = "auto"
 ) -> list[dict[str, Any]]:
-    """One row per scenario variant x Istio version x backend: whether it runs, and why not."""
+    """One row per run unit x Istio version x backend: whether it runs, why not, and the
+    known gaps that apply to it."""
     from securemetrics_e2e.applicability import skip_reason
     from securemetrics_e2e.checks import CHECKS
-    from securemetrics_e2e.plugin import Variant
+    from securemetrics_e2e.knowngaps import gaps_for
 
     features = {b: _backend_features(b, local_network) for b in backends}
     rows = []
@@ -183,19 +188,21 @@ def applicability(
         if profile not in ("all", s.profile.value):
             continue
         checks = [c for c in CHECKS if c.applies_to(s)]
-        for m in s.mtls_modes:
-            v = Variant(s, m)
+        for v in s.run_units():
             for b in backends:
                 skipped = [c.id for c in checks if c.needs - features[b]]
                 for version in versions:
                     reason = skip_reason(
-                        s, m, backend=b, backend_features=features[b], version=version
+                        v, backend=b, backend_features=features[b], version=version
                     )
+                    gaps = gaps_for(s.name, v.mtls_mode.value, v.variant.id, version)
                     rows.append(
                         {
                             "id": v.id,
                             "scenario": s.name,
-                            "variant": m.value,
+                            "mode": v.mtls_mode.value,
+                            "variant": v.variant.id.value,
+                            "knownGaps": [g.id for g in gaps],
                             "profile": s.profile.value,
                             "backend": b,
                             "istioVersion": version,
@@ -221,15 +228,41 @@ def _render_list(rows: list[dict[str, Any]], versions: Sequence[str]) -> str:
         else:
             cell = f"no [{notes.setdefault(r['reason'], len(notes) + 1)}]"
         table.setdefault(key, {})[r["istioVersion"]] = cell
-    header = ["SCENARIO[MODE]", "PROFILE", "BACKEND", *versions]
+    header = ["SCENARIO[MODE/VARIANT]", "PROFILE", "BACKEND", *versions]
     body = [[*key, *(cells.get(v, "") for v in versions)] for key, cells in table.items()]
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
            for row in [header, *body]]  # fmt: skip
     out.append("")
-    out.append("yes (N): the variant runs, with N checks; no: it is skipped, because:")
+    out.append("yes (N): the run unit runs, with N checks; no: it is skipped, because:")
     out += [f"[{n}] {text}" for text, n in notes.items()]
-    return "\n".join(out) + "\n"
+    return "\n".join([*out, *_variants_and_gaps(rows)]) + "\n"
+
+
+def _variants_and_gaps(rows: list[dict[str, Any]]) -> list[str]:
+    """Each listed scenario's variants, and the known upstream gaps with their evidence."""
+    from securemetrics_e2e.catalog import scenario
+    from securemetrics_e2e.knowngaps import KNOWN_GAPS
+
+    listed = list(dict.fromkeys(r["scenario"] for r in rows))
+    out = ["", "Variants:"]
+    for name in listed:
+        s = scenario(name)
+        for v in s.variants:
+            modes = ", ".join(m.value for m in (v.mtls_modes or s.mtls_modes))
+            out.append(f"  {name} {v.id} ({modes}): {v.description}")
+    out += ["", "Known upstream gaps (a check failing as predicted is KNOWN-GAP, not FAIL):"]
+    for gap in KNOWN_GAPS:
+        if not {u[0] for u in gap.units} & set(listed):
+            continue
+        units = ", ".join(gap.unit_ids)
+        out.append(f"  {gap.id} (Istio {gap.versions}; fix: {gap.fix_text})")
+        out.append(f"    {gap.title}")
+        out.append(f"    units: {units}")
+        for p in gap.predictions:
+            out.append(f"    predicts {p.check}: {', '.join(sorted(p.outcomes))}")
+        out += [f"    evidence: {e}" for e in gap.evidence]
+    return out
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -269,7 +302,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     else:
         written = [p for p in (args.markdown, args.html) if p]
         print(
-            f"{PROG} matrix: {len(matrix.rows)} scenario variants x {len(matrix.columns)} runs "
+            f"{PROG} matrix: {len(matrix.rows)} run units x {len(matrix.columns)} runs "
             f"-> {', '.join(written)}"
         )
     return EXIT_OK

@@ -31,7 +31,7 @@ from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.pki import WorkloadIdentity
 from securemetrics_e2e.probe import ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI, Target
-from securemetrics_e2e.results import ContinuityRecord, JobContinuity
+from securemetrics_e2e.results import AS_DOCUMENTED, ContinuityRecord, JobContinuity
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 STATS_PATH = "/stats/prometheus"
@@ -121,10 +121,14 @@ class Continuity:
         jobs = "; ".join(j.summary() for j in self.jobs) or "no jobs"
         return f"continuity {status} {self.workload} over {window:.1f}s: {jobs}"
 
-    def records(self, scenario: str, variant: str) -> list[ContinuityRecord]:
-        """One record per job, for the run's result (report and verdict)."""
+    def records(
+        self, scenario: str, mode: str, variant: str = AS_DOCUMENTED
+    ) -> list[ContinuityRecord]:
+        """One record per job of one run unit, for the run's result (report and verdict)."""
         return [
-            ContinuityRecord(scenario, variant, job, passed=not self.job_problems(job))
+            ContinuityRecord(
+                scenario, mode, job, passed=not self.job_problems(job), variant=variant
+            )
             for job in self.jobs
         ]
 

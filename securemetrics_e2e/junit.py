@@ -1,10 +1,13 @@
 """JUnit XML from the same run the report describes, for CI systems that read JUnit.
 
-One ``<testsuite>`` per scenario variant (``native-sidecar[STRICT]``), one ``<testcase>``
-per check with the variant as ``classname`` and the check id as ``name``. A failure's
-``type`` is its finding code and its text carries the message and the diagnostics path;
-a skip carries its reason. The run's metadata (backend, Istio, Kubernetes, distribution)
-goes into ``<properties>`` of each suite, where Jenkins, GitLab and GitHub reporters show it.
+One ``<testsuite>`` per run unit (``native-sidecar[STRICT/exclude-capture]``), one
+``<testcase>`` per check with the unit as ``classname`` and the check id as ``name``. A
+failure's ``type`` is its finding code and its text carries the message and the
+diagnostics path; a skip carries its reason. JUnit has no status for a known upstream
+gap: KNOWN-GAP is a skip whose reason names the gap and its fix; FIXED is a pass whose
+output says which gap the distribution closes. The run's metadata (backend, Istio,
+Kubernetes, distribution) goes into ``<properties>`` of each suite, where Jenkins, GitLab
+and GitHub reporters show it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from securemetrics_e2e.outputs import write_atomically
-from securemetrics_e2e.report import ReportMeta, check_title, provenance, variant_id
+from securemetrics_e2e.report import ReportMeta, check_title, provenance
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 
@@ -59,6 +62,11 @@ def _testcase(parent: ET.Element, o: CheckOutcome, classname: str) -> None:
         failure.text = "\n".join(text)
     elif o.status is Status.SKIP:
         ET.SubElement(case, "skipped", message=o.message or "skipped")
+    elif o.status is Status.KNOWN_GAP:
+        ET.SubElement(case, "skipped", message=f"KNOWN-GAP {o.gap}: {o.message}")
+    elif o.status is Status.FIXED:
+        out = ET.SubElement(case, "system-out")
+        out.text = f"FIXED {o.gap}: {o.message}" + (f"\ncheck: {title}" if title else "")
     elif title:
         out = ET.SubElement(case, "system-out")
         out.text = title
@@ -76,12 +84,12 @@ def build_junit(result: RunResult, meta: ReportMeta | None = None) -> ET.Element
         tests=str(len(result.outcomes)),
         failures=str(counts[Status.FAIL]),
         errors=str(len(result.errors)),
-        skipped=str(counts[Status.SKIP]),
+        skipped=str(counts[Status.SKIP] + counts[Status.KNOWN_GAP]),
         time=f"{sum(o.duration_s for o in result.outcomes):.3f}",
     )
-    for scenario, variant in result.scenarios():
-        mine = [o for o in result.outcomes if o.scenario == scenario and o.variant == variant]
-        name = variant_id(scenario, variant)
+    for unit in result.units():
+        mine = result.of_unit(unit)
+        name = mine[0].unit_id
         suite = ET.SubElement(
             root,
             "testsuite",
@@ -89,7 +97,7 @@ def build_junit(result: RunResult, meta: ReportMeta | None = None) -> ET.Element
             tests=str(len(mine)),
             failures=str(sum(o.status is Status.FAIL for o in mine)),
             errors="0",
-            skipped=str(sum(o.status is Status.SKIP for o in mine)),
+            skipped=str(sum(o.status in (Status.SKIP, Status.KNOWN_GAP) for o in mine)),
             time=f"{sum(o.duration_s for o in mine):.3f}",
             timestamp=stamp.replace("+00:00", ""),
         )

@@ -20,22 +20,24 @@ Three kinds of output:
 * :func:`scraper_manifests` -> ``list[dict]``: the secure-metrics Prometheus (once per
   cluster, in ``istio-system`` by default).
 
-Where ISTIO-FACTS.md says a path is only inferred, a scenario has *variants* that render
-each path, so a run reports what really happens (:func:`variants`, :func:`find_variant`):
+Every run unit's configuration variant (:class:`securemetrics_e2e.catalog.Variant`) is
+rendered here, as chart values:
 
-* ``gateway-api``: ``proxy-config`` (default; a ``ProxyConfig`` selecting the gateway pods
-  sets ``environmentVariables``, the path the code says reaches the agent) and
-  ``infrastructure-annotations`` (``proxy.istio.io/config`` in ``spec.infrastructure``,
-  the path istio.io documents).
-* sidecar scenarios with native ports (``native-sidecar``, ``hardened``,
-  ``servicemonitor``): ``as-documented`` (default) and ``exclude-capture``
-  (``traffic.sidecar.istio.io/excludeInboundPorts`` lists both secure ports, the fix the
-  facts propose should STRICT mode break them).
+* ``as-documented``: what istio.io shows (Gateway API: ``proxy.istio.io/config`` in
+  ``spec.infrastructure.annotations``; servicemonitor: the app port declared ``http``);
+* ``exclude-capture``: pod annotation ``traffic.sidecar.istio.io/excludeInboundPorts``
+  lists both secure ports;
+* ``port-permissive``: a workload PeerAuthentication, ``portLevelMtls`` PERMISSIVE on both
+  secure ports; ``port-strict``: the same with ``{15091: STRICT}`` on the legacy Sidecar
+  ingress port (a native workload has no such port: nothing is added);
+* ``proxyconfig``: a ``ProxyConfig`` selecting the Gateway API gateway's pods sets
+  ``environmentVariables``;
+* ``tcp-app-port``: the application's Service port is named ``tcp``;
+* ``podmonitor``: a PodMonitor on the secure merged port replaces the ServiceMonitors.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from securemetrics_e2e.catalog import (
     MetricsMode,
     MtlsMode,
     Scenario,
+    Variant,
+    VariantId,
     WorkloadKind,
     WorkloadSpec,
 )
@@ -83,65 +87,11 @@ _PROXY_CONFIG: Final = "proxy.istio.io/config"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-class GatewayApiPath(enum.StrEnum):
-    """How the secure-port variables reach a Gateway API gateway's proxy."""
-
-    PROXY_CONFIG = "proxy-config"
-    INFRASTRUCTURE_ANNOTATIONS = "infrastructure-annotations"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way to render a scenario where the facts leave the outcome open."""
-
-    name: str
-    description: str
-    gateway_api_path: GatewayApiPath = GatewayApiPath.PROXY_CONFIG
-    exclude_secure_ports_from_capture: bool = False
-
-
-DEFAULT_VARIANT: Final = Variant("default", "the only rendering of this scenario")
-_AS_DOCUMENTED: Final = Variant(
-    "as-documented", "secure ports left to the sidecar's inbound capture, as istio.io shows"
-)
-_EXCLUDE_CAPTURE: Final = Variant(
-    "exclude-capture",
-    "traffic.sidecar.istio.io/excludeInboundPorts lists both secure ports (the STRICT-mode fix)",
-    exclude_secure_ports_from_capture=True,
-)
-_GW_PROXY_CONFIG: Final = Variant(
-    "proxy-config",
-    "a ProxyConfig selecting the gateway pods sets environmentVariables",
-    gateway_api_path=GatewayApiPath.PROXY_CONFIG,
-)
-_GW_ANNOTATIONS: Final = Variant(
-    "infrastructure-annotations",
-    "proxy.istio.io/config proxyMetadata in spec.infrastructure.annotations, as istio.io shows",
-    gateway_api_path=GatewayApiPath.INFRASTRUCTURE_ANNOTATIONS,
-)
-
-
-def variants(scenario: Scenario) -> tuple[Variant, ...]:
-    """The variants of ``scenario``, the default (what an unqualified run deploys) first."""
-    native = {MetricsMode.NATIVE, MetricsMode.HARDENED}
-    if scenario.name == "gateway-api":
-        return (_GW_PROXY_CONFIG, _GW_ANNOTATIONS)
-    if any(w.kind is WorkloadKind.SIDECAR and w.mode in native for w in scenario.workloads):
-        return (_AS_DOCUMENTED, _EXCLUDE_CAPTURE)
-    return (DEFAULT_VARIANT,)
-
-
 def find_variant(scenario: Scenario, name: str | Variant | None) -> Variant:
-    """The variant of ``scenario`` called ``name`` (``None``: the default one)."""
-    known = variants(scenario)
+    """The variant of ``scenario`` called ``name`` (``None``: its first, as-documented)."""
     if name is None:
-        return known[0]
-    wanted = name.name if isinstance(name, Variant) else name
-    for v in known:
-        if v.name == wanted:
-            return v
-    names = ", ".join(v.name for v in known)
-    raise UsageError(f"scenario {scenario.name!r} has no variant {wanted!r}; its variants: {names}")
+        return scenario.variants[0]
+    return scenario.variant(name.id if isinstance(name, Variant) else name)
 
 
 @dataclass(frozen=True)
@@ -198,18 +148,40 @@ def _workload(scenario: Scenario) -> WorkloadSpec:
     return scenario.workloads[0]
 
 
+def _policy_values(mode: MtlsMode, workload: WorkloadSpec, chosen: Variant) -> dict[str, Any]:
+    """The namespace's PeerAuthentication, plus the workload one a port-* variant adds."""
+    ports: dict[str, str] = {}
+    if chosen.id is VariantId.PORT_PERMISSIVE:
+        ports = {str(SECURE_ENVOY_PORT): "PERMISSIVE", str(SECURE_MERGED_PORT): "PERMISSIVE"}
+    elif chosen.id is VariantId.PORT_STRICT and workload.mode is MetricsMode.LEGACY:
+        # the Sidecar ingress port on 15091 (charts/httpbin metrics.legacy.port)
+        ports = {str(SECURE_ENVOY_PORT): "STRICT"}
+    values: dict[str, Any] = {"peerAuthentication": {"mode": mode.value}}
+    if ports:
+        values["workloadPolicy"] = {
+            "enabled": True,
+            "name": "secure-metrics-ports",
+            "selector": {"app": workload.name},
+            "portLevelMtls": ports,
+        }
+    return values
+
+
 def _httpbin_values(
     workload: WorkloadSpec, chosen: Variant, *, expose_merged: bool
 ) -> dict[str, Any]:
     return {
         "name": workload.name,
         "serviceAccount": {"name": workload.service_account},
-        "service": {"exposeSecureMergedPort": expose_merged},
+        "service": {
+            "exposeSecureMergedPort": expose_merged,
+            "appProtocol": "tcp" if chosen.id is VariantId.TCP_APP_PORT else "http",
+        },
         "metrics": {
             "mode": workload.mode.value,
             "envoyPort": SECURE_ENVOY_PORT,
             "mergedPort": SECURE_MERGED_PORT,
-            "excludeSecurePortsFromCapture": chosen.exclude_secure_ports_from_capture,
+            "excludeSecurePortsFromCapture": chosen.id is VariantId.EXCLUDE_CAPTURE,
             "legacy": {"port": SECURE_ENVOY_PORT},
         },
     }
@@ -226,11 +198,7 @@ def _gateway_values(
                 f"{GENERATED_GATEWAY_SUFFIX}, the Deployment Istio generates for a Gateway"
             )
         # The catalog names the generated Deployment; the chart takes the Gateway's name.
-        path = (
-            "proxyConfig"
-            if chosen.gateway_api_path is GatewayApiPath.PROXY_CONFIG
-            else "infrastructureAnnotations"
-        )
+        path = "proxyConfig" if chosen.id is VariantId.PROXYCONFIG else "infrastructureAnnotations"
         return {
             "ports": ports,
             "gatewayApi": {
@@ -251,14 +219,21 @@ def _gateway_values(
     }
 
 
-def _operator_values(caps: Capabilities, workload: WorkloadSpec) -> dict[str, Any]:
+def _operator_values(caps: Capabilities, workload: WorkloadSpec, chosen: Variant) -> dict[str, Any]:
     image = caps.prometheus_image
+    pod_monitor = chosen.id is VariantId.PODMONITOR
     return {
         "prometheus": {"image": image, "version": image.rsplit(":", 1)[-1]},
         "target": {
             "app": workload.name,
-            # The merged-port ServiceMonitor needs the native secure port (Istio >= 1.31).
-            "mergedPort": {"enabled": caps.native_secure_ports},
+            # seed 001's ServiceMonitor on the application port, named by its protocol
+            "appPort": {
+                "enabled": not pod_monitor,
+                "portName": "tcp" if chosen.id is VariantId.TCP_APP_PORT else "http",
+            },
+            # The merged-port monitors need the native secure port (Istio >= 1.31).
+            "mergedPort": {"enabled": caps.native_secure_ports and not pod_monitor},
+            "podMonitor": {"enabled": caps.native_secure_ports and pod_monitor},
         },
     }
 
@@ -300,14 +275,17 @@ def scenario_releases(
         )
     caps = _capabilities(version)
     chosen = find_variant(scenario, variant)
+    if chosen.mtls_modes is not None and mtls_mode not in chosen.mtls_modes:
+        modes = ", ".join(m.value for m in chosen.mtls_modes)
+        raise UsageError(
+            f"variant {chosen.id} of scenario {scenario.name!r} does not run in mTLS mode "
+            f"{mtls_mode!s}; its modes: {modes}"
+        )
     workload = _workload(scenario)
 
     releases = [
         Release(
-            "mesh-policy",
-            POLICY_RELEASE,
-            namespace,
-            {"peerAuthentication": {"mode": mtls_mode.value}},
+            "mesh-policy", POLICY_RELEASE, namespace, _policy_values(mtls_mode, workload, chosen)
         )
     ]
     if workload.kind is WorkloadKind.SIDECAR:
@@ -328,7 +306,7 @@ def scenario_releases(
                     "prometheus-operator-scrape",
                     OPERATOR_RELEASE,
                     namespace,
-                    _operator_values(caps, workload),
+                    _operator_values(caps, workload, chosen),
                 )
             )
     else:
@@ -383,6 +361,7 @@ _PHASES: Final[dict[str, int]] = {
     "Secret": 1,
     "Service": 1,
     "ServiceMonitor": 3,
+    "PodMonitor": 3,
 }
 
 

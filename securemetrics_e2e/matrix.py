@@ -1,9 +1,12 @@
 """Merge conformance reports into one results matrix (Markdown and HTML).
 
-Rows are scenario variants, columns are runs (Istio version x Kubernetes version x
-distribution x backend). Each cell is PASS, FAIL, SKIP or "-" (not run); a FAIL cell links
-to its entry in the failures section, which names each failed check with its finding code,
-message, diagnostics path and the report it came from. Users of the Gateway API and Istio
+Rows are run units (scenario[MODE/variant]), columns are runs (Istio version x Kubernetes
+version x distribution x backend). Each cell is PASS, FAIL, SKIP, KNOWN-GAP (failed as a
+known upstream gap predicts), FIXED (passed where a known gap predicts a failure: the
+distribution closes it) or "-" (not run); a known gap or fixed cell names its gaps in the
+"Known gaps" section, and a FAIL cell links to its entry in the failures section, which
+names each failed check with its finding code, message, diagnostics path and the report it
+came from. Users of the Gateway API and Istio
 suites ask for exactly this view across versions; every report is schema-validated first.
 """
 
@@ -38,9 +41,19 @@ class Column:
 
 @dataclass(frozen=True)
 class Cell:
-    status: str  # PASS, FAIL, SKIP or NOT_RUN
+    status: str  # PASS, FAIL, SKIP, KNOWN-GAP, FIXED or NOT_RUN
     failures: tuple[dict[str, Any], ...] = ()
     reason: str = ""
+    gaps: tuple[str, ...] = ()  # the known gaps behind a KNOWN-GAP or FIXED cell
+
+
+#: the symbol each status has in a Markdown cell (a FAIL links to its failure)
+SYMBOLS = {"KNOWN-GAP": "GAP", "FIXED": "FIXED+", "PASS": "PASS", "SKIP": "SKIP"}
+LEGEND = (
+    "GAP: failed exactly as a known upstream Istio gap predicts (not a failure of the "
+    "distribution); FIXED+: passed where a known gap predicts a failure (the distribution "
+    "closes it); -: not run."
+)
 
 
 @dataclass
@@ -105,8 +118,8 @@ def _column(source: str, report: dict[str, Any]) -> Column:
 def _row_order() -> dict[str, int]:
     order: dict[str, int] = {}
     for s in SCENARIOS:
-        for m in s.mtls_modes:
-            order[f"{s.name}[{m.value}]"] = len(order)
+        for u in s.run_units():
+            order[u.id] = len(order)
     return order
 
 
@@ -141,7 +154,10 @@ def build_matrix(reports: Sequence[tuple[str, dict[str, Any]]]) -> Matrix:
             for row in profile["scenarios"]:
                 profiles.setdefault(row["id"], profile["name"])
                 cells[(row["id"], index)] = Cell(
-                    row["status"], tuple(failures.get(row["id"], ())), row.get("reason", "")
+                    row["status"],
+                    tuple(failures.get(row["id"], ())),
+                    row.get("reason", ""),
+                    tuple(row.get("gaps", ())),
                 )
     order = _row_order()
     rows = sorted(profiles.items(), key=lambda r: (order.get(r[0], len(order)), r[0]))
@@ -177,6 +193,15 @@ def _md(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def _gap_cells(m: Matrix) -> list[tuple[str, int, Cell]]:
+    return [
+        (row, i, m.cell(row, i))
+        for row, _ in m.rows
+        for i in range(len(m.columns))
+        if m.cell(row, i).gaps
+    ]
+
+
 def render_markdown(m: Matrix) -> str:
     out = ["# securemetrics-e2e results", ""]
     out.append("Columns (one per run):")
@@ -203,8 +228,15 @@ def render_markdown(m: Matrix) -> str:
             elif cell.status == "FAIL":
                 cells.append(f"[**FAIL**](#{anchor(row, i)})")
             else:
-                cells.append(cell.status)
+                cells.append(SYMBOLS.get(cell.status, cell.status))
         out.append(f"| {_md(row)} | {profile} | " + " | ".join(cells) + " |")
+    out += ["", LEGEND]
+    gaps = _gap_cells(m)
+    if gaps:
+        out += ["", "## Known gaps", ""]
+        out += [
+            f"- {_md(row)} in run {i + 1}: {c.status} {', '.join(c.gaps)}" for row, i, c in gaps
+        ]
     failures = [
         (row, i, m.cell(row, i))
         for row, _ in m.rows
@@ -235,6 +267,7 @@ th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: center; }
 th.row, td.row { text-align: left; font-family: monospace; }
 td.PASS { background: #d7f5d7; } td.FAIL { background: #f8d0d0; }
 td.SKIP { background: #f5efc8; } td.none { color: #888; }
+td.KNOWN-GAP { background: #e4dcf5; } td.FIXED { background: #cdeff5; }
 li { margin: 0.2em 0; } code { background: #eee; padding: 0 0.2em; }
 """
 
@@ -266,10 +299,16 @@ def render_html(m: Matrix) -> str:
                 out.append(f'<td class="SKIP" title="{e(cell.reason)}">SKIP</td>')
             elif cell.status == "PASS":
                 out.append('<td class="PASS">PASS</td>')
+            elif cell.status in ("KNOWN-GAP", "FIXED"):
+                out.append(
+                    f'<td class="{cell.status}" title="{e(", ".join(cell.gaps))}">'
+                    f"{SYMBOLS[cell.status]}</td>"
+                )
             else:
                 out.append(f'<td class="none" title="not run">{NOT_RUN}</td>')
         out.append("</tr>")
     out.append("</tbody></table>")
+    out.append(f"<p>{e(LEGEND)}</p>")
     failures = [
         (row, i, m.cell(row, i))
         for row, _ in m.rows

@@ -17,20 +17,18 @@ import enum
 import os
 import secrets
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.spiffe import InvalidSpiffeId, SpiffeId
+from securemetrics_e2e.svid import PeerFailure, PeerVerificationError, verify_peer
 
 __all__ = [
     "InvalidSpiffeId",
@@ -58,8 +56,6 @@ INTERMEDIATE_LIFETIME = timedelta(days=730)
 # (issue_expired) still fall inside their issuer's validity: "expired" is then their
 # only defect, and verify_peer names exactly that.
 CA_BACKDATE = timedelta(days=30)
-# Far more than any mesh chain (leaf, intermediate, root); bounds the diagnostic walk.
-MAX_CHAIN_DEPTH = 8
 
 
 class KeyType(enum.StrEnum):
@@ -450,193 +446,3 @@ class MeshCA:
             chain=(cert, self.intermediate_cert),
             root_cert=self.root_cert,
         )
-
-
-# --------------------------------------------------------------------------- verification
-
-
-class PeerFailure(enum.StrEnum):
-    """Why a peer's certificate was not accepted."""
-
-    NO_CERTIFICATE = "no-certificate"
-    UNTRUSTED = "untrusted"  # does not chain to the mesh root
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not-yet-valid"
-    NO_URI_SAN = "no-uri-san"
-    SEVERAL_URI_SANS = "several-uri-sans"
-    NOT_SPIFFE = "not-spiffe"  # the one URI SAN is not a valid SPIFFE ID
-    WRONG_IDENTITY = "wrong-identity"
-
-
-class PeerVerificationError(SecureMetricsError):
-    """A peer's certificate does not prove the expected mesh identity."""
-
-    def __init__(self, reason: str, kind: PeerFailure) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind
-
-
-def verify_peer(
-    chain: Sequence[x509.Certificate],
-    root: x509.Certificate,
-    expected: SpiffeId,
-    *,
-    intermediates: Sequence[x509.Certificate] = (),
-    now: datetime | None = None,
-) -> SpiffeId:
-    """Check that ``chain[0]`` proves ``expected``; return the SPIFFE ID it carries.
-
-    ``chain`` is what the peer presented, leaf first (often only the leaf: Python 3.11's
-    ``ssl`` exposes no more); ``intermediates`` are further untrusted CA certificates to
-    build the path with, e.g. :meth:`OutputCerts.intermediates`. Only ``root`` is trusted.
-
-    The decision is made by ``cryptography.x509.verification`` (RFC 5280 path validation
-    with the client-certificate profile: mesh certificates carry serverAuth and clientAuth
-    and a URI SAN only, which that profile accepts). When it rejects a chain, the chain is
-    re-examined by hand only to name the reason.
-    """
-    if not chain:
-        raise PeerVerificationError("the peer presented no certificate", PeerFailure.NO_CERTIFICATE)
-    when = datetime.now(UTC) if now is None else now
-    if when.tzinfo is None:
-        raise UsageError(f"now must be timezone-aware (use UTC), got {now!r}")
-    leaf = chain[0]
-    untrusted = [*chain[1:], *intermediates]
-    verifier = PolicyBuilder().store(Store([root])).time(when).build_client_verifier()
-    try:
-        verifier.verify(leaf, untrusted)
-    except VerificationError as exc:
-        raise _diagnose(leaf, untrusted, root, when, str(exc)) from None
-
-    actual = _spiffe_id_of(leaf)
-    if actual != expected:
-        detail = ""
-        if actual.trust_domain != expected.trust_domain:
-            detail = f" (trust domain {actual.trust_domain!r}, expected {expected.trust_domain!r})"
-        raise PeerVerificationError(
-            f"peer certificate is for {actual}, expected {expected}{detail}",
-            PeerFailure.WRONG_IDENTITY,
-        )
-    return actual
-
-
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    except ValueError as exc:  # e.g. a duplicated extension: cryptography parses lazily
-        raise PeerVerificationError(
-            f"peer certificate has malformed extensions: {exc}", PeerFailure.UNTRUSTED
-        ) from None
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    uris = _uri_sans(cert)
-    who = _describe(cert)
-    if not uris:
-        raise PeerVerificationError(
-            f"peer certificate {who} has no URI SAN, so it names no SPIFFE identity",
-            PeerFailure.NO_URI_SAN,
-        )
-    if len(uris) > 1:
-        raise PeerVerificationError(
-            f"peer certificate has {len(uris)} URI SANs ({', '.join(uris)}); "
-            "a SPIFFE certificate carries exactly one",
-            PeerFailure.SEVERAL_URI_SANS,
-        )
-    try:
-        return SpiffeId.parse(uris[0])
-    except InvalidSpiffeId as exc:
-        raise PeerVerificationError(
-            f"peer certificate's URI SAN {uris[0]!r} is not a SPIFFE ID: {exc.reason}",
-            PeerFailure.NOT_SPIFFE,
-        ) from None
-
-
-def _describe(cert: x509.Certificate) -> str:
-    uris = _uri_sans(cert)
-    if uris:
-        return ", ".join(uris)
-    subject = cert.subject.rfc4514_string()
-    return f"'{subject}'" if subject else f"serial {cert.serial_number:x}"
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _issuer_path(
-    leaf: x509.Certificate, untrusted: Sequence[x509.Certificate], root: x509.Certificate
-) -> tuple[list[x509.Certificate], bool]:
-    """Walk from the leaf towards ``root`` by signatures alone, ignoring time and policy.
-
-    Returns the certificates walked and whether the walk reached ``root`` (then last).
-    """
-    path = [leaf]
-    while len(path) <= MAX_CHAIN_DEPTH:
-        current = path[-1]
-        if _issued_by(current, root):
-            return [*path, root], True
-        issuer = next((c for c in untrusted if c not in path and _issued_by(current, c)), None)
-        if issuer is None:
-            break
-        path.append(issuer)
-    return path, False
-
-
-def _diagnose(
-    leaf: x509.Certificate,
-    untrusted: Sequence[x509.Certificate],
-    root: x509.Certificate,
-    now: datetime,
-    error: str,
-) -> PeerVerificationError:
-    """Name why path validation rejected ``leaf``: untrusted, out of validity, or SANs."""
-    root_name = root.subject.rfc4514_string()
-    path, complete = _issuer_path(leaf, untrusted, root)
-    if not complete:
-        last = path[-1]
-        issuer = last.issuer.rfc4514_string()
-        if last.issuer == root.subject:
-            hint = f"; '{issuer}' is the mesh root's name but not its key"
-        elif last.issuer == last.subject:
-            hint = f"; it chains to the self-signed '{issuer}' instead"
-        else:
-            hint = (
-                f"; its path ends at issuer '{issuer}', which is not the mesh root and whose "
-                "certificate was neither presented nor passed as intermediates"
-            )
-        return PeerVerificationError(
-            f"peer certificate {_describe(leaf)} (issuer '{leaf.issuer.rfc4514_string()}') "
-            f"does not chain to the mesh root '{root_name}'{hint}",
-            PeerFailure.UNTRUSTED,
-        )
-    for cert in path:
-        what = "peer certificate" if cert is leaf else f"CA '{cert.subject.rfc4514_string()}'"
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        if now > end:
-            return PeerVerificationError(
-                f"{what} expired at {end.isoformat()} (now {now.isoformat()})",
-                PeerFailure.EXPIRED,
-            )
-        if now < start:
-            return PeerVerificationError(
-                f"{what} is not valid before {start.isoformat()} (now {now.isoformat()})",
-                PeerFailure.NOT_YET_VALID,
-            )
-    try:
-        _spiffe_id_of(leaf)
-    except PeerVerificationError as san_problem:
-        return san_problem
-    return PeerVerificationError(
-        f"peer certificate {_describe(leaf)} chains to '{root_name}' but fails "
-        f"X.509 path validation: {error}",
-        PeerFailure.UNTRUSTED,
-    )

@@ -1,18 +1,18 @@
 """pytest plugin: options, the backend and deployment fixtures, and the verdict.
 
 Scenario tests (``scenarios/``) ask for the ``deployment`` fixture; the plugin
-parametrizes it with every scenario variant (scenario x mTLS mode) the selected
-scenarios define, deploys each variant once on the chosen backend, and records one
-outcome per check. At the end it prints PASS / FAIL / SKIP per scenario with the
-reason and one closing verdict line.
+parametrizes it with every run unit (scenario x mTLS mode x configuration variant) the
+selected scenarios define, deploys each unit once on the chosen backend, and records one
+outcome per check, mapped through the known-gap table (KNOWN-GAP, FIXED). At the end it
+prints the status of every unit with the reason and one closing verdict line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,33 +20,17 @@ import pytest
 from securemetrics_e2e import progress, signals
 from securemetrics_e2e.applicability import skip_reason as skip_reason_for
 from securemetrics_e2e.backend import Backend, Deployment
-from securemetrics_e2e.catalog import (
-    SCENARIOS,
-    MtlsMode,
-    Scenario,
-    scenario,
-)
+from securemetrics_e2e.catalog import SCENARIOS, RunUnit, scenario
 from securemetrics_e2e.checks import Check, CheckFailed, check, skip_reason
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
-from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from securemetrics_e2e.knowngaps import checked
+from securemetrics_e2e.results import RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
 _RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
 _SESSION_KEY = pytest.StashKey[pytest.Session]()
 #: the exit status of a run whose report cannot be written: an error, never "not conformant"
 EXIT_OUTPUT_FAILED = 2
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A scenario deployed in one mTLS mode: the unit the suite deploys and reports."""
-
-    scenario: Scenario
-    mtls_mode: MtlsMode
-
-    @property
-    def id(self) -> str:
-        return f"{self.scenario.name}[{self.mtls_mode.value}]"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -163,21 +147,20 @@ def istio_version(config: pytest.Config) -> str:
     return str(version)
 
 
-def variant_skip_reason(variant: Variant, backend: Backend, version: str) -> str | None:
-    """Why ``variant`` cannot run on ``backend`` at ``version``, or None when it can."""
-    return backend.scope_reason(variant.scenario) or skip_reason_for(
-        variant.scenario,
-        variant.mtls_mode,
+def unit_skip_reason(unit: RunUnit, backend: Backend, version: str) -> str | None:
+    """Why ``unit`` cannot run on ``backend`` at ``version``, or None when it can."""
+    return backend.scope_reason(unit.scenario) or skip_reason_for(
+        unit,
         backend=backend.name,
         backend_features=backend.features,
         version=version,
     )
 
 
-def selected_variants(config: pytest.Config) -> list[Variant]:
+def selected_units(config: pytest.Config) -> list[RunUnit]:
     names = [n for opt in config.getoption("--scenario") for n in opt.split(",") if n]
     chosen = [scenario(n) for n in names] if names else list(SCENARIOS)
-    return [Variant(s, m) for s in chosen for m in s.mtls_modes]
+    return [u for s in chosen for u in s.run_units()]
 
 
 def make_backend(config: pytest.Config) -> Backend:
@@ -229,12 +212,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("check")
     chk = check(marker.args[0]) if marker else None
     try:
-        variants = selected_variants(metafunc.config)
+        units = selected_units(metafunc.config)
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if chk is not None:
-        variants = [v for v in variants if chk.applies_to(v.scenario)]
-    if not variants:
+        units = [u for u in units if chk.applies_to(u.scenario)]
+    if not units:
         reason = f"check {chk.id if chk else '?'} applies to none of the selected scenarios"
         metafunc.parametrize(
             "deployment",
@@ -244,55 +227,56 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
         return
     metafunc.parametrize(
-        "deployment", variants, indirect=True, scope="session", ids=[v.id for v in variants]
+        "deployment", units, indirect=True, scope="session", ids=[u.id for u in units]
     )
 
 
 class Fleet:
-    """The selected variants: deployed together on first use, each removed when its tests end.
+    """The selected run units: deployed together on first use, each removed when its
+    tests end.
 
-    Deploying every variant at once lets Prometheus discover them in one go (its
+    Deploying every unit at once lets Prometheus discover them in one go (its
     discovery manager sends updates at most every 5 s) and lets a cluster roll the
-    variants' namespaces out side by side. A variant the backend defers (it would
+    units' namespaces out side by side. A unit the backend defers (it would
     change what another holds, e.g. the classic ingress gateway) is deployed when its
     tests come, after pytest has released the other.
     """
 
-    def __init__(self, backend: Backend, variants: list[Variant], version: str) -> None:
+    def __init__(self, backend: Backend, units: list[RunUnit], version: str) -> None:
         self.backend = backend
-        self.variants = variants
+        self.units = units
         self.version = version
-        self._state: dict[Variant, Deployment | SecureMetricsError | str] | None = None
+        self._state: dict[RunUnit, Deployment | SecureMetricsError | str] | None = None
 
-    def _deploy(self, variants: list[Variant]) -> None:
+    def _deploy(self, units: list[RunUnit]) -> None:
         assert self._state is not None
         runnable = []
-        for v in variants:
-            reason = variant_skip_reason(v, self.backend, self.version)
+        for u in units:
+            reason = unit_skip_reason(u, self.backend, self.version)
             if reason is None:
-                runnable.append(v)
+                runnable.append(u)
             else:
-                self._state[v] = reason
+                self._state[u] = reason
         if not runnable:
             return
-        label = runnable[0].id if len(runnable) == 1 else "all selected variants"
+        label = runnable[0].id if len(runnable) == 1 else "all selected run units"
         with progress.timed(label, progress.Phase.DEPLOY):
-            results = self.backend.deploy_many([(v.scenario, v.mtls_mode) for v in runnable])
-        for v in runnable:
-            outcome = results.get((v.scenario.name, v.mtls_mode))
+            results = self.backend.deploy_many(runnable)
+        for u in runnable:
+            outcome = results.get(u.key)
             if outcome is not None:
-                self._state[v] = outcome
+                self._state[u] = outcome
 
-    def get(self, variant: Variant) -> Deployment:
+    def get(self, unit: RunUnit) -> Deployment:
         if self._state is None:
             self._state = {}
-            self._deploy(self.variants)
-        if variant not in self._state:
-            self._deploy([variant])  # deferred until now
-        state = self._state.get(variant)
+            self._deploy(self.units)
+        if unit not in self._state:
+            self._deploy([unit])  # deferred until now
+        state = self._state.get(unit)
         if state is None:
             raise SecureMetricsError(
-                f"{variant.id} could not be deployed: it conflicts with a variant still deployed"
+                f"{unit.id} could not be deployed: it conflicts with a run unit still deployed"
             )
         if isinstance(state, str):
             pytest.skip(state)
@@ -300,13 +284,13 @@ class Fleet:
             raise state
         return state
 
-    def release(self, variant: Variant) -> None:
-        """Tear ``variant`` down: pytest is done with its tests."""
-        state = (self._state or {}).pop(variant, None)
+    def release(self, unit: RunUnit) -> None:
+        """Tear ``unit`` down: pytest is done with its tests."""
+        state = (self._state or {}).pop(unit, None)
         if isinstance(state, Deployment):
             self.backend.teardown(state)
         if self._state is not None and state is not None:
-            self._state[variant] = "already torn down"
+            self._state[unit] = "already torn down"
 
     def close(self) -> None:
         for state in (self._state or {}).values():
@@ -316,7 +300,7 @@ class Fleet:
 
 @pytest.fixture(scope="session")
 def sm_fleet(pytestconfig: pytest.Config, sm_backend: Backend) -> Iterator[Fleet]:
-    fleet = Fleet(sm_backend, selected_variants(pytestconfig), istio_version(pytestconfig))
+    fleet = Fleet(sm_backend, selected_units(pytestconfig), istio_version(pytestconfig))
     try:
         yield fleet
     finally:
@@ -325,16 +309,16 @@ def sm_fleet(pytestconfig: pytest.Config, sm_backend: Backend) -> Iterator[Fleet
 
 @pytest.fixture(scope="session")
 def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Iterator[Deployment]:
-    """The scenario variant of this test, deployed (with all the others) once per session.
+    """The run unit of this test, deployed (with all the others) once per session.
 
-    pytest orders tests so that each variant's tests run together and finalizes this
-    fixture when it moves on: that is when the variant is torn down.
+    pytest orders tests so that each unit's tests run together and finalizes this
+    fixture when it moves on: that is when the unit is torn down.
     """
-    variant: Variant = request.param
+    unit: RunUnit = request.param
     try:
-        yield sm_fleet.get(variant)
+        yield sm_fleet.get(unit)
     finally:
-        sm_fleet.release(variant)
+        sm_fleet.release(unit)
 
 
 @pytest.fixture
@@ -355,7 +339,7 @@ def run_check(
         pytest.skip(reason)
 
     def run() -> None:
-        label = Variant(deployment.scenario, deployment.mtls_mode).id
+        label = deployment.unit.id
         with progress.heartbeat(label):  # a rotation or upgrade window runs for seconds
             measured = chk.run(sm_backend, deployment)
         _record_continuity(request.config, deployment, measured)
@@ -367,11 +351,13 @@ def _record_continuity(config: pytest.Config, deployment: Deployment, measured: 
     from securemetrics_e2e.continuity import Continuity
 
     if isinstance(measured, Continuity):
-        records = measured.records(deployment.scenario.name, deployment.mtls_mode.value)
+        records = measured.records(
+            deployment.scenario.name, deployment.mtls_mode.value, deployment.variant.id
+        )
         run_result(config).continuity.extend(records)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, trylast=True)  # inner: progress reads its sm_status
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
@@ -380,11 +366,12 @@ def pytest_runtest_makereport(
     marker = item.get_closest_marker("check")
     if marker is None or callspec is None or "deployment" not in callspec.params:
         return report
-    variant = callspec.params["deployment"]
-    if not isinstance(variant, Variant):  # an empty parameter set: no variant to report
+    unit = callspec.params["deployment"]
+    if not isinstance(unit, RunUnit):  # an empty parameter set: no run unit to report
         return report
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        diagnostics = ""
+        observed: tuple[str, ...] = ()
+        exc = call.excinfo.value if call.excinfo is not None else None
         if report.passed:
             status, message = Status.PASS, ""
         elif report.skipped:
@@ -394,29 +381,34 @@ def pytest_runtest_makereport(
             message = message.removeprefix("Skipped: ")
         else:
             status = Status.FAIL
-            exc = call.excinfo.value if call.excinfo is not None else None
             message = getattr(exc, "message", None) or (str(exc) if exc else str(report.longrepr))
+            if isinstance(exc, CheckFailed):
+                observed = exc.observed
+        chk = check(marker.args[0])
+        outcome = checked(
+            unit,
+            chk,
+            istio_version(item.config),
+            status,
+            message.splitlines()[0] if message else "",
+            observed,
+            duration_s=report.duration,
+            nodeid=item.nodeid,
+        )
+        if outcome.status is Status.FAIL:
             diagnostics = _capture(item, message)
+            outcome = dataclasses.replace(outcome, diagnostics=diagnostics)
             if isinstance(exc, CheckFailed):
                 # the finding says everything: no traceback through the suite's internals
                 report.longrepr = str(exc) + (
                     f"\ndiagnostics: {diagnostics}" if diagnostics else ""
                 )
-        chk = check(marker.args[0])
-        item.config.stash[_RESULT_KEY].add(
-            CheckOutcome(
-                scenario=variant.scenario.name,
-                variant=variant.mtls_mode.value,
-                check=chk.id,
-                status=status,
-                message=message.splitlines()[0] if message else "",
-                code=chk.code,
-                profile=variant.scenario.profile.value,
-                duration_s=report.duration,
-                nodeid=item.nodeid,
-                diagnostics=diagnostics if status is Status.FAIL else "",
-            )
-        )
+        elif outcome.status is Status.KNOWN_GAP:
+            # an upstream gap is not this distribution's failure: pytest reports it skipped
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, outcome.message)
+        report.sm_status = outcome.status  # type: ignore[attr-defined]  # read by progress
+        item.config.stash[_RESULT_KEY].add(outcome)
     return report
 
 

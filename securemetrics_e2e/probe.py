@@ -29,14 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from requests.adapters import HTTPAdapter
 
 from securemetrics_e2e.errors import UsageError
-from securemetrics_e2e.pki import (
-    OutputCerts,
-    PeerFailure,
-    PeerVerificationError,
-    SpiffeId,
-    verify_peer,
-)
-from securemetrics_e2e.spiffe import InvalidSpiffeId
+from securemetrics_e2e.pki import OutputCerts
+from securemetrics_e2e.spiffe import InvalidSpiffeId, SpiffeId
+from securemetrics_e2e.svid import PeerFailure, PeerVerificationError, verify_peer
 
 # The classic text format: what Prometheus 2.x asks Envoy and the agent for.
 ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
@@ -250,6 +245,10 @@ def _client_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # see _ContextAdapter: SPIFFE URI SANs, no IP SAN
     ctx.verify_mode = ssl.CERT_REQUIRED
+    # OpenSSL's X509_STRICT adds web-PKI rules (e.g. an Authority Key Identifier on
+    # every certificate) that Envoy does not apply to mesh peers; newer Pythons turn it
+    # on in their default contexts. The path is judged again by pki.verify_peer.
+    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
     ctx.load_verify_locations(cadata=root_pem.decode("ascii", errors="replace"))
     if client is not None:
         missing = [p for p in (client.cert_chain, client.key) if not Path(p).is_file()]

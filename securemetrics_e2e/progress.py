@@ -1,12 +1,13 @@
 """Live progress of a run on the terminal: one line per scenario phase, then the verdict.
 
 A conformance run on a cluster takes minutes; a silent terminal looks hung. Each line says
-when (seconds since the run started), which scenario variant, which phase (deploy, wait,
-probe, verify), how it ended and how long the phase took::
+when (seconds since the run started), which run unit (scenario[MODE/variant]), which
+phase (deploy, wait, probe, verify), how it ended and how long the phase took::
 
-    [   2.41s] native-sidecar[PERMISSIVE]   deploy  PASS    2.31s
-    [   3.02s] native-sidecar[PERMISSIVE]   probe   PASS    0.58s  6 checks
-    [   4.10s] native-sidecar[STRICT]       -       SKIP           backend local cannot ...
+    [   2.41s] native-sidecar[PERMISSIVE/as-documented]    deploy  PASS         2.31s
+    [   3.02s] native-sidecar[PERMISSIVE/as-documented]    probe   PASS         0.58s  6 checks
+    [   4.10s] gateway-api[PERMISSIVE/as-documented]       probe   KNOWN-GAP    0.90s  ...
+    [   4.80s] native-sidecar[STRICT/exclude-capture]      -       SKIP         backend local ...
 
 Producers do not need to know whether anybody listens: :func:`emit` and :func:`timed`
 do nothing unless a :class:`Progress` is active (the CLI activates one for ``run``).
@@ -47,12 +48,13 @@ def phase_of(check_id: str) -> Phase:
     return Phase.VERIFY if check_id.startswith(_VERIFY_PREFIX) else Phase.PROBE
 
 
-def variant_id(scenario: str, mtls_mode: str) -> str:
-    """The id progress lines, reports and JUnit use for a scenario variant."""
-    return f"{scenario}[{mtls_mode}]"
-
-
-_COLOURS = {Status.PASS: "32", Status.FAIL: "31", Status.SKIP: "33"}
+_COLOURS = {
+    Status.PASS: "32",
+    Status.FAIL: "31",
+    Status.SKIP: "33",
+    Status.KNOWN_GAP: "35",
+    Status.FIXED: "36",
+}
 
 
 class Progress:
@@ -80,7 +82,7 @@ class Progress:
         return time.monotonic() - self.start
 
     def status_text(self, status: Status) -> str:
-        text = f"{status.value:4}"
+        text = f"{status.value:9}"
         return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if self.colour else text
 
     def write(self, text: str) -> None:
@@ -102,7 +104,7 @@ class Progress:
             self.setup_seconds += elapsed_s
         took = f"{elapsed_s:7.2f}s" if elapsed_s is not None else " " * 8
         when = f"[{self.elapsed():8.2f}s]"
-        line = f"{when} {variant:<30} {phase!s:<7} {self.status_text(status)} {took}"
+        line = f"{when} {variant:<44} {phase!s:<7} {self.status_text(status)} {took}"
         if detail:
             line += f"  {detail}"
         self.write(line.rstrip())
@@ -229,10 +231,9 @@ class _Group:
 
     @property
     def status(self) -> Status:
-        if Status.FAIL in self.statuses:
-            return Status.FAIL
-        if Status.PASS in self.statuses:
-            return Status.PASS
+        for status in (Status.FAIL, Status.KNOWN_GAP, Status.FIXED, Status.PASS):
+            if status in self.statuses:
+                return status
         return Status.SKIP
 
     def detail(self) -> str:
@@ -242,8 +243,14 @@ class _Group:
             return f"{counted}; failed: {', '.join(dict.fromkeys(self.codes))}"
         if self.status is Status.SKIP:
             return self.reasons[0] if self.reasons else counted
-        skipped = self.statuses.count(Status.SKIP)
-        return f"{counted}, {skipped} skipped" if skipped else counted
+        counts = {s: self.statuses.count(s) for s in (Status.KNOWN_GAP, Status.FIXED, Status.SKIP)}
+        words = {
+            Status.KNOWN_GAP: "known gap" if counts[Status.KNOWN_GAP] == 1 else "known gaps",
+            Status.FIXED: "fixed",
+            Status.SKIP: "skipped",
+        }
+        extra = [f"{n} {words[s]}" for s, n in counts.items() if n]
+        return ", ".join([counted, *extra])
 
 
 def _check_id(item: pytest.Item) -> str | None:
@@ -338,7 +345,7 @@ class ProgressPlugin:
                 if self.progress.lines == self._lines_at_start:
                     # nobody reported deployments: the first setup deployed every variant
                     status = Status.FAIL if report.failed else Status.PASS
-                    self.progress.phase("all selected variants", Phase.DEPLOY, took, status)
+                    self.progress.phase("all selected run units", Phase.DEPLOY, took, status)
                     took = 0.0
             self._setup_took[item.nodeid] = max(took, 0.0)
         group = self._item_group.get(item.nodeid)
@@ -348,7 +355,10 @@ class ProgressPlugin:
             group.seconds += self._setup_took.get(item.nodeid, 0.0)
             if report.when == "call":
                 group.seconds += report.duration
-            if report.passed:
+            mapped = getattr(report, "sm_status", None)  # through the known-gap table
+            if isinstance(mapped, Status) and mapped in (Status.KNOWN_GAP, Status.FIXED):
+                group.statuses.append(mapped)
+            elif report.passed:
                 group.statuses.append(Status.PASS)
             elif report.skipped:
                 group.statuses.append(Status.SKIP)
@@ -406,30 +416,34 @@ class ProgressPlugin:
 
 
 def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
-    """PASS / FAIL / SKIP per scenario variant with the reason or the failed checks."""
+    """PASS / FAIL / KNOWN-GAP / FIXED / SKIP per run unit with the reason, the failed
+    checks or the known gap (and its fix)."""
     lines: list[tuple[Status, str]] = []
-    for name, variant in result.scenarios():
-        status = result.scenario_status(name, variant)
-        mine = [o for o in result.outcomes if o.scenario == name and o.variant == variant]
-        line = f"{status.value:4}  {variant_id(name, variant)}"
+    for unit in result.units():
+        status = result.unit_status(unit)
+        mine = result.of_unit(unit)
+        name = unit[0]
+        line = f"{status.value:9}  {mine[0].unit_id}"
         if status is Status.SKIP:
             line += f"  -- {mine[0].message}"
         elif status is Status.FAIL:
             failed = [o for o in mine if o.status is Status.FAIL]
             line += "  -- " + ", ".join(f"{o.code} {o.check}" for o in failed)
+        elif status in (Status.KNOWN_GAP, Status.FIXED):
+            line += "  -- " + ", ".join(sorted({o.gap for o in mine if o.gap}))
         lines.append((status, line))
         for o in mine:
             if o.status is Status.FAIL:
                 lines.append((status, f"        {o.code} {o.check}: {o.message}"))
                 if o.diagnostics:
                     lines.append((status, f"        diagnostics: {o.diagnostics}"))
+            elif o.status in (Status.KNOWN_GAP, Status.FIXED):
+                lines.append((o.status, f"        {o.status.value} {o.check}: {o.message}"))
         if status is Status.PASS and name in _NOTES:
             lines.extend((status, f"        note: {note}") for note in _NOTES[name])
     for rec in result.continuity:
         status = Status.PASS if rec.passed else Status.FAIL
-        lines.append(
-            (status, f"continuity {variant_id(rec.scenario, rec.variant)} {rec.measured.summary()}")
-        )
+        lines.append((status, f"continuity {rec.unit_id} {rec.measured.summary()}"))
     return lines
 
 
@@ -438,12 +452,12 @@ _NOTES = {s.name: s.notes for s in SCENARIOS if s.notes}
 
 
 def scenario_notes(result: RunResult) -> list[str]:
-    """The notes :func:`scenario_lines` prints under passed scenarios, for the report."""
+    """The notes :func:`scenario_lines` prints under passed run units, for the report."""
     return [
-        f"{variant_id(name, variant)}: {note}"
-        for name, variant in result.scenarios()
-        if result.scenario_status(name, variant) is Status.PASS
-        for note in _NOTES.get(name, ())
+        f"{result.of_unit(unit)[0].unit_id}: {note}"
+        for unit in result.units()
+        if result.unit_status(unit) is Status.PASS
+        for note in _NOTES.get(unit[0], ())
     ]
 
 
@@ -469,8 +483,12 @@ def verdict_line(
     else:
         verdict = "NOT CONFORMANT"
     why = ""
-    if not result.errors and not counts[Status.PASS] and not counts[Status.FAIL]:
+    if not result.errors and not any(
+        counts[s] for s in (Status.PASS, Status.FAIL, Status.KNOWN_GAP, Status.FIXED)
+    ):
         why = "nothing was checked; "
+    elif result.unfixed() and not counts[Status.FAIL]:
+        why = "a known gap's fix variant did not pass; "
     continuity = ""
     if result.continuity:
         worst = min(rec.measured.fraction for rec in result.continuity)
@@ -483,6 +501,7 @@ def verdict_line(
         what = " [local: Istio's reference data plane, not a distribution]"
     return (
         f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
-        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped checks; "
+        f"{counts[Status.FAIL]} failed, {counts[Status.KNOWN_GAP]} known gaps, "
+        f"{counts[Status.FIXED]} fixed, {counts[Status.SKIP]} skipped checks; "
         f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity}){what}"
     )

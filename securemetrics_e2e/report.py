@@ -210,22 +210,24 @@ def _cluster_prometheus(meta: ReportMeta) -> dict[str, Any]:
     }
 
 
-def variant_id(scenario: str, variant: str) -> str:
-    return f"{scenario}[{variant}]"
-
-
 def result_of(outcomes: Iterable[CheckOutcome], errors: Iterable[str] = ()) -> ProfileResult:
     statuses = [o.status for o in outcomes]
     if any(errors) or Status.FAIL in statuses:
         return ProfileResult.FAILURE
-    if Status.PASS not in statuses:
+    if not {Status.PASS, Status.FIXED, Status.KNOWN_GAP} & set(statuses):
         return ProfileResult.SKIPPED
     return ProfileResult.PARTIAL if Status.SKIP in statuses else ProfileResult.SUCCESS
 
 
 def statistics(outcomes: Iterable[CheckOutcome]) -> dict[str, int]:
-    stats = {"passed": 0, "failed": 0, "skipped": 0}
-    key = {Status.PASS: "passed", Status.FAIL: "failed", Status.SKIP: "skipped"}
+    stats = {"passed": 0, "failed": 0, "knownGaps": 0, "fixed": 0, "skipped": 0}
+    key = {
+        Status.PASS: "passed",
+        Status.FAIL: "failed",
+        Status.KNOWN_GAP: "knownGaps",
+        Status.FIXED: "fixed",
+        Status.SKIP: "skipped",
+    }
     for o in outcomes:
         stats[key[o.status]] += 1
     return stats
@@ -233,8 +235,9 @@ def statistics(outcomes: Iterable[CheckOutcome]) -> dict[str, int]:
 
 def _entry(o: CheckOutcome) -> dict[str, Any]:
     entry: dict[str, Any] = {
-        "id": variant_id(o.scenario, o.variant),
+        "id": o.unit_id,
         "scenario": o.scenario,
+        "mode": o.mode,
         "variant": o.variant,
         "check": o.check,
         "code": o.code or check_code(o.check),
@@ -248,18 +251,23 @@ def _entry(o: CheckOutcome) -> dict[str, Any]:
         entry["diagnostics"] = o.diagnostics or None
     elif o.status is Status.SKIP:
         entry["reason"] = o.message or "(no reason given)"
+    elif o.status in (Status.KNOWN_GAP, Status.FIXED):
+        entry["gap"] = o.gap
+        entry["message"] = o.message
     return entry
 
 
 def _scenario_rows(outcomes: list[CheckOutcome]) -> list[dict[str, Any]]:
     result = RunResult(outcomes=outcomes)
     rows = []
-    for name, variant in result.scenarios():
-        mine = [o for o in outcomes if o.scenario == name and o.variant == variant]
-        status = result.scenario_status(name, variant)
+    for unit in result.units():
+        mine = result.of_unit(unit)
+        status = result.unit_status(unit)
+        name, mode, variant = unit
         row: dict[str, Any] = {
-            "id": variant_id(name, variant),
+            "id": mine[0].unit_id,
             "scenario": name,
+            "mode": mode,
             "variant": variant,
             "status": status.value,
             "statistics": statistics(mine),
@@ -268,6 +276,9 @@ def _scenario_rows(outcomes: list[CheckOutcome]) -> list[dict[str, Any]]:
             row["codes"] = sorted({o.code for o in mine if o.status is Status.FAIL and o.code})
         if status is Status.SKIP:
             row["reason"] = mine[0].message
+        gaps = sorted({o.gap for o in mine if o.gap})
+        if gaps:
+            row["gaps"] = gaps
         rows.append(row)
     return rows
 
@@ -281,6 +292,8 @@ def _profile(name: str, outcomes: list[CheckOutcome], errors: list[str]) -> dict
         "passed": [_entry(o) for o in outcomes if o.status is Status.PASS],
         "failed": [_entry(o) for o in outcomes if o.status is Status.FAIL],
         "skipped": [_entry(o) for o in outcomes if o.status is Status.SKIP],
+        "knownGaps": [_entry(o) for o in outcomes if o.status is Status.KNOWN_GAP],
+        "fixed": [_entry(o) for o in outcomes if o.status is Status.FIXED],
     }
 
 
@@ -300,7 +313,6 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
     if date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
     profiles = _profile_names(result, meta)
-    counts = result.counts()
     duration = result.measurements.get("duration_s")
     if duration is None and "start" in result.measurements and "end" in result.measurements:
         duration = result.measurements["end"] - result.measurements["start"]
@@ -323,11 +335,7 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
         "verdict": {
             "conformant": result.conformant,
             "result": result_of(result.outcomes, result.errors).value,
-            "statistics": {
-                "passed": counts[Status.PASS],
-                "failed": counts[Status.FAIL],
-                "skipped": counts[Status.SKIP],
-            },
+            "statistics": statistics(result.outcomes),
             "errors": list(result.errors),
             "durationSeconds": round(duration, 3) if duration is not None else None,
         },
@@ -335,9 +343,12 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
             _profile(name, [o for o in result.outcomes if o.profile == name], result.errors)
             for name in profiles
         ],
+        "knownGaps": _gaps(result),
         "continuity": [
             {
+                "id": rec.unit_id,
                 "scenario": rec.scenario,
+                "mode": rec.mode,
                 "variant": rec.variant,
                 "job": rec.measured.job,
                 "scrapes": rec.measured.scrapes,
@@ -353,6 +364,33 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
     }
     validate_report(doc)
     return doc
+
+
+def _gaps(result: RunResult) -> list[dict[str, Any]]:
+    """Every known gap the run met: shown (KNOWN-GAP) or closed (FIXED), with its evidence."""
+    from securemetrics_e2e.knowngaps import known_gap
+
+    rows = []
+    for gap_id in dict.fromkeys(o.gap for o in result.outcomes if o.gap):
+        gap = known_gap(gap_id)
+        mine = [o for o in result.outcomes if o.gap == gap_id]
+        rows.append(
+            {
+                "id": gap.id,
+                "title": gap.title,
+                "status": (
+                    Status.KNOWN_GAP.value
+                    if any(o.status is Status.KNOWN_GAP for o in mine)
+                    else Status.FIXED.value
+                ),
+                "units": list(dict.fromkeys(o.unit_id for o in mine)),
+                "checks": sorted({o.check for o in mine}),
+                "fix": [f.value for f in gap.fixes],
+                "istioVersions": gap.versions,
+                "evidence": list(gap.evidence),
+            }
+        )
+    return rows
 
 
 @functools.cache

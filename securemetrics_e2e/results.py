@@ -1,7 +1,9 @@
-"""What a conformance run produced: one outcome per check, grouped by scenario.
+"""What a conformance run produced: one outcome per check, grouped by run unit.
 
 The pytest plugin fills a :class:`RunResult` as tests finish; reports, JUnit, the
-verdict line and the CLI's exit status are all derived from it.
+verdict line and the CLI's exit status are all derived from it. A check's PASS / FAIL
+has already gone through the known-gap table (:mod:`securemetrics_e2e.knowngaps`), which
+turns it into KNOWN-GAP or FIXED where an upstream gap is known.
 """
 
 from __future__ import annotations
@@ -9,19 +11,31 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from securemetrics_e2e.catalog import VariantId, unit_id
+
 
 class Status(enum.StrEnum):
     PASS = "PASS"  # noqa: S105 - a verdict, not a password
     FAIL = "FAIL"
     SKIP = "SKIP"
+    #: failed exactly as a known upstream gap predicts (not this distribution's fault)
+    KNOWN_GAP = "KNOWN-GAP"
+    #: passed where a known upstream gap predicts a failure: the distribution closes it
+    FIXED = "FIXED"
+
+
+#: statuses a conformant run may hold
+ACCEPTED = frozenset({Status.PASS, Status.KNOWN_GAP, Status.FIXED, Status.SKIP})
+
+AS_DOCUMENTED: str = VariantId.AS_DOCUMENTED.value
 
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """The result of one check of one scenario variant."""
+    """The result of one check of one run unit (scenario x mTLS mode x variant)."""
 
     scenario: str  # e.g. "native-sidecar"
-    variant: str  # e.g. "PERMISSIVE"
+    mode: str  # e.g. "PERMISSIVE"
     check: str  # stable check id, e.g. "listeners-tls-only"
     status: Status
     message: str = ""  # failure or skip reason
@@ -30,6 +44,18 @@ class CheckOutcome:
     duration_s: float = 0.0
     diagnostics: str = ""  # path of captured diagnostics, if any
     nodeid: str = ""  # the pytest node id, for JUnit and re-running one check
+    variant: str = AS_DOCUMENTED  # the configuration variant, e.g. "exclude-capture"
+    gap: str = ""  # the known gap behind a KNOWN-GAP or FIXED status
+    #: the known gaps this unit is a fix of: it must pass for a conformant verdict
+    fix_of: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> tuple[str, str, str]:
+        return (self.scenario, self.mode, self.variant)
+
+    @property
+    def unit_id(self) -> str:
+        return unit_id(*self.unit)
 
 
 @dataclass(frozen=True)
@@ -70,12 +96,17 @@ class JobContinuity:
 
 @dataclass(frozen=True)
 class ContinuityRecord:
-    """One job's continuity in a scenario variant, and whether it met the goal."""
+    """One job's continuity in a run unit, and whether it met the goal."""
 
     scenario: str
-    variant: str
+    mode: str
     measured: JobContinuity
     passed: bool  # whole window scraped (or covered), no gap over two intervals
+    variant: str = AS_DOCUMENTED
+
+    @property
+    def unit_id(self) -> str:
+        return unit_id(self.scenario, self.mode, self.variant)
 
 
 @dataclass
@@ -92,32 +123,45 @@ class RunResult:
     def add(self, outcome: CheckOutcome) -> None:
         self.outcomes.append(outcome)
 
-    def scenario_status(self, scenario: str, variant: str) -> Status:
-        """FAIL if any check failed, SKIP if all skipped, PASS otherwise."""
-        statuses = {
-            o.status for o in self.outcomes if o.scenario == scenario and o.variant == variant
-        }
-        if Status.FAIL in statuses:
-            return Status.FAIL
+    def of_unit(self, unit: tuple[str, str, str]) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if o.unit == unit]
+
+    def unit_status(self, unit: tuple[str, str, str]) -> Status:
+        """FAIL if any check failed, SKIP if all skipped; else KNOWN-GAP if a known gap
+        showed, FIXED if a gap was closed, PASS otherwise."""
+        statuses = {o.status for o in self.of_unit(unit)}
+        for status in (Status.FAIL, Status.KNOWN_GAP, Status.FIXED):
+            if status in statuses:
+                return status
         if statuses <= {Status.SKIP}:
             return Status.SKIP
         return Status.PASS
 
-    def scenarios(self) -> list[tuple[str, str]]:
-        """(scenario, variant) pairs in first-seen order."""
-        seen: dict[tuple[str, str], None] = {}
+    def units(self) -> list[tuple[str, str, str]]:
+        """(scenario, mode, variant) run units in first-seen order."""
+        seen: dict[tuple[str, str, str], None] = {}
         for o in self.outcomes:
-            seen.setdefault((o.scenario, o.variant), None)
+            seen.setdefault(o.unit, None)
         return list(seen)
+
+    def unfixed(self) -> list[CheckOutcome]:
+        """Outcomes of a known gap's fix variant that did not pass where it ran."""
+        return [o for o in self.outcomes if o.fix_of and o.status not in (Status.PASS, Status.SKIP)]
 
     @property
     def conformant(self) -> bool:
-        """No check failed and at least one passed: a run that checked nothing proves nothing.
+        """Every check PASS (or FIXED) or a KNOWN-GAP, every fix variant that ran PASS, and
+        at least one check passed: a run that checked nothing proves nothing.
 
         A run stopped by an environment or usage error is not conformant either.
         """
         statuses = {o.status for o in self.outcomes}
-        return not self.errors and Status.FAIL not in statuses and Status.PASS in statuses
+        return (
+            not self.errors
+            and statuses <= ACCEPTED
+            and not self.unfixed()
+            and bool(statuses & {Status.PASS, Status.FIXED})
+        )
 
     def counts(self) -> dict[Status, int]:
         counts = dict.fromkeys(Status, 0)

@@ -14,6 +14,7 @@ what must hold before and after is decided here, with the suite's own checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -87,23 +88,14 @@ BEFORE = ("mtls-scrape", "targets-up-merged", "targets-up-envoy")
 AFTER = ("listeners-tls-only", "mtls-scrape", "targets-up-merged", "targets-up-envoy")
 
 
-def _verify(
-    backend: UpgradingBackend, deployment: Deployment, check_ids: tuple[str, ...]
-) -> tuple[str, ...]:
-    from securemetrics_e2e.backend import Backend
-    from securemetrics_e2e.checks import CheckFailed, check
-
-    assert isinstance(backend, Backend)
-    problems = []
-    for check_id in check_ids:
-        try:
-            check(check_id).run(backend, deployment)
-        except CheckFailed as exc:
-            problems.append(f"[{exc.code} {check_id}] {exc.message}")
-    return tuple(problems)
+#: runs the named checks on a deployment and returns their problems ("" = none); the
+#: checks module supplies it, so this module needs no import of the checks (no circle)
+Verify = Callable[[Deployment, tuple[str, ...]], tuple[str, ...]]
 
 
-def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> UpgradeRun:
+def run_upgrade_window(
+    backend: UpgradingBackend, deployment: Deployment, verify: Verify
+) -> UpgradeRun:
     """Verify ``deployment``, upgrade it, verify again, and measure continuity between.
 
     The window opens once the older version is verified and closes once the newer one
@@ -115,13 +107,13 @@ def run_upgrade_window(backend: UpgradingBackend, deployment: Deployment) -> Upg
         raise UsageError(f"the upgrade scenario deploys one workload, not {names}")
     old, new = backend.upgrade_versions()
     api = backend.prometheus_for(deployment)
-    before = _verify(backend, deployment, BEFORE)
+    before = verify(deployment, BEFORE)
     if before:
         return UpgradeRun(old, new, before, (), None)
     start = datetime.now(UTC)
     upgraded = backend.upgrade(deployment)
     upgrade_s = (datetime.now(UTC) - start).total_seconds()
-    after = _verify(backend, upgraded, AFTER)
+    after = verify(upgraded, AFTER)
     # also when verification failed: the window then shows what the failure cost
     # so the new configuration is measured over more than its first scrape; a job
     # without a target for the new pods times out, leaving the loss in the window

@@ -21,7 +21,13 @@ from securemetrics_e2e.cluster.kube import FIELD_MANAGER, ExecResult
 
 Obj = dict[str, Any]
 Key = tuple[str, str, str | None, str]
-CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "MutatingWebhookConfiguration",
+}
 
 _SET_EXPR = re.compile(r"^\s*([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 

@@ -96,7 +96,7 @@ def test_httpbin_carries_any_valid_ports_and_identity_exactly(
     if mode == "hardened":
         expected["METRICS_LOCALHOST_ACCESS_ONLY"] = "true"
     assert proxy_metadata(annotations) == expected
-    assert annotations["prometheus.istio.io/secure-port"] == str(merged)
+    assert "prometheus.istio.io/secure-port" not in annotations  # the injector's to set
     assert annotations["prometheus.istio.io/secure-envoy-port"] == str(envoy)
     if exclude:
         assert annotations["traffic.sidecar.istio.io/excludeInboundPorts"] == f"{envoy},{merged}"

@@ -21,7 +21,7 @@ from securemetrics_e2e import charts
 from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.local.promconfig import local_scrape_config
-from securemetrics_e2e.manifests import find_variant, scenario_releases, scraper_release, variants
+from securemetrics_e2e.manifests import find_variant, scenario_releases, scraper_release
 from securemetrics_e2e.versions import supported_versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,12 +165,11 @@ def _lint_cases() -> list[tuple[str, dict[str, Any]]]:
     cases = {(chart, "{}"): (chart, {}) for chart in CHARTS}
     for version in supported_versions():
         for scenario in SCENARIOS:
-            for mode in scenario.mtls_modes:
-                for v in variants(scenario):
-                    for rel in scenario_releases(
-                        scenario, mode, version, namespace="lint", variant=v
-                    ):
-                        cases[(rel.chart, repr(rel.values))] = (rel.chart, dict(rel.values))
+            for unit in scenario.run_units():
+                for rel in scenario_releases(
+                    scenario, unit.mtls_mode, version, namespace="lint", variant=unit.variant
+                ):
+                    cases[(rel.chart, repr(rel.values))] = (rel.chart, dict(rel.values))
     rel = scraper_release(version=supported_versions()[0])
     cases[(rel.chart, repr(rel.values))] = (rel.chart, dict(rel.values))
     return list(cases.values())
@@ -282,8 +281,9 @@ def test_promtool_rejects_a_broken_scrape_config(tmp_path: Path) -> None:
 
 def test_every_scenario_variant_name_is_found() -> None:
     for scenario in SCENARIOS:
-        for v in variants(scenario):
-            assert find_variant(scenario, v.name) is v
+        for v in scenario.variants:
+            assert find_variant(scenario, v.id) is v
+            assert find_variant(scenario, v.id.value) is v
 
 
 def test_cli_fallback_coalesces_values_as_helm_does() -> None:

@@ -102,15 +102,19 @@ def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) 
     assert lines[0].startswith(f"securemetrics-e2e {__version__}: backend local, Istio 1.31.1")
     phases = run.phases()
     assert any(phase == "deploy" and status == "PASS" for _, phase, status in phases)
-    for variant in ("native-sidecar[PERMISSIVE]", "hardened[PERMISSIVE]"):
+    for variant in (
+        "native-sidecar[PERMISSIVE/as-documented]",
+        "hardened[PERMISSIVE/as-documented]",
+    ):
         assert (variant, "probe", "PASS") in phases
         assert (variant, "verify", "PASS") in phases
     skipped = [line for line in lines if line.startswith("[") and " SKIP " in line]
-    assert len(skipped) == 2
+    assert len(skipped) == 6  # STRICT x {as-documented, exclude-capture, port-permissive} x 2
     assert all("cannot provide inbound-capture" in line for line in skipped)
     verdict = next(line for line in lines if line.startswith("securemetrics-e2e verdict:"))
     assert re.match(
-        r"securemetrics-e2e verdict: CONFORMANT \(18 passed, 0 failed, 18 skipped checks; "
+        r"securemetrics-e2e verdict: CONFORMANT \(20 passed, 0 failed, 0 known gaps, 0 fixed, "
+        r"60 skipped checks; "
         r"backend local, Istio 1\.31\.1, [\d.]+s\) "
         r"\[local: Istio's reference data plane, not a distribution\]$",
         verdict,
@@ -132,7 +136,9 @@ def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
     assert doc["istio"]["version"] == "1.31.1"
     assert doc["selection"]["scenarios"] == ["native-sidecar", "hardened"]
     (core,) = [p for p in doc["profiles"] if p["name"] == "core"]
-    named = {e["check"] for e in core["passed"] if e["id"] == "native-sidecar[PERMISSIVE]"}
+    named = {
+        e["check"] for e in core["passed"] if e["id"] == "native-sidecar[PERMISSIVE/as-documented]"
+    }
     applies = {c.id for c in CHECKS if c.applies_to(scenario("native-sidecar"))}
     assert applies
     assert not any(a.startswith("hardened") for a in applies)
@@ -143,14 +149,14 @@ def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
     assert int(root.get("tests", "0")) == sum(doc["verdict"]["statistics"].values())
     assert root.get("failures") == "0"
     classnames = {c.get("classname") for c in root.iter("testcase")}
-    assert "hardened[PERMISSIVE]" in classnames
+    assert "hardened[PERMISSIVE/as-documented]" in classnames
 
 
 @requires_local_mesh
 def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> None:
     run = runs["bad"]
     assert run.code == 1, run.stdout + run.stderr
-    assert ("native-sidecar[PERMISSIVE]", "probe", "FAIL") in run.phases()
+    assert ("native-sidecar[PERMISSIVE/as-documented]", "probe", "FAIL") in run.phases()
     verdict = next(line for line in run.stdout.splitlines() if "verdict:" in line)
     assert verdict.startswith("securemetrics-e2e verdict: NOT CONFORMANT (")
     assert verdict.endswith(
@@ -164,8 +170,8 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
     doc = load_report(run.cwd / "report.json")
     failed = [e for p in doc["profiles"] for e in p["failed"]]
     assert {(e["id"], e["code"], e["check"]) for e in failed} == {
-        ("native-sidecar[PERMISSIVE]", "SMC006", "foreign-ca-refused"),
-        ("hardened[PERMISSIVE]", "SMC006", "foreign-ca-refused"),
+        ("native-sidecar[PERMISSIVE/as-documented]", "SMC006", "foreign-ca-refused"),
+        ("hardened[PERMISSIVE/as-documented]", "SMC006", "foreign-ca-refused"),
     }
     assert doc["backend"]["details"]["fault"] == "foreign-root-trusted"
     assert doc["provenance"]["negativeControl"] == {"fault": "foreign-root-trusted"}
@@ -217,10 +223,15 @@ def test_plan_local_touches_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "backend local, Istio 1.31.1" in out
-    assert "RUN  native-sidecar[PERMISSIVE] (core)" in out
-    assert "SKIP native-sidecar[STRICT]: backend local cannot provide inbound-capture" in out
+    assert "RUN  native-sidecar[PERMISSIVE/as-documented] (core)" in out
+    assert (
+        "SKIP native-sidecar[STRICT/as-documented]: backend local cannot provide inbound-capture"
+        in out
+    )
     # on 127.0.0.0/8 there is no "outside the pod": the hardened variant cannot run
-    assert "SKIP hardened[PERMISSIVE]: backend local cannot provide pod-isolation" in out
+    assert (
+        "SKIP hardened[PERMISSIVE/as-documented]: backend local cannot provide pod-isolation" in out
+    )
     assert re.search(r"^\s+foreign-ca-refused\s+SMC006$", out, re.MULTILINE)
     assert _ours(os.getpid()) == before
 
@@ -238,25 +249,32 @@ def test_list_says_where_each_variant_applies_and_why_not(
 ) -> None:
     rows = applicability(["local", "kind"], ["1.30.5", "1.31.1"], "all")
     by = {(r["id"], r["backend"], r["istioVersion"]): r for r in rows}
-    assert by[("native-sidecar[PERMISSIVE]", "local", "1.31.1")]["applies"] is True
-    native_130 = by[("native-sidecar[PERMISSIVE]", "kind", "1.30.5")]
+    assert by[("native-sidecar[PERMISSIVE/as-documented]", "local", "1.31.1")]["applies"] is True
+    native_130 = by[("native-sidecar[PERMISSIVE/as-documented]", "kind", "1.30.5")]
     assert native_130["applies"] is False
     assert native_130["reason"] == (
         "Istio 1.30.5 lacks native-secure-ports (needs Istio >= 1.31.0)"
     )
-    strict_local = by[("legacy-sidecar[STRICT]", "local", "1.30.5")]
+    strict_local = by[("legacy-sidecar[STRICT/as-documented]", "local", "1.30.5")]
     assert strict_local["reason"] == "backend local cannot provide inbound-capture (cluster-only)"
-    assert by[("legacy-sidecar[STRICT]", "kind", "1.30.5")]["applies"] is True
-    assert by[("servicemonitor[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
-    assert len(rows) == 13 * 2 * 2  # 13 scenario variants x 2 backends x 2 versions
-    assert by[("upgrade[PERMISSIVE]", "local", "1.31.1")]["applies"] is True
-    assert by[("upgrade[PERMISSIVE]", "kind", "1.30.5")]["applies"] is True
+    assert by[("legacy-sidecar[STRICT/as-documented]", "kind", "1.30.5")]["applies"] is True
+    assert by[("servicemonitor[PERMISSIVE/as-documented]", "kind", "1.31.1")]["applies"] is True
+    assert len(rows) == 23 * 2 * 2  # 23 run units x 2 backends x 2 versions
+    gap_row = by[("gateway-api[PERMISSIVE/as-documented]", "local", "1.31.1")]
+    assert gap_row["applies"] is True  # the local backend models Istio's deployment controller
+    assert gap_row["knownGaps"] == ["gateway-api-infrastructure-annotations"]
+    assert by[("gateway-api[PERMISSIVE/proxyconfig]", "local", "1.31.1")]["knownGaps"] == []
+    assert by[("upgrade[PERMISSIVE/port-strict]", "local", "1.31.1")]["applies"] is True
+    assert by[("upgrade[PERMISSIVE/port-strict]", "kind", "1.30.5")]["applies"] is True
     oldest = applicability(["local"], ["1.28"], "all")
     upgrade_128 = next(r for r in oldest if r["scenario"] == "upgrade")
     assert "no supported Istio minor precedes 1.28" in upgrade_128["reason"]
     # on a cluster the agents renew short-lived certificates (cluster/rotation.py)
-    assert by[("rotation[PERMISSIVE]", "kind", "1.31.1")]["applies"] is True
-    assert "lacks native-secure-ports" in by[("rotation[PERMISSIVE]", "kind", "1.30.5")]["reason"]
+    assert by[("rotation[PERMISSIVE/as-documented]", "kind", "1.31.1")]["applies"] is True
+    assert (
+        "lacks native-secure-ports"
+        in by[("rotation[PERMISSIVE/as-documented]", "kind", "1.30.5")]["reason"]
+    )
 
     assert main(["list", "--backend", "local", "--istio-version", "1.31", "--format", "json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -266,10 +284,14 @@ def test_list_says_where_each_variant_applies_and_why_not(
     assert main(["list", "--profile", "extended"]) == 0
     text = capsys.readouterr().out
     header, *body = text.split("\n\n")[0].splitlines()
-    assert header.split() == ["SCENARIO[MODE]", "PROFILE", "BACKEND", "1.28.10", "1.29.8",
-                              "1.30.5", "1.31.1"]  # fmt: skip
+    assert header.split() == ["SCENARIO[MODE/VARIANT]", "PROFILE", "BACKEND", "1.28.10",
+                              "1.29.8", "1.30.5", "1.31.1"]  # fmt: skip
     assert all(line.split()[1] == "extended" for line in body)
     assert "backend local cannot provide istio-control-plane, prometheus-operator" in text
+    # each scenario's variants, and the known gaps with their evidence
+    assert "  gateway-api proxyconfig (PERMISSIVE): a ProxyConfig selecting" in text
+    assert "  servicemonitor-http-app-port-permissive (Istio >= 1.28.0; fix: tcp-app-port" in text
+    assert "    evidence: pilot/pkg/networking/core/filterchain_options.go" in text
 
 
 def test_version_flag_and_module_entry_point() -> None:
@@ -281,19 +303,26 @@ def test_version_flag_and_module_entry_point() -> None:
 def test_progress_api() -> None:
     out = io.StringIO()
     progress = Progress(out, start=0.0)
-    emit("native-sidecar[STRICT]", Phase.DEPLOY, 1.0)  # nobody listening: nothing, no error
+    emit(
+        "native-sidecar[STRICT/as-documented]", Phase.DEPLOY, 1.0
+    )  # nobody listening: nothing, no error
     with progress.activated():
-        emit("native-sidecar[STRICT]", Phase.WAIT, 2.5, Status.PASS, "3 pods ready")
-        with pytest.raises(RuntimeError, match="boom"), timed("hardened[STRICT]", Phase.DEPLOY):
+        emit("native-sidecar[STRICT/as-documented]", Phase.WAIT, 2.5, Status.PASS, "3 pods ready")
+        with (
+            pytest.raises(RuntimeError, match="boom"),
+            timed("hardened[STRICT/as-documented]", Phase.DEPLOY),
+        ):
             raise RuntimeError("boom\nsecond line")
-    emit("native-sidecar[STRICT]", Phase.DEPLOY, 1.0)  # deactivated again
+    emit("native-sidecar[STRICT/as-documented]", Phase.DEPLOY, 1.0)  # deactivated again
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert re.match(
-        r"^\[\s*[\d.]+s\] native-sidecar\[STRICT\]\s+wait\s+PASS\s+2\.50s  3 pods", lines[0]
+        r"^\[\s*[\d.]+s\] native-sidecar\[STRICT/as-documented\]\s+wait\s+PASS\s+2\.50s  3 pods",
+        lines[0],
     )
     assert re.match(
-        r"^\[\s*[\d.]+s\] hardened\[STRICT\]\s+deploy\s+FAIL\s+[\d.]+s  boom$", lines[1]
+        r"^\[\s*[\d.]+s\] hardened\[STRICT/as-documented\]\s+deploy\s+FAIL\s+[\d.]+s  boom$",
+        lines[1],
     )
     assert progress.setup_seconds >= 2.5
 
@@ -319,7 +348,10 @@ def test_plan_upgrade_from_prints_the_upgrade_scenario(capsys: pytest.CaptureFix
     assert "switch httpbin to them" in out  # 1.31 has the native ports
     # the same plan as `pytest --plan --upgrade-from`: the other scenarios say why they skip
     skipped = out.split("\nSKIPPED\n")[1]
-    assert "native-sidecar [PERMISSIVE]: an upgrade run (--upgrade-from 1.30.5)" in skipped
+    assert (
+        "native-sidecar[PERMISSIVE/as-documented]: an upgrade run (--upgrade-from 1.30.5)"
+        in skipped
+    )
 
 
 def test_plan_upgrade_across_two_minors_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -332,10 +364,13 @@ def test_plan_upgrade_across_two_minors_is_refused(capsys: pytest.CaptureFixture
 def test_local_plan_names_the_upgrade_versions(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--istio-version", "1.30", "--upgrade-from", "1.29.0"]) == 0
     out = capsys.readouterr().out
-    assert "RUN  upgrade[PERMISSIVE]" in out
+    assert "RUN  upgrade[PERMISSIVE/port-strict]" in out
     assert "from Istio 1.29.0's configuration to 1.30.5's" in out
     assert main(["plan", "--istio-version", "1.28"]) == 0
-    assert "SKIP upgrade[PERMISSIVE]: no upgrade to Istio 1.28.10" in capsys.readouterr().out
+    assert (
+        "SKIP upgrade[PERMISSIVE/port-strict]: no upgrade to Istio 1.28.10"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(

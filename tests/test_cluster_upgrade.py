@@ -71,10 +71,13 @@ def test_130_to_131_switches_to_native_ports(tmp_path: Path) -> None:
     assert _annotations(before)["prometheus.istio.io/secure-port"] == "15091"
     switch = _step(plan, "switch")
     native = _annotations(switch)
-    assert native["prometheus.istio.io/secure-port"] == "15092"
+    # the legacy 15091 goes (server-side apply drops it); the injector sets 15092 on the pods
+    assert "prometheus.istio.io/secure-port" not in native
     assert "ENVOY_SECURE_MERGED_METRICS_PORT" in native["proxy.istio.io/config"]
+    # the legacy Sidecar and its port-strict policy go once the native pod runs
     assert [(o["kind"], o["metadata"]["name"]) for o in switch.delete] == [
-        ("Sidecar", "httpbin-secure-metrics")
+        ("PeerAuthentication", "secure-metrics-ports"),
+        ("Sidecar", "httpbin-secure-metrics"),
     ]
     assert "Namespace" not in [o["kind"] for o in switch.manifests]  # it stays as it is
     assert all(o["metadata"]["labels"][RUN_LABEL] == RUN for o in plan.manifests())
@@ -90,7 +93,7 @@ def test_before_deploys_what_the_backend_deploys(tmp_path: Path) -> None:
     assert before.rollouts == list(variant.rollouts)
     assert variant.namespace == NS
     assert plan.variants[0].namespace == NS
-    assert f"deploy upgrade [PERMISSIVE] on Istio 1.30.5 in {NS}" in plan.render_text()
+    assert f"deploy upgrade[PERMISSIVE/port-strict] on Istio 1.30.5 in {NS}" in plan.render_text()
 
 
 def test_129_to_130_stays_legacy(tmp_path: Path) -> None:
@@ -185,7 +188,18 @@ def test_canary_installs_a_revision_and_moves_the_default_tag(tmp_path: Path) ->
     ]
     assert not any(c[1] == "upgrade" for c in plan.commands())
     assert "canary revision 1-31-1" in plan.render_text()
-    assert "--purge: both revisions" in plan.render_text()
+    removal = [c for s in plan.teardown for c in s.commands if c[0].startswith("istioctl")]
+    assert removal == [
+        ["istioctl-1.31.1", "tag", "remove", "default", "-y", *_kind_target()],
+        ["istioctl-1.31.1", "uninstall", "-y", *_kind_target(), "--revision", "1-31-1"],
+        ["istioctl-1.31.1", "uninstall", "-y", *_kind_target(), "--revision", "default"],
+    ]
+    assert not any("--purge" in c for c in plan.commands())
+
+
+def _kind_target() -> list[str]:
+    name = "sm-e2e-upgrade-30-31"
+    return ["--kubeconfig", f".pytest-kind/{name}/kubeconfig", "--context", f"kind-{name}"]
 
 
 @pytest.mark.parametrize("canary", [False, True])
@@ -214,11 +228,9 @@ def test_render_plan_of_an_upgrade_run_lists_the_others_as_skipped(tmp_path: Pat
         run_id=RUN, cache_dir=tmp_path / "cache", upgrade_from="1.30", istio_version="1.31"
     )
     plan = render_plan(options, cache=ToolCache(tmp_path / "cache"))
-    assert [v.id for v in plan.variants if v.skip is None] == ["upgrade [PERMISSIVE]"]
+    assert [v.id for v in plan.variants if v.skip is None] == ["upgrade[PERMISSIVE/port-strict]"]
     skipped = dict(plan.skipped)
-    others = {
-        f"{s.name} [{m.value}]" for s in SCENARIOS if s.name != "upgrade" for m in s.mtls_modes
-    }
+    others = {u.id for s in SCENARIOS if s.name != "upgrade" for u in s.run_units()}
     assert set(skipped) == others
     assert all(
         r == "an upgrade run (--upgrade-from 1.30.5) deploys only the upgrade scenario: run "
@@ -302,7 +314,7 @@ def test_driver_runs_every_step_in_order(tmp_path: Path) -> None:
     dep = fake.find("Deployment", "httpbin", NS)
     assert dep is not None
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.istio.io/secure-port"] == "15092"
+    assert "prometheus.istio.io/secure-port" not in annotations  # the injector's to set
     # the Sidecar goes only once the native Deployment was applied and read as rolled out
     calls = fake.calls
     deleted = calls.index(("delete", "Sidecar", "httpbin-secure-metrics", NS))

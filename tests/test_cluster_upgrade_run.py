@@ -34,6 +34,7 @@ from securemetrics_e2e.catalog import (
     Feature,
     MetricsMode,
     MtlsMode,
+    RunUnit,
     scenario,
 )
 from securemetrics_e2e.cluster import backend as backend_module
@@ -297,7 +298,8 @@ def test_upgrade_run_installs_the_older_istio_first(fake: FakeKube, tmp_path: Pa
     assert proxy is not None
     assert "docker.io/istio/proxyv2:1.30.5" in [c["image"] for c in proxy["spec"]["containers"]]
     backend.close()
-    assert mesh.commands[-1] == [ctl["1.30.5"], "uninstall", "-y", "--purge"]
+    # only the revision it installed (istio.uninstall_command: never --purge)
+    assert mesh.commands[-1] == [ctl["1.30.5"], "uninstall", "-y", "--revision", "default"]
 
 
 def test_kind_cluster_runs_a_kubernetes_both_versions_support() -> None:
@@ -434,8 +436,9 @@ def test_scope_of_an_upgrade_run(fake: FakeKube, tmp_path: Path) -> None:
     applies = len([c for c in fake.calls if c[0] == "apply"])
     with pytest.raises(UsageError, match="deploys only the upgrade scenario"):
         backend.deploy(scenario("legacy-sidecar"), MtlsMode.PERMISSIVE)
-    results = backend.deploy_many([(scenario("legacy-sidecar"), MtlsMode.STRICT)])
-    assert isinstance(results[("legacy-sidecar", MtlsMode.STRICT)], UsageError)
+    strict = RunUnit(scenario("legacy-sidecar"), MtlsMode.STRICT)
+    results = backend.deploy_many([strict])
+    assert isinstance(results[strict.key], UsageError)
     assert len([c for c in fake.calls if c[0] == "apply"]) == applies
     backend.close()
 
@@ -511,7 +514,7 @@ def test_in_place_upgrade_moves_the_workload_to_native_ports(
     live = fake.find("Deployment", "httpbin", NS)
     assert live is not None
     annotations = live["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.istio.io/secure-port"] == "15092"
+    assert "prometheus.istio.io/secure-port" not in annotations  # the injector's to set
     # the backend now judges and tears down as Istio 1.31.1
     assert backend.version == resolve("1.31.1")
     assert Feature.NATIVE_SECURE_PORTS in backend.features
@@ -523,7 +526,7 @@ def test_in_place_upgrade_moves_the_workload_to_native_ports(
     ):
         backend.upgrade(dep)
     backend.close()
-    assert mesh.commands[-1] == [ctl["1.31.1"], "uninstall", "-y", "--purge"]
+    assert mesh.commands[-1] == [ctl["1.31.1"], "uninstall", "-y", "--revision", "default"]
     assert fake.find("Namespace", NS) is None
     assert fake.find("Namespace", SCRAPER_NS) is None
 
@@ -557,7 +560,12 @@ def test_canary_upgrade_moves_the_default_tag_then_restarts(fake: FakeKube, tmp_
     assert after.pod_name == mesh.pods(NS)[0] != dep.workloads[0].pod_name
     assert after.spec.mode is MetricsMode.NATIVE
     backend.close()
-    assert mesh.commands[-1] == [ctl["1.31.1"], "uninstall", "-y", "--purge"]
+    # what the run created, newest first: its tag, its canary revision, its first revision
+    assert mesh.commands[-3:] == [
+        [ctl["1.31.1"], "tag", "remove", "default", "-y"],
+        [ctl["1.31.1"], "uninstall", "-y", "--revision", "1-31-1"],
+        [ctl["1.31.1"], "uninstall", "-y", "--revision", "default"],
+    ]
 
 
 @pytest.mark.parametrize("canary", [False, True])
@@ -688,8 +696,8 @@ def test_pytest_plan_prints_the_upgrade_run(tmp_path: Path, canary: bool) -> Non
     assert "(the scraper is NOT restarted)" in output
     assert "restart deployment/prometheus" not in output
     assert (
-        "native-sidecar [STRICT]: an upgrade run (--upgrade-from 1.30.5) deploys only the "
-        "upgrade scenario" in output
+        "native-sidecar[STRICT/as-documented]: an upgrade run (--upgrade-from 1.30.5) deploys "
+        "only the upgrade scenario" in output
     )
     assert "Traceback" not in output
     assert sorted(p.name for p in work.iterdir()) == ["bin", "test_backend_use.py"]

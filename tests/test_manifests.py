@@ -22,17 +22,18 @@ from securemetrics_e2e.catalog import (
     SCENARIOS,
     MtlsMode,
     Scenario,
+    Variant,
+    VariantId,
     WorkloadKind,
     scenario,
 )
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.local.backend import injector_secure_port
 from securemetrics_e2e.manifests import (
-    GatewayApiPath,
     find_variant,
     scenario_manifests,
     scenario_patches,
     scraper_manifests,
-    variants,
 )
 from securemetrics_e2e.versions import IstioVersion, capabilities, supported_versions
 
@@ -44,11 +45,11 @@ POD_CONFIG_KINDS = {"PeerAuthentication", "ProxyConfig", "Sidecar", "ServiceEntr
 POD_MAKING_KINDS = {"Deployment", "Gateway", "Prometheus"}
 
 
-def combos() -> Iterator[tuple[Scenario, MtlsMode, manifests.Variant]]:
+def combos() -> Iterator[tuple[Scenario, MtlsMode, Variant]]:
+    """Every run unit of every scenario."""
     for sc in SCENARIOS:
-        for mode in sc.mtls_modes:
-            for v in variants(sc):
-                yield sc, mode, v
+        for unit in sc.run_units():
+            yield sc, unit.mtls_mode, unit.variant
 
 
 def render(
@@ -178,7 +179,10 @@ def announced_ports(sc: Scenario, objects: list[dict[str, Any]], patches: list[A
     """Scrape job -> port, as the scraper's relabelling will read it from the pods."""
     (workload,) = sc.workloads
     if workload.kind is WorkloadKind.SIDECAR:
-        annotations = pod_annotations(objects)
+        # as admitted: the injector adds secure-port from the proxy env it renders
+        written = pod_annotations(objects)
+        env = proxy_metadata(written) if "proxy.istio.io/config" in written else {}
+        annotations = injector_secure_port(written, env)
     elif sc.name == "gateway-api":
         gateway = one(objects, "Gateway", "gateway.networking.k8s.io")
         annotations = gateway["spec"]["infrastructure"]["annotations"]
@@ -195,7 +199,7 @@ def announced_ports(sc: Scenario, objects: list[dict[str, Any]], patches: list[A
 
 @pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=str)
 def test_pods_announce_exactly_the_ports_the_catalog_expects(
-    sc: Scenario, mode: MtlsMode, variant: manifests.Variant
+    sc: Scenario, mode: MtlsMode, variant: Variant
 ) -> None:
     objects = scenario_manifests(sc, mode, LATEST, namespace=NS, variant=variant)
     patches = scenario_patches(sc, mode, LATEST, namespace=NS, variant=variant)
@@ -205,10 +209,12 @@ def test_pods_announce_exactly_the_ports_the_catalog_expects(
 
 @pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=str)
 def test_peer_authentication_and_apply_order(
-    sc: Scenario, mode: MtlsMode, variant: manifests.Variant
+    sc: Scenario, mode: MtlsMode, variant: Variant
 ) -> None:
     objects = scenario_manifests(sc, mode, LATEST, namespace=NS, variant=variant)
-    policy = one(objects, "PeerAuthentication")
+    (policy,) = [
+        o for o in objects if o["kind"] == "PeerAuthentication" and "selector" not in o["spec"]
+    ]
     assert policy["metadata"] == {**policy["metadata"], "name": "default", "namespace": NS}
     assert "selector" not in policy["spec"]
     assert policy["spec"]["mtls"]["mode"] == mode.value
@@ -292,6 +298,7 @@ def test_legacy_gateway_trio_and_annotation_patch() -> None:
     ]
     assert entry["spec"] == {
         "hosts": ["gateway-admin.local"],
+        "exportTo": ["."],  # else every sidecar gets an outbound listener on 15020
         "location": "MESH_INTERNAL",
         "resolution": "STATIC",
         "ports": [{"number": 15020, "name": "http-metrics", "protocol": "HTTP"}],
@@ -310,13 +317,10 @@ def test_legacy_gateway_trio_and_annotation_patch() -> None:
 def test_gateway_api_renders_both_paths() -> None:
     sc = scenario("gateway-api")
     (workload,) = sc.workloads
-    assert [v.gateway_api_path for v in variants(sc)] == [
-        GatewayApiPath.PROXY_CONFIG,
-        GatewayApiPath.INFRASTRUCTURE_ANNOTATIONS,
-    ]
+    assert [v.id for v in sc.variants] == [VariantId.AS_DOCUMENTED, VariantId.PROXYCONFIG]
     env = {"ENVOY_SECURE_METRICS_PORT": "15091", "ENVOY_SECURE_MERGED_METRICS_PORT": "15092"}
 
-    working = render("gateway-api", variant="proxy-config")
+    working = render("gateway-api", variant="proxyconfig")
     gateway = one(working, "Gateway", "gateway.networking.k8s.io")
     assert gateway["metadata"]["name"] + manifests.GENERATED_GATEWAY_SUFFIX == workload.name
     assert gateway["metadata"]["namespace"] == NS
@@ -331,7 +335,7 @@ def test_gateway_api_renders_both_paths() -> None:
         "environmentVariables": env,
     }
 
-    documented = render("gateway-api", variant="infrastructure-annotations")
+    documented = render("gateway-api", variant="as-documented")
     assert not [o for o in documented if o["kind"] == "ProxyConfig"]
     gateway = one(documented, "Gateway", "gateway.networking.k8s.io")
     assert proxy_metadata(gateway["spec"]["infrastructure"]["annotations"]) == env
@@ -429,10 +433,81 @@ def test_mode_the_scenario_does_not_run_in() -> None:
 
 
 def test_unknown_variant_lists_the_scenario_variants() -> None:
-    with pytest.raises(UsageError, match="its variants: proxy-config, infrastructure-annotations"):
+    with pytest.raises(UsageError, match="its variants: as-documented, proxyconfig"):
         find_variant(scenario("gateway-api"), "helm-values")
 
 
 def test_unsupported_istio_version_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match=r"Istio version '1\.19\.0' is in minor 1\.19"):
         scenario_manifests(scenario("legacy-sidecar"), MtlsMode.STRICT, "1.19.0", namespace=NS)
+
+
+# --- configuration variants -----------------------------------------------------------------
+
+
+def _workload_policies(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == "PeerAuthentication" and "selector" in o["spec"]]
+
+
+@pytest.mark.parametrize("name", ["native-sidecar", "hardened"])
+def test_port_permissive_sets_both_secure_ports_permissive_for_the_workload(name: str) -> None:
+    objects = render(name, MtlsMode.STRICT, variant="port-permissive")
+    (policy,) = _workload_policies(objects)
+    assert policy["spec"] == {
+        "selector": {"matchLabels": {"app": "httpbin"}},
+        "portLevelMtls": {"15091": {"mode": "PERMISSIVE"}, "15092": {"mode": "PERMISSIVE"}},
+    }
+    assert "traffic.sidecar.istio.io/excludeInboundPorts" not in pod_annotations(objects)
+    assert not _workload_policies(render(name, MtlsMode.STRICT, variant="as-documented"))
+
+
+def test_port_strict_sets_the_legacy_sidecar_port_strict() -> None:
+    objects = render("legacy-sidecar", MtlsMode.PERMISSIVE, variant="port-strict")
+    (policy,) = _workload_policies(objects)
+    assert policy["spec"]["portLevelMtls"] == {"15091": {"mode": "STRICT"}}
+    assert one(objects, "Sidecar")["spec"]["ingress"][0]["port"]["number"] == 15091
+    assert not _workload_policies(render("legacy-sidecar", MtlsMode.PERMISSIVE))
+
+
+def test_upgrade_starts_from_the_working_legacy_configuration() -> None:
+    (unit,) = scenario("upgrade").run_units()
+    assert unit.variant.id is VariantId.PORT_STRICT
+    objects = render("upgrade", MtlsMode.PERMISSIVE, PRE_NATIVE)
+    (policy,) = _workload_policies(objects)
+    assert policy["spec"]["portLevelMtls"] == {"15091": {"mode": "STRICT"}}
+
+
+def test_fix_variants_render_only_in_the_modes_they_run_in() -> None:
+    with pytest.raises(UsageError, match=r"variant exclude-capture .* does not run in mTLS mode"):
+        render("native-sidecar", MtlsMode.PERMISSIVE, variant="exclude-capture")
+
+
+def test_tcp_app_port_names_the_app_port_tcp_and_the_servicemonitor_follows() -> None:
+    objects = render("servicemonitor", MtlsMode.PERMISSIVE, variant="tcp-app-port")
+    ports = {p["name"]: p["port"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert ports == {"tcp": 8000, "https-merged": 15092}
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert sorted(m["spec"]["endpoints"][0]["port"] for m in monitors) == ["https-merged", "tcp"]
+    documented = render("servicemonitor", MtlsMode.PERMISSIVE)
+    assert "http" in {p["name"] for p in one(documented, "Service")["spec"]["ports"]}
+
+
+def test_podmonitor_scrapes_the_secure_merged_port_like_istios_operator_sample() -> None:
+    objects = render("servicemonitor", MtlsMode.STRICT, variant="podmonitor")
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]
+    monitor = one(objects, "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["scheme"] == "https"
+    # a PodMonitor cannot name files (prometheus-operator#3922): its scrape class does
+    assert "tlsConfig" not in endpoint
+    (scrape_class,) = one(objects, "Prometheus")["spec"]["scrapeClasses"]
+    assert monitor["spec"]["scrapeClass"] == scrape_class["name"]
+    assert scrape_class["tlsConfig"]["certFile"] == "/etc/prom-certs/cert-chain.pem"
+    assert scrape_class["tlsConfig"]["insecureSkipVerify"] is True
+    address = endpoint["relabelings"][-1]
+    assert address["targetLabel"] == "__address__"
+    assert address["sourceLabels"][-1] == (
+        "__meta_kubernetes_pod_annotation_prometheus_istio_io_secure_port"
+    )
+    prometheus = one(objects, "Prometheus")
+    assert prometheus["spec"]["podMonitorSelector"] == prometheus["spec"]["serviceMonitorSelector"]

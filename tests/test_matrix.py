@@ -89,14 +89,19 @@ def test_matrix_rows_columns_and_cells(reports: list[Path]) -> None:
     assert [c.key[1] for c in m.columns] == ["1.30.5", "1.31.1", "1.31.1", "1.29.8"]
     assert [c.key[2] for c in m.columns] == ["v1.33.1", "v1.34.2", "v1.35.0", ""]
     assert [r for r, _ in m.rows] == [
-        "native-sidecar[PERMISSIVE]",
-        "native-sidecar[STRICT]",
-        "legacy-sidecar[PERMISSIVE]",
+        "native-sidecar[PERMISSIVE/as-documented]",
+        "native-sidecar[STRICT/as-documented]",
+        "legacy-sidecar[PERMISSIVE/as-documented]",
     ]
-    strict = [m.cell("native-sidecar[STRICT]", i).status for i in range(4)]
+    strict = [m.cell("native-sidecar[STRICT/as-documented]", i).status for i in range(4)]
     assert strict == ["SKIP", "FAIL", "PASS", "-"]
-    assert m.cell("native-sidecar[STRICT]", 0).reason == "Istio 1.30.5 lacks native-secure-ports"
-    assert [f["code"] for f in m.cell("native-sidecar[STRICT]", 1).failures] == ["SMC009"]
+    assert (
+        m.cell("native-sidecar[STRICT/as-documented]", 0).reason
+        == "Istio 1.30.5 lacks native-secure-ports"
+    )
+    assert [f["code"] for f in m.cell("native-sidecar[STRICT/as-documented]", 1).failures] == [
+        "SMC009"
+    ]
     assert m.columns[3].label == f"Istio 1.29.8 / no Kubernetes / local / {REFERENCE}"
     assert m.columns[0].label == ("Istio 1.30.5 / Kubernetes v1.33.1 / kind / Example Mesh 2.4.1")
 
@@ -107,12 +112,17 @@ def test_cli_writes_markdown_and_html_with_working_links(
     md, html = tmp_path / "matrix.md", tmp_path / "matrix.html"
     args = ["matrix", *map(str, reports), "--markdown", str(md), "--html", str(html)]
     assert main(args) == 0
-    assert "3 scenario variants x 4 runs" in capsys.readouterr().out
+    assert "3 run units x 4 runs" in capsys.readouterr().out
 
-    fail = anchor("native-sidecar[STRICT]", 1)
+    fail = anchor("native-sidecar[STRICT/as-documented]", 1)
     text = md.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| native-sidecar[STRICT]"))
-    assert row == f"| native-sidecar[STRICT] | core | SKIP | [**FAIL**](#{fail}) | PASS | - |"
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| native-sidecar[STRICT/as-documented]")
+    )
+    cells = f"| core | SKIP | [**FAIL**](#{fail}) | PASS | - |"
+    assert row == f"| native-sidecar[STRICT/as-documented] {cells}"
     assert f'<a id="{fail}"></a>' in text
     # the message's pipe is escaped so it cannot break the table
     assert "DOWN \\| reset" in text
@@ -151,7 +161,7 @@ def test_same_combination_twice_keeps_the_newer(reports: list[Path], tmp_path: P
     write_report(newer, RunResult(outcomes=_outcomes(Status.PASS)), meta)
     m = build_matrix(load_reports([*reports, newer]))
     assert len(m.columns) == 4
-    assert m.cell("native-sidecar[STRICT]", 1).status == "PASS"
+    assert m.cell("native-sidecar[STRICT/as-documented]", 1).status == "PASS"
     assert len(m.notes) == 1
     assert str(newer) in m.notes[0]
     assert str(reports[1]) in m.notes[0]

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from localmesh import requires_local_mesh
 
-from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.catalog import MtlsMode, RunUnit, VariantId, scenario
 from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
@@ -40,10 +40,34 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
         {"hardened-envoy-stats-localhost", "hardened-agent-forbidden"},
     ),
     Fault.EXPIRED_WORKLOAD_CERT: ("native-sidecar", {"mtls-scrape", "envoy-port-stats-only"}),
+    # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
+    Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
-    Fault.SECURE_PORT_ANNOTATION_MISSING: ("native-sidecar", TARGETS),
+    Fault.SECURE_PORT_ANNOTATION_MISSING: (
+        "native-sidecar",
+        TARGETS | {"injector-secure-port-annotation"},
+    ),
+    # the injector model leaves secure-port unset: SMC014 says so, and the merged job,
+    # which keys on that annotation, finds no target
+    Fault.INJECTOR_NO_SECURE_PORT: (
+        "native-sidecar",
+        {"injector-secure-port-annotation", "targets-up-merged"},
+    ),
     Fault.UPGRADE_DROPS_TARGETS: ("upgrade", {"upgrade-continuity"}),
+    # the fix of a known gap, broken: every check the gap predicts fails, as a FAIL
+    Fault.PROXYCONFIG_SELECTS_NOTHING: (
+        "gateway-api",
+        {"listeners-tls-only", "mtls-scrape", "envoy-port-stats-only"} | TARGETS,
+    ),
 }
+#: faults that break a variant other than the scenario's first (as-documented) one
+VARIANT = {Fault.PROXYCONFIG_SELECTS_NOTHING: VariantId.PROXYCONFIG}
+
+
+def _unit(fault: Fault) -> RunUnit:
+    sc = scenario(EXPECTED[fault][0])
+    variant = sc.variant(VARIANT[fault]) if fault in VARIANT else sc.variants[0]
+    return RunUnit(sc, MtlsMode.PERMISSIVE, variant)
 
 
 def _scraper_fault_controls() -> dict[Fault, list[CheckOutcome]]:
@@ -71,9 +95,7 @@ def _data_plane_fault_controls(
     backend = LocalBackend()
     try:
         chosen = sorted(faults or frozenset(EXPECTED) - SCRAPER_FAULTS - UPGRADE_FAULTS)
-        deployments = backend.deploy_with_faults(
-            [(scenario(EXPECTED[f][0]), MtlsMode.PERMISSIVE, f) for f in chosen]
-        )
+        deployments = backend.deploy_with_faults([(_unit(f), f) for f in chosen])
         return {f: run_checks(backend, dep) for f, dep in zip(chosen, deployments, strict=True)}
     finally:
         backend.close()
@@ -138,6 +160,16 @@ def test_fault_makes_the_verdict_fail_naming_its_checks(
             assert o.message
 
 
+def test_a_broken_fix_variant_is_a_fail_not_a_known_gap(
+    control_results: dict[Fault, list[CheckOutcome]],
+) -> None:
+    outcomes = control_results[Fault.PROXYCONFIG_SELECTS_NOTHING]
+    assert {o.variant for o in outcomes} == {"proxyconfig"}
+    assert not [o for o in outcomes if o.status in (Status.KNOWN_GAP, Status.FIXED)]
+    assert all(o.fix_of == ("gateway-api-infrastructure-annotations",) for o in outcomes)
+    assert RunResult(outcomes=outcomes).unfixed()
+
+
 def test_missing_annotation_is_reported_as_zero_targets(
     control_results: dict[Fault, list[CheckOutcome]],
 ) -> None:
@@ -150,6 +182,11 @@ def test_expired_certificate_is_named(control_results: dict[Fault, list[CheckOut
         o for o in control_results[Fault.EXPIRED_WORKLOAD_CERT] if o.check == "mtls-scrape"
     )
     assert "expired" in scrape.message
+
+
+def test_wrong_identity_is_named(control_results: dict[Fault, list[CheckOutcome]]) -> None:
+    scrape = next(o for o in control_results[Fault.WRONG_IDENTITY] if o.check == "mtls-scrape")
+    assert "httpbin-impostor" in scrape.message
 
 
 def test_targets_dropped_by_an_upgrade_are_named(

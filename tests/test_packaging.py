@@ -110,5 +110,5 @@ def test_installed_wheel_collects_scenarios_with_pyargs(venv: Path, tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     collected = [line for line in done.stdout.splitlines() if "::test_" in line]
-    assert any("[native-sidecar[PERMISSIVE]]" in line for line in collected)
+    assert any("[native-sidecar[PERMISSIVE/as-documented]]" in line for line in collected)
     assert all("site-packages" not in line or str(venv) in line for line in collected)

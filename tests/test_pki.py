@@ -754,6 +754,168 @@ BAD_PEERS: dict[
 }
 
 
+def svid_chain(
+    ca: MeshCA,
+    *,
+    aki: bool = True,
+    issuer_ca: bool = True,
+    issuer_path_length: int | None = 0,
+    issuer_cert_sign: bool = True,
+    extra_ca: bool = False,
+    leaf_signs: bool = True,
+    unknown_critical: bool = False,
+    leaf_key: PrivateKey | None = None,
+    identity: SpiffeId = EXPECTED,
+) -> list[x509.Certificate]:
+    """An X.509-SVID under a fresh intermediate of the mesh root, built so that one path
+    property (not the SAN) can be wrong; with ``aki=False`` the leaf has no Authority
+    Key Identifier, which RFC 5280 and the SPIFFE X.509-SVID spec allow."""
+    now = datetime.now(UTC) - timedelta(minutes=5)
+
+    def build(
+        subject: x509.Name, issuer: x509.Name, key: PrivateKey, signer: PrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(hours=1))
+        )
+
+    def usage(*, sign: bool, cert_sign: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=sign,
+            content_commitment=False,
+            key_encipherment=not sign,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=cert_sign,
+            crl_sign=cert_sign,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
+    issuer_key, parent_key, parent = _new_key(), ca.root_key, ca.root_cert.subject
+    chain: list[x509.Certificate] = []
+    if extra_ca:  # a second intermediate between the root and the leaf's issuer
+        middle_key = _new_key()
+        middle_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Middle CA")])
+        middle = (
+            build(middle_name, parent, middle_key, parent_key)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage(sign=True, cert_sign=True), critical=True)
+            .sign(parent_key, hashes.SHA256())
+        )
+        chain.append(middle)
+        parent_key, parent = middle_key, middle_name
+    issuer_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SVID Issuer")])
+    issuer = (
+        build(issuer_name, parent, issuer_key, parent_key)
+        .add_extension(
+            x509.BasicConstraints(
+                ca=issuer_ca, path_length=issuer_path_length if issuer_ca else None
+            ),
+            critical=True,
+        )
+        .add_extension(usage(sign=True, cert_sign=issuer_cert_sign), critical=True)
+        .sign(parent_key, hashes.SHA256())
+    )
+    leaf = (
+        build(EMPTY_NAME, issuer_name, leaf_key or _new_key(), issuer_key)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage(sign=leaf_signs, cert_sign=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+            critical=True,
+        )
+    )
+    if aki:
+        leaf = leaf.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    if unknown_critical:
+        leaf = leaf.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
+            critical=True,
+        )
+    return [leaf.sign(issuer_key, hashes.SHA256()), issuer, *reversed(chain)]
+
+
+BAD_PEERS.update(
+    {
+        "issuer that is not a CA": (
+            lambda ca, foreign: svid_chain(ca, issuer_ca=False),
+            PeerFailure.UNTRUSTED,
+            "CA 'CN=SVID Issuer' issues certificates but is not a CA",
+        ),
+        "issuer without keyCertSign": (
+            lambda ca, foreign: svid_chain(ca, issuer_cert_sign=False),
+            PeerFailure.UNTRUSTED,
+            "its key usage lacks keyCertSign",
+        ),
+        "leaf that may not sign": (
+            lambda ca, foreign: svid_chain(ca, leaf_signs=False),
+            PeerFailure.UNTRUSTED,
+            "allows neither digitalSignature nor keyAgreement",
+        ),
+        "unhandled critical extension": (
+            lambda ca, foreign: svid_chain(ca, unknown_critical=True),
+            PeerFailure.UNTRUSTED,
+            "unhandled critical extension 1.3.6.1.4.1.99999.1",
+        ),
+    }
+)
+
+
+def test_verify_peer_accepts_an_svid_without_authority_key_identifier(ca: MeshCA) -> None:
+    """RFC 5280 and the SPIFFE X.509-SVID spec allow it, and Envoy accepts it; the
+    web-PKI profile this verifier once used rejected it as PEER_UNTRUSTED."""
+    chain = svid_chain(ca, aki=False)
+    with pytest.raises(x509.ExtensionNotFound):
+        chain[0].extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    assert verify_peer(chain, ca.root_cert, EXPECTED) == EXPECTED
+    assert verify_peer(svid_chain(ca), ca.root_cert, EXPECTED) == EXPECTED  # the good twin
+
+
+def test_verify_peer_enforces_path_length(ca: MeshCA) -> None:
+    chain = svid_chain(ca, extra_ca=True, issuer_path_length=0)
+    assert verify_peer(chain, ca.root_cert, EXPECTED) == EXPECTED  # 0 CAs below the issuer
+    root_key, inter_key = ca.root_key, _new_key()
+    # a middle CA that allows no CA below it, above the leaf's issuer
+    tight = _cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tight CA")]),
+        ca.root_cert.subject,
+        inter_key,
+        root_key,
+        ca=True,  # _cert gives CAs pathLenConstraint 0
+    )
+    issuer_key = _new_key()
+    issuer = _cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Below Tight")]),
+        tight.subject,
+        issuer_key,
+        inter_key,
+        ca=True,
+    )
+    leaf = _cert(EMPTY_NAME, issuer.subject, _new_key(), issuer_key, sans=GOOD_SANS)
+    with pytest.raises(PeerVerificationError) as caught:
+        verify_peer([leaf, issuer, tight], ca.root_cert, EXPECTED)
+    assert caught.value.kind is PeerFailure.UNTRUSTED
+    assert (
+        "CA 'CN=Tight CA' allows 0 CAs below it (pathLenConstraint), has 1" in caught.value.reason
+    )
+
+
 @pytest.mark.parametrize("case", sorted(BAD_PEERS))
 def test_verify_peer_rejects_bad_certificates(ca: MeshCA, foreign_ca: MeshCA, case: str) -> None:
     make, kind, reason = BAD_PEERS[case]

@@ -12,10 +12,12 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests.adapters
 from cryptography.hazmat.primitives.serialization import Encoding
+from test_pki import svid_chain
 from tlsservers import (
     AGENT_403,
     AGENT_403_BODY,
@@ -28,11 +30,12 @@ from tlsservers import (
     close_after_accept,
     close_after_handshake,
     closed_port,
+    envoy_tls_server,
     server_context,
     silent,
 )
 
-from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
 from securemetrics_e2e.probe import (
     MtlsOutcome,
@@ -531,3 +534,52 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         yield
+
+
+# ----------------------------------------------------------- judged as Envoy judges
+
+
+def _serve_files(chain: list[Any], key: Any, work: Path) -> tuple[Path, Path]:
+    """Write a chain and its key as Envoy reads them (the key 0600)."""
+    from cryptography.hazmat.primitives import serialization
+
+    work.mkdir(parents=True, exist_ok=True)
+    chain_file, key_file = work / "cert-chain.pem", work / "key.pem"
+    chain_file.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(
+        key.private_bytes(
+            Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return chain_file, key_file
+
+
+def test_svid_without_authority_key_identifier_served_by_envoy_is_ok(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A real Envoy serves an X.509-SVID whose leaf has no Authority Key Identifier
+    (RFC 5280 and the SPIFFE X.509-SVID spec allow it; Envoy serves and accepts it): the
+    probe must judge it OK, not PEER_UNTRUSTED, and see the workload's identity."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from securemetrics_e2e.local.envoy import envoy_binary
+
+    try:
+        envoy_binary()
+    except EnvironmentProblem as exc:
+        pytest.skip(f"no real Envoy here: {exc}")
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = svid_chain(mesh.ca, aki=False, leaf_key=key, identity=mesh.expected)
+    chain_file, key_file = _serve_files(chain, key, tmp_path / "svid")
+    root = mesh.scraper_files.root_cert
+    with envoy_tls_server(chain_file, key_file, root, tmp_path) as port:
+        result = mesh.scrape(f"https://127.0.0.1:{port}/stats/prometheus")
+        foreign = mesh.scrape(
+            f"https://127.0.0.1:{port}/stats/prometheus", client=mesh.foreign_client_files
+        )
+    assert result.outcome is MtlsOutcome.OK, result.detail
+    assert result.peer_spiffe_id == mesh.expected
+    assert "envoy_server_live" in result.metric_names
+    # the same Envoy still refuses a client of a foreign CA: it is really checking
+    assert foreign.outcome is MtlsOutcome.HANDSHAKE_REJECTED, foreign.detail

@@ -27,7 +27,7 @@ DIST = ["--org", "Example Corp.", "--project", "Example Mesh", "--dist-version",
 @pytest.fixture(scope="module")
 def local_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("local") / "local.yaml"
-    argv = ["run", "--scenario", "legacy-sidecar", "--report", str(out), *DIST]
+    argv = ["run", "--scenario", "native-sidecar", "--report", str(out), *DIST]
     done = subprocess.run(
         [sys.executable, "-m", "securemetrics_e2e", *argv],
         capture_output=True,

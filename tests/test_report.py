@@ -76,7 +76,7 @@ def mixed_result() -> RunResult:
                 Status.FAIL,
                 "httpbin: job istio-secure-merged-metrics: DOWN (connection reset)",
                 diagnostics="artifacts/native-sidecar-strict/",
-                nodeid="scenarios/test_secure_metrics.py::test_x[native-sidecar[STRICT]]",
+                nodeid="scenarios/test_secure_metrics.py::test_x[native-sidecar[STRICT/as-documented]]",
             ),
             outcome("native-sidecar", "STRICT", "mtls-scrape", Status.PASS),
             outcome(
@@ -106,17 +106,17 @@ def test_report_names_every_check_with_its_fate() -> None:
     assert extended["name"] == "extended"
     passed = {(e["id"], e["check"]) for e in core["passed"]}
     assert passed == {
-        ("native-sidecar[PERMISSIVE]", "listeners-tls-only"),
-        ("native-sidecar[PERMISSIVE]", "mtls-scrape"),
-        ("native-sidecar[STRICT]", "mtls-scrape"),
-        ("hardened[PERMISSIVE]", "mtls-scrape"),
+        ("native-sidecar[PERMISSIVE/as-documented]", "listeners-tls-only"),
+        ("native-sidecar[PERMISSIVE/as-documented]", "mtls-scrape"),
+        ("native-sidecar[STRICT/as-documented]", "mtls-scrape"),
+        ("hardened[PERMISSIVE/as-documented]", "mtls-scrape"),
     }
     assert all(e["title"] == check(e["check"]).title for e in core["passed"])
     (failed,) = core["failed"]
     assert failed["code"] == "SMC009"
     assert failed["message"].startswith("httpbin: job istio-secure-merged-metrics")
     assert failed["diagnostics"] == "artifacts/native-sidecar-strict/"
-    assert failed["nodeid"].endswith("[native-sidecar[STRICT]]")
+    assert failed["nodeid"].endswith("[native-sidecar[STRICT/as-documented]]")
     (skipped,) = core["skipped"]
     assert skipped["reason"] == "backend local lacks pod-isolation"
     assert extended["skipped"][0]["reason"].startswith("Istio 1.30.5 lacks")
@@ -126,14 +126,20 @@ def test_profile_and_run_results() -> None:
     doc = build_report(mixed_result(), META)
     core, extended = doc["profiles"]
     assert core["result"] == "failure"
-    assert core["statistics"] == {"passed": 4, "failed": 1, "skipped": 1}
+    assert core["statistics"] == {
+        "passed": 4,
+        "failed": 1,
+        "knownGaps": 0,
+        "fixed": 0,
+        "skipped": 1,
+    }
     assert extended["result"] == "skipped"  # nothing ran there: it proves nothing
     assert doc["verdict"]["conformant"] is False
     assert doc["verdict"]["result"] == "failure"
     rows = {r["id"]: r for r in core["scenarios"]}
-    assert rows["native-sidecar[STRICT]"]["status"] == "FAIL"
-    assert rows["native-sidecar[STRICT]"]["codes"] == ["SMC009"]
-    assert rows["native-sidecar[PERMISSIVE]"]["status"] == "PASS"
+    assert rows["native-sidecar[STRICT/as-documented]"]["status"] == "FAIL"
+    assert rows["native-sidecar[STRICT/as-documented]"]["codes"] == ["SMC009"]
+    assert rows["native-sidecar[PERMISSIVE/as-documented]"]["status"] == "PASS"
 
     passing = RunResult(
         outcomes=[o for o in mixed_result().outcomes if o.status is not Status.FAIL]
@@ -143,7 +149,7 @@ def test_profile_and_run_results() -> None:
     assert doc["verdict"] == {
         "conformant": True,
         "result": "partial",
-        "statistics": {"passed": 4, "failed": 0, "skipped": 2},
+        "statistics": {"passed": 4, "failed": 0, "knownGaps": 0, "fixed": 0, "skipped": 2},
         "errors": [],
         "durationSeconds": None,
     }
@@ -262,21 +268,23 @@ def test_junit_from_the_same_result(tmp_path: Path) -> None:
     assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("7", "1", "2")
     suites = {s.get("name"): s for s in root.findall("testsuite")}
     assert list(suites) == [
-        "native-sidecar[PERMISSIVE]",
-        "native-sidecar[STRICT]",
-        "hardened[PERMISSIVE]",
-        "gateway-api[PERMISSIVE]",
+        "native-sidecar[PERMISSIVE/as-documented]",
+        "native-sidecar[STRICT/as-documented]",
+        "hardened[PERMISSIVE/as-documented]",
+        "gateway-api[PERMISSIVE/as-documented]",
     ]
-    strict = suites["native-sidecar[STRICT]"]
+    strict = suites["native-sidecar[STRICT/as-documented]"]
     cases = {c.get("name"): c for c in strict.findall("testcase")}
-    assert {c.get("classname") for c in cases.values()} == {"native-sidecar[STRICT]"}
+    assert {c.get("classname") for c in cases.values()} == {"native-sidecar[STRICT/as-documented]"}
     failure = cases["targets-up-merged"].find("failure")
     assert failure is not None
     assert failure.get("type") == "SMC009"
     assert failure.get("message", "").startswith("SMC009 httpbin: job")
     assert "diagnostics: artifacts/native-sidecar-strict/" in (failure.text or "")
     assert cases["mtls-scrape"].find("failure") is None
-    skip = suites["hardened[PERMISSIVE]"].find("testcase[@name='hardened-agent-forbidden']/skipped")
+    skip = suites["hardened[PERMISSIVE/as-documented]"].find(
+        "testcase[@name='hardened-agent-forbidden']/skipped"
+    )
     assert skip is not None
     assert skip.get("message") == "backend local lacks pod-isolation"
     props = {p.get("name"): p.get("value") for p in strict.iter("property")}
@@ -294,9 +302,20 @@ def test_junit_reports_a_run_error() -> None:
     assert "prometheus" in error.get("message", "")
 
 
+def gap_outcome(
+    scenario: str, mode: str, check_id: str, status: Status, message: str
+) -> CheckOutcome:
+    """An outcome as the known-gap mapping makes it: KNOWN-GAP and FIXED name their gap."""
+    if status in (Status.KNOWN_GAP, Status.FIXED):
+        return outcome(
+            scenario, mode, check_id, status, message or "gap", gap="strict-captures-secure-ports"
+        )
+    return outcome(scenario, mode, check_id, status, message)
+
+
 outcomes = st.lists(
     st.builds(
-        outcome,
+        gap_outcome,
         st.sampled_from(["native-sidecar", "hardened", "gateway-api", "legacy-gateway"]),
         st.sampled_from(["PERMISSIVE", "STRICT"]),
         st.sampled_from([c.id for c in CHECKS]),
@@ -314,8 +333,9 @@ def test_any_run_gives_a_valid_consistent_report(items: list[CheckOutcome]) -> N
     doc = build_report(result)
     validate_report(doc)
     stats = doc["verdict"]["statistics"]
-    assert stats["passed"] + stats["failed"] + stats["skipped"] == len(items)
-    named = sum(len(p[k]) for p in doc["profiles"] for k in ("passed", "failed", "skipped"))
+    assert sum(stats.values()) == len(items)
+    kinds = ("passed", "failed", "skipped", "knownGaps", "fixed")
+    named = sum(len(p[k]) for p in doc["profiles"] for k in kinds)
     assert named == len(items)
     assert doc["verdict"]["conformant"] == result.conformant
     root = build_junit(result)
@@ -357,13 +377,12 @@ def test_continuity_records_reach_the_report_and_the_verdict() -> None:
     assert (pod["scope"], pod["passed"], pod["fraction"]) == ("pod", False, 0.95)
     lines = {text: status for status, text in scenario_lines(result) if "continuity" in text}
     assert lines == {
-        "continuity upgrade[PERMISSIVE] istio-secure-merged-metrics: 100.0% of the window "
-        "covered (17/20 scrapes of 2 pod(s) succeeded), longest gap 1.0s": Status.PASS,
-        "continuity upgrade[PERMISSIVE] istio-secure-envoy-metrics: 80.0% of the window "
-        "covered (9/9 scrapes of 1 pod(s) succeeded), longest gap 3.5s": Status.FAIL,
-        "continuity rotation[PERMISSIVE] merged: 95.0% up (19/20 scrapes), longest gap 1.0s": (
-            Status.FAIL
-        ),
+        "continuity upgrade[PERMISSIVE/as-documented] istio-secure-merged-metrics: 100.0% of "
+        "the window covered (17/20 scrapes of 2 pod(s) succeeded), longest gap 1.0s": Status.PASS,
+        "continuity upgrade[PERMISSIVE/as-documented] istio-secure-envoy-metrics: 80.0% of "
+        "the window covered (9/9 scrapes of 1 pod(s) succeeded), longest gap 3.5s": Status.FAIL,
+        "continuity rotation[PERMISSIVE/as-documented] merged: 95.0% up (19/20 scrapes), "
+        "longest gap 1.0s": Status.FAIL,
     }
     verdict = verdict_line(result, backend="local", istio_version="1.31.1", elapsed_s=1.0)
     assert verdict.endswith(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from securemetrics_e2e.catalog import (
     scenario,
     upgraded_spec,
 )
+from securemetrics_e2e.checks import verify
 from securemetrics_e2e.continuity import (
     COVER_SLACK,
     Continuity,
@@ -33,7 +35,7 @@ from securemetrics_e2e.continuity import (
 )
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.plugin import Variant, variant_skip_reason
+from securemetrics_e2e.plugin import unit_skip_reason
 from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
 
@@ -129,14 +131,12 @@ def test_bad_upgrade_from_is_refused_by_the_backend(upgrade_from: str, message: 
 
 def test_the_oldest_supported_minor_has_no_upgrade_to_it() -> None:
     backend = LocalBackend(istio_version="1.28")
-    reason = variant_skip_reason(
-        Variant(scenario("upgrade"), MtlsMode.PERMISSIVE), backend, "1.28.10"
-    )
+    (upgrade,) = scenario("upgrade").run_units()
+    reason = unit_skip_reason(upgrade, backend, "1.28.10")
     assert reason is not None
     assert "no supported Istio minor precedes 1.28" in reason
     ok = LocalBackend(istio_version="1.29")
-    upgrade = Variant(scenario("upgrade"), MtlsMode.PERMISSIVE)
-    assert variant_skip_reason(upgrade, ok, "1.29") is None
+    assert unit_skip_reason(upgrade, ok, "1.29") is None
 
 
 # -- the local upgrade, for real ------------------------------------------------------------
@@ -148,7 +148,7 @@ def upgraded() -> Iterator[tuple[LocalBackend, UpgradeRun, str, str]]:
     try:
         dep = backend.deploy(scenario("upgrade"), MtlsMode.PERMISSIVE)
         before_pod = dep.workloads[0].pod_name
-        run = run_upgrade_window(backend, dep)
+        run = run_upgrade_window(backend, dep, partial(verify, backend))
         yield backend, run, before_pod, dep.namespace
     finally:
         backend.close()

@@ -277,3 +277,104 @@ def server_context(
         ctx.load_verify_locations(cafile=client_root)
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+@contextlib.contextmanager
+def envoy_tls_server(
+    cert_chain: Path, key: Path, client_root: Path, work: Path, body: str = METRICS_BODY
+) -> Iterator[int]:
+    """A real Envoy (the local backend's binary) serving ``body`` over mutual TLS on a
+    loopback port, as Istio's secure metrics listener does: ``cert_chain`` presented,
+    client certificates required and checked against ``client_root``. Yields the port;
+    the process is stopped by its PID on exit."""
+    import json
+    import subprocess
+
+    from securemetrics_e2e.local.envoy import envoy_binary
+    from securemetrics_e2e.waiting import wait_for
+
+    with closed_port() as port:
+        pass  # free again: Envoy binds it (a port nobody else was handed meanwhile)
+    tls = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+        "DownstreamTlsContext",
+        "require_client_certificate": True,
+        "common_tls_context": {
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": str(cert_chain)},
+                    "private_key": {"filename": str(key)},
+                }
+            ],
+            "validation_context": {"trusted_ca": {"filename": str(client_root)}},
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "secure",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {"status": 200, "body": {"inline_string": body}},
+                            "response_headers_to_add": [
+                                {"header": {"key": "content-type", "value": METRICS.content_type}}
+                            ],
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    listener = {
+        "name": f"127.0.0.1_{port}",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ],
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
+            }
+        ],
+    }
+    config = work / "envoy.json"
+    config.write_text(json.dumps({"static_resources": {"listeners": [listener]}}))
+    log = (work / "envoy.log").open("wb")
+    proc = subprocess.Popen(
+        [envoy_binary(), "--config-path", str(config), "--disable-hot-restart",
+         "--concurrency", "1", "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def listening() -> None:
+            if proc.poll() is not None:
+                log_text = (work / "envoy.log").read_text()
+                raise RuntimeError(f"envoy exited {proc.returncode}: {log_text}")
+            socket.create_connection(("127.0.0.1", port), 0.2).close()  # OSError: not yet
+
+        wait_for(f"envoy listening on 127.0.0.1:{port}", listening, timeout=20.0)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

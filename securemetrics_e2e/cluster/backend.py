@@ -34,7 +34,10 @@ from securemetrics_e2e.catalog import (
     UPGRADE,
     Feature,
     MtlsMode,
+    RunUnit,
     Scenario,
+    UnitKey,
+    Variant,
     WorkloadSpec,
     upgraded_spec,
 )
@@ -52,6 +55,7 @@ from securemetrics_e2e.cluster.plan import (
     ScraperPlan,
     VariantPlan,
     WorkloadLocator,
+    creates_lines,
     kind_identity,
     planned_version,
     render_plan,
@@ -61,6 +65,7 @@ from securemetrics_e2e.cluster.plan import (
     variant_plan,
 )
 from securemetrics_e2e.cluster.probing import Prober
+from securemetrics_e2e.cluster.proxyconfig import env_waits, wait_for_env
 from securemetrics_e2e.cluster.resources import (
     Workload as Rollout,
 )
@@ -231,7 +236,7 @@ class ClusterBackend(Backend):
         # The scraper is never restarted by an upgrade (see upgrade._restart_step): this
         # describes the one deployed, on the version the run started on.
         self.scraper: ScraperPlan = scraper_plan(version, options.run_id, revision=options.revision)
-        self._active: dict[tuple[str, MtlsMode], _Active] = {}
+        self._active: dict[UnitKey, _Active] = {}
         self._saved_templates: dict[tuple[str, str, str], Any] = {}
         self.prober = Prober(
             api=api,
@@ -285,13 +290,30 @@ class ClusterBackend(Backend):
             facts["upgrade"] = f"Istio {old} -> {new} ({how})"
         return facts
 
+    def creates(self, scenarios: Sequence[Scenario]) -> list[str]:
+        """What this run creates and where, as ``--plan`` lists it (:func:`creates_lines`)."""
+        active = [
+            v for s in scenarios for m in s.mtls_modes if (v := self.variant(s, m)).skip is None
+        ]
+        revision = self.options.revision or istio.DEFAULT_REVISION
+        installs = (
+            f"Istio control-plane revision {revision} in {self.istio_namespace} (installed "
+            "by this run; removed by revision at teardown unless the cluster goes)"
+            if self.istio_installed_by_run
+            else f"no Istio: the installed control plane in {self.istio_namespace} is used"
+        )
+        return creates_lines(self.options, active, self.scraper, installs=installs)
+
     def scope_reason(self, scenario: Scenario) -> str | None:
         return run_scope_reason(scenario, self.options)
 
-    def variant(self, scenario: Scenario, mode: MtlsMode) -> VariantPlan:
+    def variant(
+        self, scenario: Scenario, mode: MtlsMode, variant: Variant | None = None
+    ) -> VariantPlan:
+        variant = variant or scenario.variants[0]
         scope = self.scope_reason(scenario)
         if scope is not None:
-            return skipped_variant(scenario, mode, self.options.run_id, scope)
+            return skipped_variant(scenario, mode, self.options.run_id, scope, variant)
         return variant_plan(
             scenario,
             mode,
@@ -299,15 +321,18 @@ class ClusterBackend(Backend):
             self.options.run_id,
             istio_namespace=self.gateway_namespace,
             revision=self.options.revision,
+            variant=variant,
         )
 
     # -- deploy / teardown -------------------------------------------------------------
 
-    def deploy(self, scenario: Scenario, mtls_mode: MtlsMode) -> Deployment:
-        key = (scenario.name, mtls_mode)
+    def deploy(
+        self, scenario: Scenario, mtls_mode: MtlsMode, variant: Variant | None = None
+    ) -> Deployment:
+        key = RunUnit(scenario, mtls_mode, variant or scenario.variants[0]).key
         if key in self._active:
             return self._active[key].deployment
-        plan = self.variant(scenario, mtls_mode)
+        plan = self.variant(scenario, mtls_mode, variant)
         self._check_deployable(plan, [a.plan for a in self._active.values()])
         outcome = self._deploy_plans([plan])[key]
         if isinstance(outcome, BaseException):
@@ -315,23 +340,23 @@ class ClusterBackend(Backend):
         return outcome
 
     def deploy_many(
-        self, variants: Sequence[tuple[Scenario, MtlsMode]]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        """Deploy independent variants side by side and return each one's outcome.
+        self, units: Sequence[RunUnit]
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        """Deploy independent run units side by side and return each one's outcome.
 
         Everything is applied first, then the rollouts are awaited, so pods of all
         namespaces start together and the whole takes about as long as the slowest.
         A variant that would change what an earlier one holds (the classic ingress
         gateway) is left out of the result: deploy it after tearing the other down.
         """
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         plans: list[VariantPlan] = []
-        for scenario, mode in variants:
-            key = (scenario.name, mode)
+        for unit in units:
+            key = unit.key
             if key in self._active:
                 results[key] = self._active[key].deployment
                 continue
-            plan = self.variant(scenario, mode)
+            plan = self.variant(unit.scenario, unit.mtls_mode, unit.variant)
             try:
                 self._check_deployable(plan, [a.plan for a in self._active.values()] + plans)
             except DeployFailed:
@@ -358,8 +383,8 @@ class ClusterBackend(Backend):
 
     def _deploy_plans(
         self, plans: Sequence[VariantPlan]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         if not plans:
             return results
         label = plans[0].id if len(plans) == 1 else f"{len(plans)} variants"
@@ -375,12 +400,18 @@ class ClusterBackend(Backend):
                     try:
                         self._apply_plan(plan)
                     except SecureMetricsError as exc:
-                        results[(plan.scenario.name, plan.mtls_mode)] = exc
+                        results[plan.key] = exc
                         pending.remove(plan)
                         self._remove(plan)
                 for plan in list(pending):
-                    key = (plan.scenario.name, plan.mtls_mode)
+                    key = plan.key
                     try:
+                        # the ProxyConfig path: the env first, then the rollout
+                        wait_for_env(
+                            self.api,
+                            env_waits(plan.manifests),
+                            timeout=self.options.rollout_timeout,
+                        )
                         wait_rollouts(
                             self.api,
                             plan.rollouts,
@@ -394,7 +425,7 @@ class ClusterBackend(Backend):
                         self._remove(plan)
                         continue
                     deployment = Deployment(
-                        plan.scenario, plan.mtls_mode, plan.namespace, workloads
+                        plan.scenario, plan.mtls_mode, plan.namespace, workloads, plan.variant
                     )
                     self._active[key] = _Active(plan, deployment)
                     results[key] = deployment
@@ -412,16 +443,24 @@ class ClusterBackend(Backend):
             self._patch(patch.api_version, patch.kind, patch.name, patch.namespace, patch.body)
 
     def teardown(self, deployment: Deployment) -> None:
-        active = self._active.pop((deployment.scenario.name, deployment.mtls_mode), None)
+        active = self._active.pop(deployment.unit.key, None)
         if active is not None:
             self._remove(active.plan)
 
     def _remove(self, plan: VariantPlan) -> None:
         self.prober.forget(plan.namespace)
         held = {p.name for a in self._active.values() if a.plan is not plan for p in a.plan.patches}
-        for patch in plan.patches:
-            if patch.name not in held:
-                self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        restored = [p for p in plan.patches if p.name not in held]
+        for patch in restored:
+            self._restore(patch.api_version, patch.kind, patch.name, patch.namespace)
+        # The next holder (the legacy gateway after the native one) applies its own
+        # configuration only once the restored pods run: a Gateway server on 15091 bound
+        # while the old pods still carry ENVOY_SECURE_* would meet the native listener.
+        wait_rollouts(
+            self.api,
+            [Rollout(p.kind, p.name, p.namespace) for p in restored if p.kind == "Deployment"],
+            timeout=self.options.rollout_timeout,
+        )
         if plan.solo:
             # the scraper restarts with its own template: the next variant needs it running
             wait_rollouts(
@@ -474,25 +513,30 @@ class ClusterBackend(Backend):
                 raise DeployFailed(
                     f"no running pod of {loc.name} ({loc.selector}) in {loc.namespace}"
                 )
-            pod = pods[0]
-            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-            found.append(self._workload(specs[loc.name], loc, meta, status))
+            found.append(self._workload(specs[loc.name], loc, pods[0]))
         return found
 
-    def _workload(
-        self,
-        spec: WorkloadSpec,
-        loc: WorkloadLocator,
-        meta: dict[str, Any],
-        status: dict[str, Any],
-    ) -> Workload:
-        """The workload a located pod runs, with the identity its service account gets."""
+    def _workload(self, spec: WorkloadSpec, loc: WorkloadLocator, pod: Obj) -> Workload:
+        """The workload a located pod runs, with the identity istiod signs for it.
+
+        The SPIFFE ID is ``spiffe://<trust domain>/ns/<pod namespace>/sa/<pod's
+        spec.serviceAccountName>``: istiod signs the service account of the pod's token
+        (security/pkg/server/ca/authenticate/kubeauth/kube_jwt.go), so it is read from
+        the pod, not assumed: istioctl names the ingress gateway's account
+        ``istio-ingressgateway-service-account``, the Helm ``gateway`` chart names it
+        after the release (ISTIO-FACTS.md "Gateways"). The catalog's name is only the
+        fallback for a pod that names none (Kubernetes then runs it as ``default``).
+        """
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        account = str((pod.get("spec") or {}).get("serviceAccountName") or "")
         return Workload(
             spec=spec,
             namespace=loc.namespace,
             pod_name=str(meta.get("name", "")),
             pod_ip=str(status.get("podIP", "")),
-            spiffe_id=SpiffeId.for_workload(self.trust_domain, loc.namespace, loc.service_account),
+            spiffe_id=SpiffeId.for_workload(
+                self.trust_domain, loc.namespace, account or loc.service_account
+            ),
         )
 
     # -- shared installs ---------------------------------------------------------------
@@ -567,6 +611,17 @@ class ClusterBackend(Backend):
         wait_for("installed CRDs to be established", established, timeout=timeout)
 
     # -- observing ---------------------------------------------------------------------
+
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        """The running pod's annotations as the API server admitted it (after the
+        sidecar injector's mutation)."""
+        pod = self.api.get("v1", "Pod", workload.pod_name, workload.namespace)
+        if pod is None:
+            raise SecureMetricsError(
+                f"pod {workload.pod_name} of {workload.name} is gone from {workload.namespace}"
+            )
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        return {str(k): str(v) for k, v in annotations.items()}
 
     def listeners(self, workload: Workload) -> list[Listener]:
         result = self.api.exec(
@@ -674,12 +729,12 @@ class ClusterBackend(Backend):
         connected: this run's kubeconfig, context and Istio namespace.
         """
         old, new = self.upgrade_versions()
-        key = (deployment.scenario.name, deployment.mtls_mode)
+        key = deployment.unit.key
         active = self._active.get(key)
         if deployment.scenario.name != UPGRADE.name or active is None:
             raise UsageError(
                 f"upgrade() moves the deployed {UPGRADE.name} scenario; "
-                f"{deployment.scenario.name} [{deployment.mtls_mode.value}] is not it "
+                f"{deployment.unit.id} is not it "
                 "(deploy it first)"
             )
         if self.version != old:
@@ -711,13 +766,19 @@ class ClusterBackend(Backend):
 
         upgrade, switch = UPGRADE_PHASES
         with self.timer.phase(f"upgrade Istio {old} -> {new}"):
+            if self.options.canary:
+                self._undo_canary(new, new_ctl)
             execute(upgrade)
             self._now_on(new, new_ctl)
             execute(switch)
             self.prober.forget(deployment.namespace)  # its port-forwards led to the old pod
             workloads = tuple(self._relocate(active.plan, deployment, replaced))
         upgraded = Deployment(
-            deployment.scenario, deployment.mtls_mode, deployment.namespace, workloads
+            deployment.scenario,
+            deployment.mtls_mode,
+            deployment.namespace,
+            workloads,
+            deployment.variant,
         )
         self._active[key] = _Active(active.plan, upgraded)
         return upgraded
@@ -727,9 +788,23 @@ class ClusterBackend(Backend):
         self.version = version
         self.caps = capabilities(version)
         self.istioctl = istioctl
-        # uninstall with the istioctl of what is installed now (--purge: every revision)
+        if not (self.istio_installed_by_run and removes_istio(self.options, self.kind)):
+            return  # a control plane the run found is upgraded and left so, never removed
+        # what this run installed, removed revision by revision with the istioctl of what
+        # runs now (never --purge: istio.uninstall_command)
         uninstall = istio.uninstall_command(istioctl, self.target, revision=None)
         self.undo.replace(UNINSTALL_STEP, lambda: self.run(uninstall))
+
+    def _undo_canary(self, new: IstioVersion, istioctl: str) -> None:
+        """Before the canary is installed: its revision and the default tag the run sets
+        are the run's to remove (newest first: the tag, then the revision)."""
+        if not (self.istio_installed_by_run and removes_istio(self.options, self.kind)):
+            return
+        rev = canary_revision(new)
+        canary = istio.uninstall_command(istioctl, self.target, revision=rev)
+        self.undo.push(f"{UNINSTALL_STEP} {rev}", lambda: self.run(canary))
+        untag = istio.tag_remove_command(istioctl, self.target, "default")
+        self.undo.push("istioctl tag remove default", lambda: self.run(untag))
 
     def _relocate(
         self, plan: VariantPlan, deployment: Deployment, replaced: Collection[str]
@@ -760,7 +835,7 @@ class ClusterBackend(Backend):
                 interval=0.2,
                 max_interval=2.0,
             )
-            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            meta = pod.get("metadata") or {}
             image = _proxy_image(pod)
             running = istio.version_from_image(image) if image else None
             if running is not None and running != str(self.version):
@@ -774,7 +849,7 @@ class ClusterBackend(Backend):
                         else ""
                     )
                 )
-            found.append(self._workload(specs[loc.name], loc, meta, status))
+            found.append(self._workload(specs[loc.name], loc, pod))
         return found
 
     # -- diagnostics and the end -------------------------------------------------------
@@ -782,9 +857,11 @@ class ClusterBackend(Backend):
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path:
         """Write diagnostics for ``deployment`` (or every active one); call before teardown."""
         if deployment is not None:
-            active = self._active.get((deployment.scenario.name, deployment.mtls_mode))
+            active = self._active.get(deployment.unit.key)
             plans = [active.plan] if active else []
-            label = f"{deployment.scenario.name}-{deployment.mtls_mode.value}"
+            label = (
+                f"{deployment.scenario.name}-{deployment.mtls_mode.value}-{deployment.variant.id}"
+            )
         else:
             plans = [a.plan for a in self._active.values()]
             label = "run"
@@ -901,6 +978,8 @@ class _Istio:
     namespace: str
     installed_by_run: bool
     upgrade_istioctl: Path | None = None  # an upgrade run: the newer version's
+    #: the control plane's revision (None: revision-less): its mesh ConfigMap is istio-<rev>
+    revision: str | None = None
 
 
 def _prepare_istio(
@@ -929,30 +1008,43 @@ def _prepare_istio(
             )
         spec = istioctl_spec(str(version))
         istioctl = resolve_tool(spec, cache, override=options.istioctl_bin).path
-        timer.progress(f"[cluster] using installed Istio {version} in {installed.namespace}")
-        return _Istio(version, istioctl, installed.namespace, False)
+        rev = f", revision {installed.revision}" if installed.revision else ""
+        timer.progress(
+            f"[cluster] using installed Istio {version} in {installed.namespace}{rev}; the run "
+            "neither installs Istio beside it nor removes it"
+        )
+        return _Istio(version, istioctl, installed.namespace, False, revision=installed.revision)
     version = requested or DEFAULT_VERSION
     istioctl = resolve_tool(istioctl_spec(str(version)), cache, override=options.istioctl_bin).path
     install = istio.install_command(
         str(istioctl), cluster.target, hub=options.hub, tag=options.tag, revision=options.revision
     )
-    _install(options, install, istioctl, cluster.target, undo, run, options.revision)
-    return _Istio(version, istioctl, "istio-system", True)
+    _install(options, install, istioctl, cluster, undo, run, options.revision)
+    return _Istio(version, istioctl, "istio-system", True, revision=options.revision)
 
 
 def _install(
     options: ClusterOptions,
     install: list[str],
     istioctl: Path,
-    target: istio.KubeTarget,
+    cluster: PreparedCluster,
     undo: Undo,
     run: Runner,
     revision: str | None,
 ) -> None:
     run(install)
-    if not options.keep_cluster:
-        uninstall = istio.uninstall_command(str(istioctl), target, revision=revision)
+    if removes_istio(options, cluster.kind):
+        uninstall = istio.uninstall_command(str(istioctl), cluster.target, revision=revision)
         undo.push(UNINSTALL_STEP, lambda: run(uninstall))
+
+
+def removes_istio(options: ClusterOptions, kind: KindHandle | None) -> bool:
+    """Whether teardown uninstalls the revisions this run installed: not with
+    --keep-cluster, and not on a kind cluster this run created (deleting the cluster
+    removes them); on an existing or reused cluster, by revision only."""
+    if options.keep_cluster:
+        return False
+    return not (kind is not None and kind.created)
 
 
 def _prepare_upgrade_start(
@@ -993,6 +1085,13 @@ def _prepare_upgrade_start(
                 f"upgrades Istio itself: use a cluster without Istio, or one running Istio "
                 f"{old} in {namespace} without a revision{kept}"
             )
+    if found and options.canary:
+        raise IstioConflict(
+            f"the cluster already runs Istio {old} in {namespace}, which this run did not "
+            "install; a canary upgrade installs a revision beside it and moves the default "
+            "revision tag, changing what injects every namespace: upgrade it in place (drop "
+            "--canary) or use a cluster without Istio"
+        )
     istioctl = resolve_tool(istioctl_spec(str(old)), cache).path
     # both now: a download that fails must stop the run before it installs anything
     upgrade_istioctl = resolve_tool(istioctl_spec(str(new)), cache).path
@@ -1003,12 +1102,15 @@ def _prepare_upgrade_start(
         )
         return _Istio(old, istioctl, namespace, False, upgrade_istioctl)
     install = istio.install_command(str(istioctl), cluster.target, hub=options.hub)
-    _install(options, install, istioctl, cluster.target, undo, run, None)
+    _install(options, install, istioctl, cluster, undo, run, None)
     return _Istio(old, istioctl, namespace, True, upgrade_istioctl)
 
 
 def make_cluster_backend(
-    options: ClusterOptions, *, progress: Progress | None = None
+    options: ClusterOptions,
+    *,
+    progress: Progress | None = None,
+    scenarios: Sequence[Scenario] | None = None,
 ) -> ClusterBackend:
     """Prepare the cluster and return the backend; undo everything if a step fails.
 
@@ -1027,7 +1129,13 @@ def make_cluster_backend(
         undo.run(timer.progress)
         raise
     return backend_on(
-        options, cluster, timer=timer, cache=cache, undo=undo, run=command_runner(timer.progress)
+        options,
+        cluster,
+        timer=timer,
+        cache=cache,
+        undo=undo,
+        run=command_runner(timer.progress),
+        scenarios=scenarios,
     )
 
 
@@ -1039,10 +1147,13 @@ def backend_on(
     cache: ToolCache,
     undo: Undo,
     run: Runner,
+    scenarios: Sequence[Scenario] | None = None,
 ) -> ClusterBackend:
     """Istio (found, or installed with ``run``), the backend and its scraper on ``cluster``.
 
-    On failure everything in ``undo`` is undone (and the backend closed, once it exists).
+    Before the scraper is deployed, the run's header says what the run creates and where
+    (the ``CREATES`` list of ``--plan``, for the control plane found). On failure
+    everything in ``undo`` is undone (and the backend closed, once it exists).
     """
     try:
         options = options.validated()
@@ -1065,7 +1176,7 @@ def backend_on(
             cache=cache,
             istio_namespace=mesh.namespace,
             gateway_namespace=gateway_ns,
-            trust_domain=istio.trust_domain(api, mesh.namespace, options.revision),
+            trust_domain=istio.trust_domain(api, mesh.namespace, mesh.revision),
             server_version=server_version,
             istio_installed_by_run=mesh.installed_by_run,
             undo=undo,
@@ -1077,6 +1188,11 @@ def backend_on(
     except BaseException:
         undo.run(timer.progress)
         raise
+    from securemetrics_e2e.catalog import SCENARIOS
+
+    timer.progress("[cluster] this run creates (teardown removes these and nothing else):")
+    for line in backend.creates(list(SCENARIOS) if scenarios is None else scenarios):
+        timer.progress(f"[cluster]   - {line}")
     try:
         backend.deploy_scraper()
     except BaseException:
@@ -1141,4 +1257,4 @@ def backend_from_pytest(config: Any, version: str | None) -> ClusterBackend:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         progress = reporter.write_line
-    return make_cluster_backend(options, progress=progress)
+    return make_cluster_backend(options, progress=progress, scenarios=_chosen_scenarios(config))

@@ -28,6 +28,17 @@ from securemetrics_e2e.cluster.pins import (
 from securemetrics_e2e.cluster.tools import ToolCache, fetch_pinned
 
 ISTIOD_SELECTOR = "app=istiod"
+#: the revision a control plane installed without ``--set revision`` carries: Istio's
+#: charts label it ``istio.io/rev: default`` and istioctl lists it so
+#: (istioctl/pkg/tag/revision.go renderWithDefault(..., DefaultRevisionName)), which is
+#: why ``istioctl uninstall --revision default`` removes exactly that control plane
+DEFAULT_REVISION = "default"
+REVISION_LABEL = "istio.io/rev"
+#: the MutatingWebhookConfiguration ``istioctl tag set default`` creates: it makes
+#: ``istio-injection=enabled`` namespaces inject from the revision in its
+#: ``istio.io/rev`` label (istioctl/pkg/tag/tag.go setTag, "istio-revision-tag-<tag>")
+DEFAULT_TAG_WEBHOOK = "istio-revision-tag-default"
+ADMISSION_API = "admissionregistration.k8s.io/v1"
 INGRESS_GATEWAY = "istio-ingressgateway"
 INGRESS_SELECTOR = "app=istio-ingressgateway"
 CRD_API = "apiextensions.k8s.io/v1"
@@ -87,9 +98,27 @@ def install_command(
 
 
 def uninstall_command(istioctl: str, target: KubeTarget, *, revision: str | None) -> list[str]:
-    """Remove what :func:`install_command` installed (``--purge`` only without a revision)."""
+    """Remove the one control-plane revision :func:`install_command` installed.
+
+    Never ``--purge``: it removes every revision and the cluster-wide resources
+    (operator/pkg/uninstall/prune.go GetPrunedResources with includeClusterResources),
+    a vendor's control plane included (ISTIO-FACTS.md "Existing clusters"). By
+    revision, istioctl prunes only the objects labelled ``istio.io/rev=<revision>`` of
+    the pilot and gateway components (operator/cmd/mesh/uninstall.go runUninstall); a
+    revision-less install is revision ``default``.
+    """
     cmd = [istioctl, "uninstall", "-y", *target.args()]
-    return cmd + (["--revision", revision] if revision else ["--purge"])
+    return [*cmd, "--revision", revision or DEFAULT_REVISION]
+
+
+def tag_set_command(istioctl: str, target: KubeTarget, tag: str, revision: str) -> list[str]:
+    return [istioctl, "tag", "set", tag, *target.args(), "--revision", revision, "--overwrite"]
+
+
+def tag_remove_command(istioctl: str, target: KubeTarget, tag: str) -> list[str]:
+    """Remove a revision tag the run set: ``istioctl tag set`` makes it user-managed, so
+    no uninstall removes it (istioctl/pkg/tag/generate.go GenerateOptions.UserManaged)."""
+    return [istioctl, "tag", "remove", tag, "-y", *target.args()]
 
 
 def analyze_command(istioctl: str, target: KubeTarget, namespace: str) -> list[str]:
@@ -106,13 +135,16 @@ def version_from_image(image: str) -> str | None:
 
 
 def installed_istiods(api: KubeAPI) -> list[InstalledIstio]:
-    """Every istiod Deployment on the cluster, of any revision, in any namespace."""
+    """Every istiod Deployment on the cluster, of any revision, in any namespace:
+    ``istiod`` (revision-less, labelled ``istio.io/rev: default``) and ``istiod-<rev>``
+    (labelled ``istio.io/rev: <rev>``); both carry ``app: istiod`` (Istio's
+    manifests/charts/istio-control/istio-discovery/templates/deployment.yaml)."""
     found = []
     for dep in api.list("apps/v1", "Deployment", None, label_selector=ISTIOD_SELECTOR):
         meta = dep.get("metadata") or {}
         labels = meta.get("labels") or {}
-        rev = labels.get("istio.io/rev")
-        rev = None if rev in (None, "", "default") else str(rev)
+        rev = labels.get(REVISION_LABEL)
+        rev = None if rev in (None, "", DEFAULT_REVISION) else str(rev)
         containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
             "containers"
         ) or [{}]
@@ -123,9 +155,23 @@ def installed_istiods(api: KubeAPI) -> list[InstalledIstio]:
     return found
 
 
+def default_tag_revision(api: KubeAPI) -> str | None:
+    """The revision the ``default`` revision tag points at, if the tag exists."""
+    hook = api.get(ADMISSION_API, "MutatingWebhookConfiguration", DEFAULT_TAG_WEBHOOK)
+    if hook is None:
+        return None
+    rev = ((hook.get("metadata") or {}).get("labels") or {}).get(REVISION_LABEL)
+    return None if rev in (None, "", DEFAULT_REVISION) else str(rev)
+
+
 def detect_istio(api: KubeAPI, revision: str | None = None) -> InstalledIstio | None:
-    """The istiod serving ``revision`` (default: the one without a revision), if any."""
-    return next((i for i in installed_istiods(api) if i.revision == revision), None)
+    """The istiod serving ``revision``; without one, the istiod that injects namespaces
+    labelled ``istio-injection=enabled``: the revision the ``default`` tag points at, or
+    else the revision-less ``istiod`` (ISTIO-FACTS.md "Existing clusters")."""
+    found = installed_istiods(api)
+    if revision is None:
+        revision = default_tag_revision(api)
+    return next((i for i in found if i.revision == revision), None)
 
 
 def trust_domain(api: KubeAPI, istio_namespace: str, revision: str | None) -> str:

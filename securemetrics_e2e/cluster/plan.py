@@ -16,10 +16,21 @@ from typing import NamedTuple
 
 import yaml
 
-from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, Scenario, WorkloadKind
+from securemetrics_e2e.catalog import (
+    AS_DOCUMENTED,
+    SCENARIOS,
+    UPGRADE,
+    MtlsMode,
+    RunUnit,
+    Scenario,
+    UnitKey,
+    Variant,
+    WorkloadKind,
+)
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER, RUN_LABEL, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
+from securemetrics_e2e.cluster.proxyconfig import env_waits
 from securemetrics_e2e.cluster.resources import Workload, namespace_manifest, with_run_label
 from securemetrics_e2e.cluster.tools import (
     ToolCache,
@@ -118,8 +129,13 @@ def planned_target(options: ClusterOptions, kind: KindIdentity) -> istio.KubeTar
     return istio.KubeTarget(options.kubeconfig, options.context)
 
 
-def scenario_namespace(scenario: Scenario, mode: MtlsMode, run_id: str) -> str:
-    return f"sm-{scenario.name}-{mode.value.lower()}-{run_id}"
+def scenario_namespace(
+    scenario: Scenario, mode: MtlsMode, run_id: str, variant: Variant = AS_DOCUMENTED
+) -> str:
+    """One namespace per run unit (its PeerAuthentication governs the whole namespace);
+    the scenario's first variant keeps the plain ``sm-<scenario>-<mode>-<run>`` name."""
+    suffix = "" if variant.id is scenario.variants[0].id else f"-{variant.id}"
+    return f"sm-{scenario.name}-{mode.value.lower()}{suffix}-{run_id}"
 
 
 def scraper_namespace(run_id: str) -> str:
@@ -127,15 +143,17 @@ def scraper_namespace(run_id: str) -> str:
 
 
 def version_skip_reason(
-    scenario: Scenario, caps: Capabilities, mode: MtlsMode = MtlsMode.PERMISSIVE
+    scenario: Scenario,
+    caps: Capabilities,
+    mode: MtlsMode = MtlsMode.PERMISSIVE,
+    variant: Variant = AS_DOCUMENTED,
 ) -> str | None:
-    """Why the Istio version (or a cluster) cannot run ``scenario`` in ``mode``."""
+    """Why the Istio version (or a cluster) cannot run ``scenario`` in ``mode`` and ``variant``."""
     from securemetrics_e2e.applicability import VERSION_GATED, skip_reason
     from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
 
     return skip_reason(
-        scenario,
-        mode,
+        RunUnit(scenario, mode, variant),
         backend="cluster",
         backend_features=CLUSTER_FEATURES | VERSION_GATED,
         version=str(caps.version),
@@ -173,10 +191,17 @@ def run_scope_reason(scenario: Scenario, options: ClusterOptions) -> str | None:
     )
 
 
-def skipped_variant(scenario: Scenario, mode: MtlsMode, run_id: str, reason: str) -> VariantPlan:
-    """A variant that is not deployed, with why (nothing rendered for it)."""
-    namespace = scenario_namespace(scenario, mode, run_id)
-    return VariantPlan(scenario, mode, namespace, (), (), (), (), reason)
+def skipped_variant(
+    scenario: Scenario,
+    mode: MtlsMode,
+    run_id: str,
+    reason: str,
+    variant: Variant | None = None,
+) -> VariantPlan:
+    """A run unit that is not deployed, with why (nothing rendered for it)."""
+    variant = variant or scenario.variants[0]
+    namespace = scenario_namespace(scenario, mode, run_id, variant)
+    return VariantPlan(scenario, mode, namespace, (), (), (), (), reason, variant=variant)
 
 
 @dataclass(frozen=True)
@@ -191,7 +216,7 @@ class WorkloadLocator:
 
 @dataclass(frozen=True)
 class VariantPlan:
-    """Everything the backend does to deploy one (scenario, mTLS mode)."""
+    """Everything the backend does to deploy one run unit (scenario, mTLS mode, variant)."""
 
     scenario: Scenario
     mtls_mode: MtlsMode
@@ -203,10 +228,19 @@ class VariantPlan:
     skip: str | None = None
     #: it restarts what every variant shares (the scraper): nothing may run beside it
     solo: bool = False
+    variant: Variant = AS_DOCUMENTED
+
+    @property
+    def unit(self) -> RunUnit:
+        return RunUnit(self.scenario, self.mtls_mode, self.variant)
+
+    @property
+    def key(self) -> UnitKey:
+        return self.unit.key
 
     @property
     def id(self) -> str:
-        return f"{self.scenario.name} [{self.mtls_mode.value}]"
+        return self.unit.id
 
     @property
     def needs_gateway_api(self) -> bool:
@@ -243,12 +277,15 @@ def variant_plan(
     *,
     istio_namespace: str = ISTIO_NAMESPACE,
     revision: str | None = None,
+    variant: Variant | None = None,
 ) -> VariantPlan:
+    """The plan of one run unit (``variant`` None: the scenario's first, as documented)."""
+    variant = variant or scenario.variants[0]
     caps = capabilities(version)
-    namespace = scenario_namespace(scenario, mode, run_id)
-    skip = version_skip_reason(scenario, caps, mode)
+    namespace = scenario_namespace(scenario, mode, run_id, variant)
+    skip = version_skip_reason(scenario, caps, mode, variant)
     if skip is not None:
-        return VariantPlan(scenario, mode, namespace, (), (), (), (), skip)
+        return VariantPlan(scenario, mode, namespace, (), (), (), (), skip, variant=variant)
     rendered = scenario_manifests(
         scenario,
         mode,
@@ -256,6 +293,7 @@ def variant_plan(
         namespace=namespace,
         scraper_namespace=scraper_namespace(run_id),
         gateway_namespace=istio_namespace,
+        variant=variant,
     )
     patches = scenario_patches(
         scenario,
@@ -264,6 +302,7 @@ def variant_plan(
         namespace=namespace,
         scraper_namespace=scraper_namespace(run_id),
         gateway_namespace=istio_namespace,
+        variant=variant,
     )
     solo = scenario.name == ROTATION_SCENARIO
     if solo:
@@ -294,6 +333,7 @@ def variant_plan(
         tuple(rollouts),
         tuple(_locators(scenario, manifests, namespace, istio_namespace)),
         solo=solo,
+        variant=variant,
     )
 
 
@@ -387,6 +427,8 @@ class Plan:
     teardown: list[Step]
     #: lines printed under the header (an upgrade run names both versions there)
     notes: list[str] = field(default_factory=list)
+    #: what the run creates and where (:func:`creates_lines`; the backend prints the same)
+    creates: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -411,6 +453,9 @@ class Plan:
             *self.notes,
             "",
         ]
+        if self.creates:
+            lines += ["CREATES (teardown removes these and nothing else)"]
+            lines += [f"  - {c}" for c in self.creates] + [""]
         number = 0
         for title, steps in (("STEPS", self.steps), ("TEARDOWN", self.teardown)):
             lines.append(title)
@@ -428,16 +473,19 @@ class Plan:
         return "\n".join(lines) + "\n"
 
 
-def _pairs(
-    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None,
-) -> list[tuple[Scenario, MtlsMode]]:
-    pairs: list[tuple[Scenario, MtlsMode]] = []
+def _units(
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode] | RunUnit] | None,
+) -> list[RunUnit]:
+    """Every run unit of the scenarios (of a (scenario, mode): every variant in that mode)."""
+    units: list[RunUnit] = []
     for item in SCENARIOS if scenarios is None else scenarios:
         if isinstance(item, Scenario):
-            pairs += [(item, m) for m in item.mtls_modes]
+            units += item.run_units()
+        elif isinstance(item, RunUnit):
+            units.append(item)
         else:
-            pairs.append(item)
-    return pairs
+            units += [u for u in item[0].run_units() if u.mtls_mode is item[1]]
+    return units
 
 
 def planned_version(options: ClusterOptions) -> IstioVersion:
@@ -446,11 +494,19 @@ def planned_version(options: ClusterOptions) -> IstioVersion:
     return resolve(options.istio_version) if options.istio_version else DEFAULT_VERSION
 
 
+@dataclass(frozen=True)
+class Detected:
+    """What the backend found installed before it planned (``--plan`` does not look)."""
+
+    istio: istio.InstalledIstio | None
+
+
 def render_plan(
     options: ClusterOptions,
-    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode]] | None = None,
+    scenarios: Iterable[Scenario | tuple[Scenario, MtlsMode] | RunUnit] | None = None,
     *,
     cache: ToolCache | None = None,
+    detected: Detected | None = None,
 ) -> Plan:
     """What a run with ``options`` would do for ``scenarios`` (default: all), in order.
 
@@ -462,7 +518,7 @@ def render_plan(
     if options.upgrade_from is not None:
         from securemetrics_e2e.cluster.upgrade import upgrade_plan
 
-        return upgrade_plan(options, cache=cache, scenarios=_pairs(scenarios))
+        return upgrade_plan(options, cache=cache, scenarios=_units(scenarios), detected=detected)
     version = planned_version(options)
     caps = capabilities(version)
     cache = cache or ToolCache(options.cache_dir)
@@ -471,34 +527,27 @@ def render_plan(
     target = planned_target(options, kind)
     istioctl = str(options.istioctl_bin or "istioctl")
     variants = []
-    for s, m in _pairs(scenarios):
-        scope = run_scope_reason(s, options)
+    for u in _units(scenarios):
+        scope = run_scope_reason(u.scenario, options)
         variants.append(
-            skipped_variant(s, m, run_id, scope)
+            skipped_variant(u.scenario, u.mtls_mode, run_id, scope, u.variant)
             if scope is not None
-            else variant_plan(s, m, version, run_id, revision=options.revision)
+            else variant_plan(
+                u.scenario,
+                u.mtls_mode,
+                version,
+                run_id,
+                revision=options.revision,
+                variant=u.variant,
+            )
         )
     active = [v for v in variants if v.skip is None]
     steps: list[Step] = [
         tools_step(options, cache, [istioctl_spec(str(version))]),
         *cluster_steps(options, kind),
     ]
-    steps.append(
-        Step(
-            "istio",
-            f"if an istiod{f' of revision {options.revision}' if options.revision else ''} is "
-            f"installed, run against it (its version must be {version}); otherwise install "
-            f"Istio {version} with the default profile (istiod + istio-ingressgateway)",
-            commands=[
-                istio.install_command(
-                    istioctl, target, hub=options.hub, tag=options.tag, revision=options.revision
-                )
-            ],
-            details=[
-                "wait for deployment/istiod and deployment/istio-ingressgateway in istio-system"
-            ],
-        )
-    )
+    installs = detected is None or detected.istio is None
+    steps.append(istio_step(options, version, target, istioctl, detected))
     if any(v.needs_gateway_api for v in active):
         files = pins.gateway_api_files(caps.gateway_api_version)
         steps.append(
@@ -536,8 +585,125 @@ def render_plan(
     for index, v in enumerate(active):
         holder = next((o for o in active[:index] if o.conflicts(v)), None)
         steps += _variant_steps(v, after=holder)
-    teardown = teardown_steps(options, active, scraper, target, istioctl, kind)
-    return Plan(options, version, steps, variants, teardown)
+    removal = istio_removal(istioctl, target, [options.revision]) if installs else []
+    teardown = teardown_steps(options, active, scraper, kind, removal, detected=detected)
+    creates = creates_lines(options, active, scraper, installs=istio_creates(options, detected))
+    return Plan(options, version, steps, variants, teardown, creates=creates)
+
+
+def istio_step(
+    options: ClusterOptions,
+    version: IstioVersion,
+    target: istio.KubeTarget,
+    istioctl: str,
+    detected: Detected | None,
+) -> Step:
+    """Use the control plane the cluster runs (ISTIO-FACTS.md "Existing clusters": the
+    revision-less ``istiod``, ``istiod-<rev>``, or the one the ``default`` tag points
+    at), or install one where none runs; never one beside another."""
+    rev = f" of revision {options.revision}" if options.revision else ""
+    if detected is not None and detected.istio is not None:
+        found = detected.istio
+        return Step(
+            "istio",
+            f"use the installed istiod{rev} (image {found.image} in {found.namespace}); "
+            "install nothing beside it and remove nothing of it",
+        )
+    install = istio.install_command(
+        istioctl, target, hub=options.hub, tag=options.tag, revision=options.revision
+    )
+    title = (
+        f"install Istio {version} with the default profile (istiod + istio-ingressgateway)"
+        f"{f' as revision {options.revision}' if options.revision else ''}"
+    )
+    if detected is None:
+        title = (
+            f"if an istiod{rev} (or the default revision tag's) is installed, run against it "
+            f"(its version must be {version}; any other istiod stops the run: the run never "
+            f"installs beside one); if none runs: {title}"
+        )
+    return Step(
+        "istio",
+        title,
+        commands=[install],
+        details=["wait for deployment/istiod and deployment/istio-ingressgateway in istio-system"],
+    )
+
+
+def istio_creates(options: ClusterOptions, detected: Detected | None) -> str:
+    revision = options.revision or istio.DEFAULT_REVISION
+    if detected is not None and detected.istio is not None:
+        return "no Istio: the installed control plane is used"
+    what = f"Istio control-plane revision {revision} (istioctl install) in istio-system"
+    return what if detected is not None else f"only if no istiod runs: {what}"
+
+
+def istio_removal(
+    istioctl: str,
+    target: istio.KubeTarget,
+    revisions: Sequence[str | None],
+    tags: Sequence[str] = (),
+) -> list[list[str]]:
+    """Removing what the run installed, newest first: the tags it set, then each revision
+    it installed, one by one (istio.uninstall_command: never --purge)."""
+    commands = [istio.tag_remove_command(istioctl, target, t) for t in tags]
+    commands += [istio.uninstall_command(istioctl, target, revision=r) for r in reversed(revisions)]
+    return commands
+
+
+def creates_lines(
+    options: ClusterOptions,
+    active: Sequence[VariantPlan],
+    scraper: ScraperPlan,
+    *,
+    installs: str,
+) -> list[str]:
+    """What a run creates and where, for the plan and for the run's header."""
+    where = (
+        f"kind cluster {kind_identity(options).name}"
+        if options.mode == "kind"
+        else "the existing cluster (never created or deleted)"
+    )
+    namespaces = [scraper.namespace] + [v.namespace for v in active]
+    lines = [
+        f"in {where}: namespaces {', '.join(namespaces)} (labelled {RUN_LABEL}="
+        f"{options.run_id}) and everything in them",
+        installs,
+    ]
+    cluster_scoped = [
+        m for m in scraper.manifests if m.get("kind") in ("ClusterRole", "ClusterRoleBinding")
+    ]
+    outside = [
+        m
+        for v in active
+        for m in v.manifests
+        if (m.get("metadata") or {}).get("namespace") not in (None, v.namespace)
+        and m.get("kind") != "Namespace"
+    ]
+    if cluster_scoped or outside:
+        lines.append(
+            "run-labelled objects outside those namespaces: "
+            + ", ".join(
+                f"{k} in {(m.get('metadata') or {}).get('namespace') or 'the cluster'}"
+                for k, m in zip(
+                    istio.kinds(outside + cluster_scoped), outside + cluster_scoped, strict=True
+                )
+            )
+        )
+    patched = sorted(
+        {f"{p.kind.lower()}/{p.name} in {p.namespace}" for v in active for p in v.patches}
+    )
+    if patched:
+        lines.append(
+            "patches (pod template saved first, restored at teardown): " + ", ".join(patched)
+        )
+    if any(v.needs_gateway_api for v in active):
+        lines.append(
+            "only if CRD gateways.gateway.networking.k8s.io is absent: the Gateway API CRDs"
+        )
+    if any(v.needs_operator for v in active):
+        lines.append("only if no Prometheus Operator runs: the Prometheus Operator bundle")
+    return lines
 
 
 def tools_step(options: ClusterOptions, cache: ToolCache, istioctls: Sequence[ToolSpec]) -> Step:
@@ -593,12 +759,12 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     if after is not None:
         shared = after.conflicts(v)
         details.append(
-            f"only once {after.id} is torn down: both change {shared}, so they never run "
-            "at the same time"
+            f"only once {after.id} is torn down and what it patched is restored and rolled "
+            f"out again: both change {shared}, so they never run at the same time"
         )
     steps.append(
         Step(
-            f"{v.scenario.name} {v.mtls_mode.value}",
+            v.id,
             f"deploy {v.id} in namespace {v.namespace} (sidecar injection on)",
             manifests=list(v.manifests),
             details=details,
@@ -607,15 +773,24 @@ def _variant_steps(v: VariantPlan, *, after: VariantPlan | None = None) -> list[
     for p in v.patches:
         steps.append(
             Step(
-                f"{v.scenario.name} {v.mtls_mode.value}",
+                v.id,
                 f"patch {p.kind.lower()}/{p.name} in {p.namespace} (strategic merge; its "
                 "pod template is saved first and restored at teardown)",
                 details=yaml.safe_dump(dict(p.body), sort_keys=False).splitlines(),
             )
         )
+    for wait in env_waits(v.manifests):
+        steps.append(
+            Step(
+                f"{v.scenario.name} {v.mtls_mode.value}",
+                f"wait until {wait.describe()}, before its rollout: istiod renders the "
+                "generated gateway from the last push context and does not watch ProxyConfig "
+                "(pilot/pkg/config/kube/gatewaycommon/deploymentcontroller.go)",
+            )
+        )
     steps.append(
         Step(
-            f"{v.scenario.name} {v.mtls_mode.value}",
+            v.id,
             "wait for rollouts, failing fast on ImagePullBackOff/CrashLoopBackOff: "
             + ", ".join(str(w) for w in v.rollouts),
             details=[
@@ -634,12 +809,14 @@ def teardown_steps(
     options: ClusterOptions,
     active: Sequence[VariantPlan],
     scraper: ScraperPlan,
-    target: istio.KubeTarget,
-    istioctl: str,
     kind: KindIdentity,
+    removal: Sequence[list[str]],
     *,
+    detected: Detected | None = None,
     uninstall_note: str = "",
 ) -> list[Step]:
+    """Teardown: the run-labelled namespaces and objects, the restored patches, and what
+    the run installed (``removal``: its revisions and tags), nothing else."""
     run_id = options.run_id
     teardown: list[Step] = []
     namespaces = [scraper.namespace] + [v.namespace for v in active]
@@ -689,13 +866,23 @@ def teardown_steps(
             teardown.append(
                 Step("cleanup", "if this run installed them: delete " + " and ".join(installs))
             )
-        teardown.append(
-            Step(
-                "istio",
-                "if this run installed Istio: uninstall it" + uninstall_note,
-                commands=[istio.uninstall_command(istioctl, target, revision=options.revision)],
+        if removal:
+            if options.mode == "kind":
+                when = (
+                    "if this run reused a kind cluster (else the cluster goes) and installed Istio"
+                )
+            elif detected is None:
+                when = "if this run installed Istio (no istiod ran)"
+            else:
+                when = "this run installed Istio"
+            teardown.append(
+                Step(
+                    "istio",
+                    f"{when}: remove what it installed, revision by revision (never --purge)"
+                    + uninstall_note,
+                    commands=list(removal),
+                )
             )
-        )
         if options.mode == "kind":
             teardown.append(
                 Step(

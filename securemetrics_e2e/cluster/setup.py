@@ -92,13 +92,23 @@ def container_runtime() -> str:
     return provider if provider in ("podman", "nerdctl") else "docker"
 
 
+def existing_cluster_hint(argv0: str | None = None) -> str:
+    """How to name an existing cluster in the entry point this process was started by:
+    the ``securemetrics-e2e`` CLI (console script or ``python -m securemetrics_e2e``) takes
+    ``--backend existing``; pytest and ``nox -s e2e`` take ``--sm-backend existing``."""
+    path = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else ""))
+    cli = path.name == "securemetrics-e2e" or (
+        path.name == "__main__.py" and path.parent.name == "securemetrics_e2e"
+    )
+    if cli:
+        return "securemetrics-e2e run --backend existing --kubeconfig PATH"
+    return "--sm-backend existing --kubeconfig PATH (nox -s e2e -- --kubeconfig PATH)"
+
+
 def check_container_runtime(timeout: float = 4.0) -> str:
     """Raise :class:`NoContainerRuntime` unless kind's container runtime answers."""
     binary = container_runtime()
-    alternative = (
-        "or run against an existing cluster: --sm-backend existing --kubeconfig PATH "
-        "(nox -s e2e -- --kubeconfig PATH)"
-    )
+    alternative = f"or run against an existing cluster: {existing_cluster_hint()}"
     path = shutil.which(binary)
     if path is None:
         raise NoContainerRuntime(
@@ -214,17 +224,39 @@ def resolve_istio(
     requested: str | None,
     revision: str | None,
 ) -> istio.InstalledIstio | None:
-    """The installed istiod for ``revision``, after checking it is the requested version."""
+    """The installed istiod the run uses (for ``revision``, else the one serving
+    ``istio-injection=enabled``), after checking it is the requested version.
+
+    None only when the cluster runs no istiod at all: a control plane that is there but
+    not the one asked for is refused, never installed beside (ISTIO-FACTS.md "Existing
+    clusters": a second control plane changes which istiod injects and signs).
+    """
     installed = istio.detect_istio(api, revision)
     if installed is None:
-        return None
+        others = istio.installed_istiods(api)
+        if not others:
+            return None
+        found = "; ".join(
+            f"istiod image {i.image} in {i.namespace}, revision {i.revision or 'default'}"
+            for i in others
+        )
+        wanted = f"revision {revision}" if revision else "a default revision (or tag)"
+        revs = sorted({i.revision for i in others if i.revision})
+        hint = f" (e.g. --istio-revision {revs[0]})" if revs else " (drop --istio-revision)"
+        raise IstioConflict(
+            f"the cluster runs Istio ({found}) but no istiod of {wanted}; the run uses an "
+            f"installed control plane and never installs one beside it: pass the revision to "
+            f"use{hint}, or use a cluster without Istio"
+        )
     if requested and installed.version and installed.version != requested:
-        where = installed.namespace + (f", revision {revision}" if revision else "")
+        where = installed.namespace + (
+            f", revision {installed.revision}" if installed.revision else ""
+        )
         raise IstioConflict(
             f"the cluster already runs Istio {installed.version} (istiod image "
             f"{installed.image} in {where}) "
             f"but --istio-version {requested} was asked for. Run without --istio-version to "
-            "test the installed Istio, use --istio-revision to install another revision beside "
-            "it, or use a cluster without Istio"
+            "test the installed Istio, or use a cluster without Istio (the run never installs "
+            "a control plane beside an installed one)"
         )
     return installed

@@ -38,18 +38,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-from securemetrics_e2e.catalog import UPGRADE, MtlsMode, Scenario, upgraded_spec
+from securemetrics_e2e.catalog import UPGRADE, MtlsMode, RunUnit, Scenario, upgraded_spec
 from securemetrics_e2e.cluster import istio
+from securemetrics_e2e.cluster.errors import IstioConflict
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.plan import (
     ISTIO_NAMESPACE,
     SCRAPER_DEPLOYMENT,
+    Detected,
     Plan,
     Step,
     VariantPlan,
     cluster_steps,
     common_kubernetes,
+    creates_lines,
+    istio_removal,
     kind_identity,
     planned_target,
     run_scope_reason,
@@ -122,11 +126,16 @@ def upgrade_plan(
     options: ClusterOptions,
     *,
     cache: ToolCache | None = None,
-    scenarios: Sequence[tuple[Scenario, MtlsMode]] = (),
+    scenarios: Sequence[RunUnit] = (),
+    detected: Detected | None = None,
 ) -> Plan:
     """Every command and manifest of an upgrade run, in order, touching nothing.
 
     ``scenarios`` other than the upgrade scenario are listed as skipped, with why.
+    ``detected``: what the backend found installed (None: not looked, as ``--plan``).
+    A found control plane (the older version, revision-less) is upgraded in place and
+    left so, never removed; a canary beside it is refused, since it moves the default
+    revision tag every ``istio-injection=enabled`` namespace follows.
     """
     options = options.validated()
     old, new = _upgrade_pair(options)
@@ -151,13 +160,30 @@ def upgrade_plan(
         steps[-1].details.append(
             f"Kubernetes {common_kubernetes(old, new)}: supported by both Istio {old} and {new}"
         )
+    found = detected is not None and detected.istio is not None
+    if found and canary:
+        raise IstioConflict(
+            f"a canary upgrade run installs a revision beside the installed Istio {old} and "
+            "moves the default revision tag: upgrade it in place (drop --canary) or use a "
+            "cluster without Istio"
+        )
+    install = [istio.install_command(old_ctl, target, hub=options.hub)]
+    if found:
+        title = f"use the installed Istio {old} in {ISTIO_NAMESPACE}: it is upgraded in place"
+    elif detected is not None:
+        title = f"install Istio {old} with the default profile"
+    else:
+        title = (
+            f"if an istiod is installed it must be Istio {old} in {ISTIO_NAMESPACE} without a "
+            "revision (an upgrade run installs and upgrades Istio itself: any other is "
+            "refused; a canary run is refused on any installed control plane); otherwise "
+            f"install Istio {old} with the default profile"
+        )
     steps.append(
         UpgradeStep(
             "istio",
-            f"if an istiod is installed it must be Istio {old} in {ISTIO_NAMESPACE} without a "
-            "revision (an upgrade run installs and upgrades Istio itself: any other is "
-            f"refused); otherwise install Istio {old} with the default profile",
-            commands=[istio.install_command(old_ctl, target, hub=options.hub)],
+            title,
+            commands=[] if found else install,
             rollouts=[
                 Rollout("Deployment", "istiod", ISTIO_NAMESPACE),
                 Rollout("Deployment", istio.INGRESS_GATEWAY, ISTIO_NAMESPACE),
@@ -203,26 +229,44 @@ def upgrade_plan(
             window="end",
         )
     )
+    revisions: list[str | None] = [None, canary_revision(new)] if canary else [None]
+    removal = (
+        []
+        if found
+        else istio_removal(new_ctl, target, revisions, tags=["default"] if canary else [])
+    )
     teardown = teardown_steps(
         options,
         [before],
         scraper,
-        target,
-        new_ctl,
         kind,
-        uninstall_note=f" with istioctl {new} (--purge: "
-        + ("both revisions)" if canary else "the upgraded control plane)"),
+        removal,
+        detected=detected,
+        uninstall_note=f", with istioctl {new}",
     )
+    installs = (
+        f"no Istio: the installed {old} is upgraded in place to {new} and left so"
+        if found
+        else f"Istio control-plane revision default ({old}, upgraded in place to {new})"
+        if not canary
+        else f"Istio control-plane revisions default ({old}) and {canary_revision(new)} "
+        f"({new}) and the default revision tag"
+    )
+    if detected is None and not found:
+        installs = f"only if no istiod runs: {installs}"
+    creates = creates_lines(options, [before], scraper, installs=installs)
     variants: list[VariantPlan] = [before]
-    for s, m in scenarios:
-        reason = run_scope_reason(s, options)
+    for u in scenarios:
+        reason = run_scope_reason(u.scenario, options)
         if reason is not None:
-            variants.append(skipped_variant(s, m, run_id, reason))
+            variants.append(skipped_variant(u.scenario, u.mtls_mode, run_id, reason, u.variant))
     notes = [
         f"upgrade run: Istio {old} -> {new}, {how}; only the upgrade scenario is deployed; "
         f"the cluster must run Kubernetes {common_kubernetes(old, new)} (both support it)",
     ]
-    return Plan(options.with_version(str(new)), new, steps, variants, teardown, notes)
+    return Plan(
+        options.with_version(str(new)), new, steps, variants, teardown, notes, creates=creates
+    )
 
 
 def upgrade_phase_steps(
@@ -281,16 +325,7 @@ def _upgrade_step(
         "then make it the default revision tag",
         commands=[
             istio.install_command(new_ctl, target, hub=hub, revision=revision, profile="minimal"),
-            [
-                new_ctl,
-                "tag",
-                "set",
-                "default",
-                *target.args(),
-                "--revision",
-                revision,
-                "--overwrite",
-            ],
+            istio.tag_set_command(new_ctl, target, "default", revision),
         ],
         rollouts=[Rollout("Deployment", f"istiod-{revision}", istio_namespace)],
     )

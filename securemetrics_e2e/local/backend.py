@@ -13,14 +13,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,7 +34,10 @@ from securemetrics_e2e.catalog import (
     Feature,
     MetricsMode,
     MtlsMode,
+    RunUnit,
     Scenario,
+    UnitKey,
+    Variant,
     WorkloadKind,
     WorkloadSpec,
     upgraded_spec,
@@ -52,6 +55,7 @@ from securemetrics_e2e.local.bootstrap import (
 )
 from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
+from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
 from securemetrics_e2e.local.owner import new_run_id, sweep
@@ -95,17 +99,53 @@ class _DeploymentRuntime:
     retiring: list[_WorkloadRuntime] = field(default_factory=list)
 
 
+SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
+SECURE_ENVOY_PORT_ANNOTATION = "prometheus.istio.io/secure-envoy-port"
+
+
+def injector_secure_port(
+    annotations: Mapping[str, str], proxy_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The injector's auto-annotation, as pkg/kube/inject/webhook.go
+    applySecurePrometheusAnnotation does it: ``prometheus.istio.io/secure-port`` from the
+    istio-proxy env ``ENVOY_SECURE_MERGED_METRICS_PORT`` (neither empty nor "0"), unless
+    an annotation of that name (compared sanitized, as Istio's SanitizeLabelName does)
+    is already set."""
+    out = dict(annotations)
+    taken = {re.sub(r"[^A-Za-z0-9_]", "_", k) for k in out}
+    if "prometheus_istio_io_secure_port" in taken:
+        return out
+    value = proxy_env.get("ENVOY_SECURE_MERGED_METRICS_PORT", "")
+    if value not in ("", "0"):
+        out[SECURE_PORT_ANNOTATION] = value
+    return out
+
+
 def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
-    """The pod annotations the injector and the chart give this workload."""
+    """The pod annotations the chart and the injector give this workload.
+
+    As charts/httpbin renders them: native sidecars get only ``secure-envoy-port`` by
+    hand (nothing in Istio sets it) and the env the injector reads; gateways and the
+    legacy workaround set ``secure-port`` by hand. The injector then adds the
+    prometheus.io merge annotations and, for sidecars, ``secure-port``.
+    """
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "15020",
         "prometheus.io/path": "/stats/prometheus",
     }
-    if fault is not Fault.SECURE_PORT_ANNOTATION_MISSING:
-        annotations["prometheus.istio.io/secure-port"] = str(spec.secure_merged_port)
-        if spec.secure_envoy_port is not None:
-            annotations["prometheus.istio.io/secure-envoy-port"] = str(spec.secure_envoy_port)
+    native = spec.mode in (MetricsMode.NATIVE, MetricsMode.HARDENED)
+    if spec.secure_envoy_port is not None:
+        annotations[SECURE_ENVOY_PORT_ANNOTATION] = str(spec.secure_envoy_port)
+    if spec.kind is WorkloadKind.SIDECAR and native:
+        env = {"ENVOY_SECURE_MERGED_METRICS_PORT": str(spec.secure_merged_port)}
+        if fault is not Fault.INJECTOR_NO_SECURE_PORT:
+            annotations = injector_secure_port(annotations, env)
+    else:
+        annotations[SECURE_PORT_ANNOTATION] = str(spec.secure_merged_port)
+    if fault is Fault.SECURE_PORT_ANNOTATION_MISSING:
+        annotations.pop(SECURE_PORT_ANNOTATION, None)
+        annotations.pop(SECURE_ENVOY_PORT_ANNOTATION, None)
     return annotations
 
 
@@ -251,46 +291,54 @@ class LocalBackend(Backend):
         }
 
     def deploy(
-        self, scenario: Scenario, mtls_mode: MtlsMode, *, fault: Fault | None = None
+        self,
+        scenario: Scenario,
+        mtls_mode: MtlsMode,
+        variant: Variant | None = None,
+        *,
+        fault: Fault | None = None,
     ) -> Deployment:
-        """Deploy ``scenario``; ``fault`` breaks this deployment's data plane only (a
-        negative control beside healthy or other broken deployments, one Prometheus)."""
-        runtime = self._begin(scenario, mtls_mode, fault)
+        """Deploy ``scenario`` in ``variant``; ``fault`` breaks this deployment's data plane
+        only (a negative control beside healthy or other broken deployments, one Prometheus)."""
+        runtime = self._begin(RunUnit(scenario, mtls_mode, variant or scenario.variants[0]), fault)
         self._finish([runtime])
         return runtime.deployment
 
     def deploy_many(
-        self, variants: Sequence[tuple[Scenario, MtlsMode]]
-    ) -> dict[tuple[str, MtlsMode], Deployment | SecureMetricsError]:
-        """Start every variant's pods, then wait for all their proxies at once."""
-        results: dict[tuple[str, MtlsMode], Deployment | SecureMetricsError] = {}
+        self, units: Sequence[RunUnit]
+    ) -> dict[UnitKey, Deployment | SecureMetricsError]:
+        """Start every run unit's pods, then wait for all their proxies at once."""
+        results: dict[UnitKey, Deployment | SecureMetricsError] = {}
         started: list[_DeploymentRuntime] = []
-        for scenario, mode in variants:
+        for unit in units:
             try:
-                started.append(self._begin(scenario, mode, None))
+                started.append(self._begin(unit, None))
             except SecureMetricsError as exc:
-                results[(scenario.name, mode)] = exc
+                results[unit.key] = exc
         for runtime in started:
-            dep = runtime.deployment
+            key = runtime.deployment.unit.key
             try:
                 self._finish([runtime])
-                results[(dep.scenario.name, dep.mtls_mode)] = runtime.deployment
+                results[key] = runtime.deployment
             except SecureMetricsError as exc:
-                results[(dep.scenario.name, dep.mtls_mode)] = exc
+                results[key] = exc
         return results
 
     def deploy_with_faults(
-        self, items: Sequence[tuple[Scenario, MtlsMode, Fault]]
+        self, items: Sequence[tuple[Scenario, MtlsMode, Fault] | tuple[RunUnit, Fault]]
     ) -> list[Deployment]:
         """Negative controls side by side: each item a broken deployment of its own,
         started together and awaited together."""
-        runtimes = [self._begin(scenario, mode, fault) for scenario, mode, fault in items]
+        runtimes = [
+            self._begin(item[0], item[1])
+            if len(item) == 2
+            else self._begin(RunUnit(item[0], item[1], item[0].variants[0]), item[2])
+            for item in items
+        ]
         self._finish(runtimes)
         return [runtime.deployment for runtime in runtimes]
 
-    def _begin(
-        self, scenario: Scenario, mtls_mode: MtlsMode, fault: Fault | None
-    ) -> _DeploymentRuntime:
+    def _begin(self, unit: RunUnit, fault: Fault | None) -> _DeploymentRuntime:
         """Create the pods and start their processes, without waiting for them."""
         if fault in SCRAPER_FAULTS:
             raise UsageError(
@@ -304,16 +352,29 @@ class LocalBackend(Backend):
             except BaseException:
                 self.close()
                 raise
+        scenario, mtls_mode, variant = unit.scenario, unit.mtls_mode, unit.variant
         namespace = f"smx-{scenario.name}-{mtls_mode.value.lower()}"
+        if variant.id is not scenario.variants[0].id:
+            namespace += f"-{variant.id}"
         if fault is not None and fault is not self.fault:
             namespace += f"-{fault}"
         if namespace in self._active:
-            raise UsageError(f"scenario {scenario.name} is already deployed on this backend")
-        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, ()))
+            raise UsageError(f"run unit {unit.id} is already deployed on this backend")
+        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
+            gateway = unit_gateway(
+                unit,
+                self.istio_version or str(DEFAULT_VERSION),
+                broken_proxy_config=fault is Fault.PROXYCONFIG_SELECTS_NOTHING,
+            )
             for spec in scenario.workloads:
-                runtime.workloads[spec.name] = self._start_workload(spec, namespace, fault)
+                runtime.workloads[spec.name] = self._start_workload(
+                    spec,
+                    namespace,
+                    fault,
+                    gateway=gateway if gateway and spec.name == gateway.deployment else None,
+                )
         except BaseException:
             self.teardown(runtime.deployment)
             raise
@@ -334,11 +395,17 @@ class LocalBackend(Backend):
                 dep.mtls_mode,
                 dep.namespace,
                 tuple(w.workload for w in runtime.workloads.values()),
+                dep.variant,
             )
         self._publish_pods()
 
     def _start_workload(
-        self, spec: WorkloadSpec, namespace: str, fault: Fault | None
+        self,
+        spec: WorkloadSpec,
+        namespace: str,
+        fault: Fault | None,
+        *,
+        gateway: GeneratedGateway | None = None,
     ) -> _WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
@@ -347,12 +414,19 @@ class LocalBackend(Backend):
         sds.directory.mkdir(parents=True)
         if fault is Fault.EXPIRED_WORKLOAD_CERT:
             identity = self.ca.issue_expired(ns, spec.service_account)
+        elif fault is Fault.WRONG_IDENTITY:
+            identity = self.ca.issue(ns, f"{spec.service_account}-impostor")
         else:
             identity = self.ca.issue(ns, spec.service_account)
+        expected = SpiffeId.for_workload(self._trust_domain, ns, spec.service_account)
         self.write_sds(sds, identity, fault)
         localhost_only = (
             spec.mode is MetricsMode.HARDENED and fault is not Fault.HARDENED_FLAG_MISSING
         )
+        # a generated gateway's proxy takes its environment from Istio's deployment
+        # controller, and the two localhost-only rules read different sources there
+        stats_localhost = localhost_only if gateway is None else gateway.stats_localhost_only
+        agent_localhost = localhost_only if gateway is None else gateway.agent_localhost_only
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
         bootstrap = build_bootstrap(
@@ -361,12 +435,13 @@ class LocalBackend(Backend):
             loopback=pod.loopback,
             wildcard=wildcard,
             sds=sds,
-            localhost_only=localhost_only,
+            localhost_only=stats_localhost,
             fault=fault,
+            secure_ports=gateway is None or gateway.opens_secure_ports,
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []
-        workload = Workload(spec, ns, pod.name, pod.ip, identity.spiffe_id)
+        workload = Workload(spec, ns, pod.name, pod.ip, expected)
         record = promconfig.PodRecord(
             name=pod.name,
             namespace=ns,
@@ -384,7 +459,7 @@ class LocalBackend(Backend):
                 pod,
                 wildcard,
                 app_port=APP_PORT if spec.kind is WorkloadKind.SIDECAR else None,
-                localhost_only=localhost_only,
+                localhost_only=agent_localhost,
             )
         )
         return runtime
@@ -498,7 +573,20 @@ class LocalBackend(Backend):
             return None
         from securemetrics_e2e.local.diagnostics import capture
 
-        return capture(self, deployment, reason, self.artifacts_dir)
+        variant = f"{deployment.scenario.name}-{deployment.mtls_mode.value.lower()}"
+        server = self.prometheus_server
+        return capture(
+            deployment,
+            reason,
+            self.artifacts_dir / f"local-{self.run_id}" / variant,
+            proxies={w.pod_name: self._runtime(w).envoy for w in deployment.workloads},
+            api=self.prometheus(),
+            scraper_files=(
+                (self.sd_file, "pods-file-sd.json"),
+                (server.config_path, "prometheus.yml"),
+                (server.process.log_path, "prometheus.log"),
+            ),
+        )
 
     def runtime_of(self, workload: Workload) -> _WorkloadRuntime:
         """The processes and files behind ``workload`` (for diagnostics and rotation)."""
@@ -510,6 +598,9 @@ class LocalBackend(Backend):
                 if w.workload == workload:
                     return w
         raise UsageError(f"workload {workload.name} is not deployed on this backend")
+
+    def pod_annotations(self, workload: Workload) -> dict[str, str]:
+        return dict(self._runtime(workload).record.annotations)
 
     def listeners(self, workload: Workload) -> list[Listener]:
         from securemetrics_e2e.configdump import listeners_from_config_dump
@@ -562,9 +653,6 @@ class LocalBackend(Backend):
 
     def identity_of(self, workload: Workload) -> WorkloadIdentity:
         return self._runtime(workload).identity
-
-    def debug_state(self) -> dict[str, Any]:
-        return {"workdir": str(self.workdir), "active": list(self._active)}
 
     def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity:
         """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it."""

@@ -171,8 +171,13 @@ def build_bootstrap(
     sds: SdsFiles,
     localhost_only: bool,
     fault: Fault | None = None,
+    secure_ports: bool = True,
 ) -> dict[str, Any]:
     """The bootstrap for ``spec``'s proxy.
+
+    ``secure_ports`` False: ENVOY_SECURE_METRICS_PORT / ENVOY_SECURE_MERGED_METRICS_PORT
+    are unset (0) in the agent's environment, so envoy_bootstrap.json renders no secure
+    listener (a Gateway API gateway configured through its pod annotations).
 
     ``loopback`` is the pod's localhost (127.0.0.1 inside a namespace) and ``wildcard``
     the address listeners bind where Istio binds 0.0.0.0 (the pod's own address on the
@@ -203,7 +208,9 @@ def build_bootstrap(
             _secure_listener(port, wildcard, routes, sds, stat_prefix=prefix, fault=fault)
         )
 
-    if spec.mode is MetricsMode.LEGACY and spec.kind is WorkloadKind.SIDECAR:
+    if not secure_ports:
+        pass
+    elif spec.mode is MetricsMode.LEGACY and spec.kind is WorkloadKind.SIDECAR:
         # Sidecar ingress listener with defaultEndpoint 127.0.0.1:15020: every path goes on
         inbound = f"inbound|{spec.secure_merged_port}||"
         clusters.append(_cluster(inbound, loopback, AGENT_PORT))

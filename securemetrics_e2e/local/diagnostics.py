@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,8 @@ from securemetrics_e2e.configdump import listeners_from_config_dump
 
 if TYPE_CHECKING:
     from securemetrics_e2e.backend import Deployment
-    from securemetrics_e2e.local.backend import LocalBackend
     from securemetrics_e2e.local.envoy import Envoy
+    from securemetrics_e2e.prometheus import PrometheusAPI
 
 
 def _write(path: Path, produce: Any) -> None:
@@ -51,24 +52,30 @@ def _capture_proxy(envoy: Envoy, pod_dir: Path) -> None:
             shutil.copyfile(source, pod_dir / name)
 
 
-def capture(backend: LocalBackend, deployment: Deployment, reason: str, root: Path) -> Path:
-    """Save the variant's diagnostics under ``root``; return the directory."""
-    variant = f"{deployment.scenario.name}-{deployment.mtls_mode.value.lower()}"
-    target = root / f"local-{backend.run_id}" / variant
+def capture(
+    deployment: Deployment,
+    reason: str,
+    target: Path,
+    *,
+    proxies: Mapping[str, Envoy],
+    api: PrometheusAPI,
+    scraper_files: Iterable[tuple[Path, str]],
+) -> Path:
+    """Save the variant's diagnostics under ``target``; return it.
+
+    ``proxies``: each workload pod's name and its Envoy; ``scraper_files``: the
+    scraper's files worth keeping (discovery file, loaded configuration, log) and the
+    name each is saved under. The backend hands them over, so this module knows nothing
+    of how the backend holds them.
+    """
     target.mkdir(parents=True, exist_ok=True)
     with (target / "failures.txt").open("a") as failures:  # one line per failing check
         failures.write(reason.replace("\n", " ") + "\n")
-    for workload in deployment.workloads:
-        _capture_proxy(backend.runtime_of(workload).envoy, target / workload.pod_name)
-    api = backend.prometheus()
+    for pod_name, envoy in proxies.items():
+        _capture_proxy(envoy, target / pod_name)
     _write(target / "prometheus-targets.json", lambda: [asdict(t) for t in api.active_targets()])
     _write(target / "prometheus-config.yml", api.config_yaml)
-    server = backend.prometheus_server
-    for source, name in (
-        (backend.sd_file, "pods-file-sd.json"),
-        (server.config_path, "prometheus.yml"),
-        (server.process.log_path, "prometheus.log"),
-    ):
+    for source, name in scraper_files:
         if source.exists():
             shutil.copyfile(source, target / name)
     return target

@@ -8,6 +8,7 @@ kept in ``extra_info`` and printed.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_bench_local_cycle(benchmark: pytest.FixtureRequest) -> None:
 
 
 def _upgrade_cycle(phases: list[dict[str, float]]) -> None:
+    from securemetrics_e2e.checks import verify
     from securemetrics_e2e.upgrade_window import run_upgrade_window
 
     t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def _upgrade_cycle(phases: list[dict[str, float]]) -> None:
     try:
         dep = backend.deploy(scenario("upgrade"), MtlsMode.PERMISSIVE)
         mark["deployed"] = time.perf_counter() - t0
-        run = run_upgrade_window(backend, dep)
+        run = run_upgrade_window(backend, dep, partial(verify, backend))
         mark["window (verify, upgrade, verify, 3 more scrapes, measure)"] = (
             time.perf_counter() - t0 - mark["deployed"]
         )
