@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.catalog import MtlsMode, VariantId, scenario
 from securemetrics_e2e.cluster import pins
 from securemetrics_e2e.cluster.errors import DeployFailed
 from securemetrics_e2e.cluster.options import ClusterOptions
@@ -30,13 +30,20 @@ __all__ = ["fake"]  # the backend tests' cluster: istio-system, an ingress gatew
 
 GATEWAY = "secure-gw"
 SECURE_ENV = ("ENVOY_SECURE_MERGED_METRICS_PORT", "ENVOY_SECURE_METRICS_PORT")
+#: the run unit that applies a ProxyConfig (the documented one, spec.infrastructure
+#: annotations, has nothing to wait for: those never reach the agent's environment)
+PROXYCONFIG = next(v for v in scenario("gateway-api").variants if v.id is VariantId.PROXYCONFIG)
 
 
 def test_env_waits_follow_the_rendered_proxy_config() -> None:
-    plan = variant_plan(scenario("gateway-api"), MtlsMode.PERMISSIVE, resolve("1.31"), "r1")
+    plan = variant_plan(
+        scenario("gateway-api"), MtlsMode.PERMISSIVE, resolve("1.31"), "r1", variant=PROXYCONFIG
+    )
     assert env_waits(plan.manifests) == [
-        EnvWait(f"{GATEWAY}-istio", "sm-gateway-api-permissive-r1", SECURE_ENV)
+        EnvWait(f"{GATEWAY}-istio", "sm-gateway-api-permissive-proxyconfig-r1", SECURE_ENV)
     ]
+    documented = variant_plan(scenario("gateway-api"), MtlsMode.PERMISSIVE, resolve("1.31"), "r1")
+    assert env_waits(documented.manifests) == []
     other = variant_plan(scenario("native-gateway"), MtlsMode.PERMISSIVE, resolve("1.31"), "r1")
     assert env_waits(other.manifests) == []
 
@@ -44,7 +51,9 @@ def test_env_waits_follow_the_rendered_proxy_config() -> None:
 def test_plan_waits_for_the_env_before_the_rollout(tmp_path: Path) -> None:
     options = ClusterOptions(istio_version="1.31", run_id="r1", cache_dir=tmp_path)
     text = render_plan(options, [scenario("gateway-api")]).render_text()
-    env = text.index(f"wait until deployment/{GATEWAY}-istio in sm-gateway-api-permissive-r1")
+    env = text.index(
+        f"wait until deployment/{GATEWAY}-istio in sm-gateway-api-permissive-proxyconfig-r1"
+    )
     assert "istio-proxy env carries ENVOY_SECURE_MERGED_METRICS_PORT" in text
     assert env < text.index("wait for rollouts", env)
 
@@ -113,7 +122,7 @@ def test_deploy_waits_until_the_generated_deployment_carries_the_env(
     _crd(fake)
     istiod = Istiod(fake, rerender_after=3)
     backend = _backend(fake, tmp_path)
-    dep = backend.deploy(scenario("gateway-api"), MtlsMode.PERMISSIVE)
+    dep = backend.deploy(scenario("gateway-api"), MtlsMode.PERMISSIVE, PROXYCONFIG)
     live = fake.find("Deployment", f"{GATEWAY}-istio", dep.namespace)
     assert live is not None
     assert set(SECURE_ENV) <= proxy_env(live)  # deployed only once re-rendered with them
@@ -128,5 +137,5 @@ def test_deploy_fails_when_the_env_never_comes(fake: FakeKube, tmp_path: Path) -
     backend = _backend(fake, tmp_path)
     backend.options = dataclasses.replace(backend.options, rollout_timeout=2)
     with pytest.raises(DeployFailed, match=r"never held within 2s.*does not watch ProxyConfig"):
-        backend.deploy(scenario("gateway-api"), MtlsMode.PERMISSIVE)
+        backend.deploy(scenario("gateway-api"), MtlsMode.PERMISSIVE, PROXYCONFIG)
     backend.close()
