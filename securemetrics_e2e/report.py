@@ -437,7 +437,10 @@ def report_format(path: Path) -> str:
 def dump_report(doc: Mapping[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    return yaml.safe_dump(dict(doc), sort_keys=False, allow_unicode=True, width=100)
+    # through JSON first: the document holds str enums (VariantId), which JSON writes as
+    # their values and safe_dump refuses; YAML and JSON reports then say the same thing
+    plain = json.loads(json.dumps(doc))
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, width=100)
 
 
 def write_report(path: Path, result: RunResult, meta: ReportMeta | None = None) -> dict[str, Any]:

@@ -112,3 +112,16 @@ def test_a_negative_control_is_marked_in_the_report_and_the_matrix(tmp_path: Pat
     props = {p.get("name"): p.get("value") for p in root.iter("property")}
     assert props["securemetrics.subject"] == "reference-data-plane"
     assert props["securemetrics.negative_control"] == "foreign-root-trusted"
+
+
+def test_a_yaml_report_of_run_units_with_enum_variants_can_be_written(tmp_path: Path) -> None:
+    # a known gap's outcome names its variant by VariantId (a str enum): the YAML writer
+    # refused it and the run ended in a traceback after its verdict
+    from securemetrics_e2e.catalog import VariantId
+
+    outcome = CheckOutcome(
+        "gateway-api", "PERMISSIVE", "mtls-scrape", Status.PASS, variant=VariantId.AS_DOCUMENTED
+    )
+    write_report(tmp_path / "r.yaml", RunResult(outcomes=[outcome]), ReportMeta(backend="local"))
+    doc = load_report(tmp_path / "r.yaml")
+    assert doc["profiles"][0]["passed"][0]["variant"] == "as-documented"
