@@ -22,7 +22,8 @@ import pytest
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import scenario
 from securemetrics_e2e.checks import CHECKS
-from securemetrics_e2e.cli import applicability, main
+from securemetrics_e2e.cli import main
+from securemetrics_e2e.commands import applicability
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.progress import Phase, Progress, emit, timed, verdict_line
 from securemetrics_e2e.report import load_report
@@ -83,7 +84,7 @@ def _ours(pid: int) -> set[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     good_dir = tmp_path_factory.mktemp("good")
     bad_dir = tmp_path_factory.mktemp("bad")
-    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--version", "2.4.1",
+    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--dist-version", "2.4.1",
             "--contact", "mesh@example.com", "--url", "https://mesh.example"]  # fmt: skip
     started = {
         "good": Run(good_dir, "run", "--scenario", SCENARIOS, "--report", "out/report.yaml",
@@ -121,7 +122,8 @@ def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) 
         counts = r"20 passed, 0 failed, 0 known gaps, 0 fixed, 60 skipped checks"
     assert re.match(
         rf"securemetrics-e2e verdict: CONFORMANT \({counts}; "
-        r"backend local, Istio 1\.31\.1, [\d.]+s\)$",
+        r"backend local, Istio 1\.31\.1, [\d.]+s\) "
+        r"\[local: Istio's reference data plane, not a distribution\]$",
         verdict,
     )
     assert lines[-2:] == ["report: out/report.yaml", "junit: out/junit.xml"]
@@ -163,8 +165,16 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
     run = runs["bad"]
     assert run.code == 1, run.stdout + run.stderr
     assert ("native-sidecar[PERMISSIVE/as-documented]", "probe", "FAIL") in run.phases()
-    assert "securemetrics-e2e verdict: NOT CONFORMANT (" in run.stdout
+    verdict = next(line for line in run.stdout.splitlines() if "verdict:" in line)
+    assert verdict.startswith("securemetrics-e2e verdict: NOT CONFORMANT (")
+    assert verdict.endswith(
+        "[negative control: fault foreign-root-trusted, a FAIL is the expected outcome]"
+    )
+    deploys = [p for p in run.phases() if p[1] == "deploy"]
+    assert len(deploys) == 1, run.stdout  # one deploy, one line
     assert "SMC006 foreign-ca-refused: httpbin:" in run.stdout
+    assert "a TLS handshake with a client certificate from a foreign CA" in run.stdout
+    assert " — hint: the proxy trusts another CA" in run.stdout
     doc = load_report(run.cwd / "report.json")
     failed = [e for p in doc["profiles"] for e in p["failed"]]
     expected = {
@@ -177,6 +187,7 @@ def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> No
     }
     assert {(e["id"], e["code"], e["check"]) for e in failed} == expected
     assert doc["backend"]["details"]["fault"] == "foreign-root-trusted"
+    assert doc["provenance"]["negativeControl"] == {"fault": "foreign-root-trusted"}
     root = ET.parse(run.cwd / "junit.xml").getroot()  # noqa: S314 - written by the run
     failures = root.findall("testsuite/testcase/failure")
     assert {f.get("type") for f in failures} == {"SMC006"}

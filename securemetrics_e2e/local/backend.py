@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from securemetrics_e2e import progress
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
 from securemetrics_e2e.catalog import (
     APP_PORT,
@@ -58,7 +59,9 @@ from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
+from securemetrics_e2e.local.owner import new_run_id, sweep
 from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.local.provenance import stand_ins
 from securemetrics_e2e.local.virtualinbound import connections_on_port
 from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
@@ -198,7 +201,11 @@ class LocalBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------
 
     def _start(self) -> None:
-        self.run_id = f"{os.getpid():x}{next(_counter)}"
+        # what a killed run left (its owner gone) goes first; a live run's stays
+        swept = sweep((self._workdir_parent,) if self._workdir_parent else ())
+        if swept:
+            progress.note(f"removed what an interrupted earlier run left: {swept.summary()}")
+        self.run_id = new_run_id()
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"smx-{self.run_id}-", dir=self._workdir_parent)
         )
@@ -317,6 +324,7 @@ class LocalBackend(Backend):
             "inbound_capture": f"off: {why_not}"
             if (why_not := self.capture_unavailable_reason())
             else "istio-iptables REDIRECT to virtualInbound (15006) in each sidecar pod",
+            **stand_ins(),  # what stood in for the mesh: recorded in the report
         }
 
     def deploy(

@@ -66,6 +66,7 @@ class Envoy:
                 ]
             ),
             workdir / "envoy.log",
+            run_id=pod.run_id,
         )
 
     @property
