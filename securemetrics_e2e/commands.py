@@ -168,7 +168,7 @@ def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
         from securemetrics_e2e.local.backend import LocalBackend
 
         return LocalBackend(network=local_network).features
-    from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
+    from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 
     return CLUSTER_FEATURES  # version-gated features are judged against each version
 

@@ -17,8 +17,10 @@ import yaml
 from securemetrics_e2e.catalog import SCENARIOS, Feature, MtlsMode, VariantId, scenario
 from securemetrics_e2e.cluster import pins
 from securemetrics_e2e.cluster.kube import RUN_LABEL
+from securemetrics_e2e.cluster.layout import variant_plan
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import Plan, render_plan, variant_plan
+from securemetrics_e2e.cluster.plan import render_plan
+from securemetrics_e2e.cluster.steps import Plan
 from securemetrics_e2e.cluster.tools import Platform, ToolCache
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.versions import capabilities, resolve, supported_versions, upgrade_pair

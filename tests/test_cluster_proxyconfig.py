@@ -19,8 +19,9 @@ import pytest
 from securemetrics_e2e.catalog import MtlsMode, VariantId, scenario
 from securemetrics_e2e.cluster import pins
 from securemetrics_e2e.cluster.errors import DeployFailed
+from securemetrics_e2e.cluster.layout import variant_plan
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import render_plan, variant_plan
+from securemetrics_e2e.cluster.plan import render_plan
 from securemetrics_e2e.cluster.proxyconfig import EnvWait, env_waits, proxy_env
 from securemetrics_e2e.versions import resolve
 from tests.fakekube import FakeKube

@@ -26,9 +26,9 @@ from securemetrics_e2e.catalog import (
     MtlsMode,
     scenario,
 )
-from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
+from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 from securemetrics_e2e.cluster.kube import ExecResult
-from securemetrics_e2e.cluster.plan import scraper_namespace, variant_plan
+from securemetrics_e2e.cluster.layout import scraper_namespace, variant_plan
 from securemetrics_e2e.cluster.rotation import (
     CERT_CHAIN,
     ClusterRotation,

@@ -24,8 +24,9 @@ from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.backend import PreparedCluster, backend_on
 from securemetrics_e2e.cluster.errors import IstioConflict
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import Detected, Plan, render_plan
+from securemetrics_e2e.cluster.plan import render_plan
 from securemetrics_e2e.cluster.setup import PhaseTimer, Undo
+from securemetrics_e2e.cluster.steps import Detected, Plan
 from securemetrics_e2e.cluster.tools import ToolCache
 from tests.fakekube import FakeKube
 from tests.test_cluster_upgrade_run import Mesh, _isolated, _seed_istioctl, fake

@@ -11,8 +11,10 @@ import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS, UPGRADE, MtlsMode, scenario
 from securemetrics_e2e.cluster.kube import RUN_LABEL
+from securemetrics_e2e.cluster.layout import common_kubernetes, variant_plan
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import Plan, common_kubernetes, render_plan, variant_plan
+from securemetrics_e2e.cluster.plan import render_plan
+from securemetrics_e2e.cluster.steps import Plan
 from securemetrics_e2e.cluster.tools import Platform, ToolCache
 from securemetrics_e2e.cluster.upgrade import (
     UPGRADE_PHASES,

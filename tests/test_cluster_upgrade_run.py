@@ -39,7 +39,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.cluster import backend as backend_module
 from securemetrics_e2e.cluster import istio, pins
-from securemetrics_e2e.cluster import plan as plan_module
+from securemetrics_e2e.cluster import steps as steps_module
 from securemetrics_e2e.cluster.backend import (
     ClusterBackend,
     PreparedCluster,
@@ -48,8 +48,8 @@ from securemetrics_e2e.cluster.backend import (
 )
 from securemetrics_e2e.cluster.errors import DeployFailed, DownloadFailed, IstioConflict
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER
+from securemetrics_e2e.cluster.layout import common_kubernetes, kind_identity
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import common_kubernetes, kind_identity
 from securemetrics_e2e.cluster.rotation import parse_go_duration
 from securemetrics_e2e.cluster.setup import PhaseTimer, Undo
 from securemetrics_e2e.cluster.tools import Platform, ToolCache, istioctl_spec
@@ -585,7 +585,7 @@ def test_upgrade_runs_the_plans_upgrade_and_switch_steps(
     def no_resolution(*args: object, **kw: object) -> str:
         raise AssertionError("the upgrade resolved a tool again")
 
-    monkeypatch.setattr(plan_module, "describe_resolution", no_resolution)
+    monkeypatch.setattr(steps_module, "describe_resolution", no_resolution)
     monkeypatch.setattr(backend_module, "resolve_tool", no_resolution)
     backend.upgrade(dep)
     roles = {"istioctl-1.31.1": ctl["1.31.1"]}
@@ -730,7 +730,7 @@ def test_every_catalog_scenario_has_a_scope_decision() -> None:
     """Either run kind leaves out exactly one side: upgrade, or everything else."""
     upgrade = ClusterOptions(upgrade_from="1.30", istio_version="1.31")
     plain = ClusterOptions(istio_version="1.31")
-    from securemetrics_e2e.cluster.plan import run_scope_reason
+    from securemetrics_e2e.cluster.layout import run_scope_reason
 
     for s in SCENARIOS:
         in_upgrade, in_plain = run_scope_reason(s, upgrade), run_scope_reason(s, plain)

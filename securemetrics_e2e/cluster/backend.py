@@ -43,27 +43,26 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.cluster import diagnostics, istio, pins
 from securemetrics_e2e.cluster.errors import DeployFailed, IstioConflict
+from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj, connect
-from securemetrics_e2e.cluster.options import (
-    ClusterOptions,
-    add_cluster_options,
-    options_from_pytest,
-)
-from securemetrics_e2e.cluster.plan import (
+from securemetrics_e2e.cluster.layout import (
     SCRAPER_DEPLOYMENT,
-    Plan,
     ScraperPlan,
     VariantPlan,
     WorkloadLocator,
-    creates_lines,
     kind_identity,
     planned_version,
-    render_plan,
     run_scope_reason,
     scraper_plan,
     skipped_variant,
     variant_plan,
 )
+from securemetrics_e2e.cluster.options import (
+    ClusterOptions,
+    add_cluster_options,
+    options_from_pytest,
+)
+from securemetrics_e2e.cluster.plan import render_plan
 from securemetrics_e2e.cluster.probing import Prober
 from securemetrics_e2e.cluster.proxyconfig import env_waits, wait_for_env
 from securemetrics_e2e.cluster.resources import (
@@ -94,6 +93,7 @@ from securemetrics_e2e.cluster.setup import (
     run_command,
     stderr_progress,
 )
+from securemetrics_e2e.cluster.steps import Plan, creates_lines
 from securemetrics_e2e.cluster.tools import (
     ToolCache,
     istioctl_spec,
@@ -152,26 +152,6 @@ PROXY = "istio-proxy"
 OPERATOR_SERVICE = "prometheus-operated"
 OPERATOR_PORT = 9090
 CONFIG_DUMP = ("pilot-agent", "request", "GET", "config_dump")
-
-#: what any cluster with Istio offers, before version gating. Certificate rotation is not
-#: driven on demand here (the suite cannot issue mesh certificates): the rotation
-#: scenario's manifests give its workload and, by a saved-and-restored patch, the shared
-#: scraper proxyMetadata SECRET_TTL (manifests.ROTATION_SECRET_TTL), and
-#: :mod:`.rotation` waits for the agents' own renewals. tests/test_cluster_rotation.py
-#: fails if those manifests stop setting it; ClusterBackend.run_rotation checks the
-#: running istio-proxy containers for it before it waits. MESH_UPGRADE: istioctl
-#: upgrades the control plane and a restart moves workloads onto the new proxies; which
-#: run deploys the upgrade scenario is that run's scope (plan.run_scope_reason).
-CLUSTER_FEATURES = frozenset(
-    {
-        Feature.POD_ISOLATION,
-        Feature.INBOUND_CAPTURE,
-        Feature.ISTIO_CONTROL_PLANE,
-        Feature.PROMETHEUS_OPERATOR,
-        Feature.CERT_ROTATION,
-        Feature.MESH_UPGRADE,
-    }
-)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from securemetrics_e2e.cluster.incluster import (
 )
 from securemetrics_e2e.cluster.istio import KubeTarget
 from securemetrics_e2e.cluster.kube import KubeAPI
-from securemetrics_e2e.cluster.plan import SCRAPER_SELECTOR, ScraperPlan
+from securemetrics_e2e.cluster.layout import SCRAPER_SELECTOR, ScraperPlan
 from securemetrics_e2e.cluster.resources import running_pods
 from securemetrics_e2e.cluster.setup import Progress
 from securemetrics_e2e.errors import SecureMetricsError

@@ -42,29 +42,31 @@ from securemetrics_e2e.catalog import UPGRADE, MtlsMode, RunUnit, Scenario, upgr
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.errors import IstioConflict
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
-from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.plan import (
+from securemetrics_e2e.cluster.layout import (
     ISTIO_NAMESPACE,
     SCRAPER_DEPLOYMENT,
-    Detected,
-    Plan,
-    Step,
     VariantPlan,
-    cluster_steps,
     common_kubernetes,
-    creates_lines,
-    istio_removal,
     kind_identity,
     planned_target,
     run_scope_reason,
     scraper_plan,
     skipped_variant,
-    teardown_steps,
-    tools_step,
     variant_plan,
 )
+from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.resources import Workload as Rollout
 from securemetrics_e2e.cluster.resources import wait_rollouts, with_run_label
+from securemetrics_e2e.cluster.steps import (
+    Detected,
+    Plan,
+    Step,
+    cluster_steps,
+    creates_lines,
+    istio_removal,
+    teardown_steps,
+    tools_step,
+)
 from securemetrics_e2e.cluster.tools import ToolCache, istioctl_spec
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.manifests import scenario_manifests
