@@ -87,7 +87,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             help=f"report: {what}",
         )
     try:
-        from securemetrics_e2e.cluster.backend import add_cluster_options
+        from securemetrics_e2e.cluster.options import add_cluster_options
     except ImportError:  # the cluster backend is optional at import time
         return
     add_cluster_options(group)
@@ -102,7 +102,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
             "securemetrics-e2e: --plan describes a cluster run: add --sm-backend kind\n"
         )
         return 2
-    from securemetrics_e2e.cluster.backend import print_plan
+    from securemetrics_e2e.cluster.pytestglue import print_plan
 
     try:
         print_plan(config, istio_version(config))
@@ -186,7 +186,7 @@ def make_backend(config: pytest.Config) -> Backend:
             fault=fault,
             artifacts_dir=Path(artifacts),
         )
-    from securemetrics_e2e.cluster.backend import backend_from_pytest
+    from securemetrics_e2e.cluster.pytestglue import backend_from_pytest
 
     backend: Backend = backend_from_pytest(config, version)
     return backend

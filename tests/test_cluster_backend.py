@@ -21,7 +21,8 @@ import yaml
 from securemetrics_e2e.backend import Deployment
 from securemetrics_e2e.catalog import MtlsMode, RunUnit, scenario
 from securemetrics_e2e.cluster import istio
-from securemetrics_e2e.cluster.backend import ClusterBackend, make_cluster_backend
+from securemetrics_e2e.cluster.backend import ClusterBackend
+from securemetrics_e2e.cluster.bootstrap import make_cluster_backend
 from securemetrics_e2e.cluster.errors import (
     ClusterUnreachable,
     DeployFailed,

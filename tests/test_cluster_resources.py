@@ -15,7 +15,7 @@ import pytest
 from securemetrics_e2e.cluster.errors import DeployFailed
 from securemetrics_e2e.cluster.kube import RUN_LABEL
 from securemetrics_e2e.cluster.resources import (
-    Workload,
+    Rollout,
     delete_objects,
     delete_run_namespaces,
     fatal_containers,
@@ -171,9 +171,7 @@ def test_rollout_fails_fast_with_pod_events(reason: str, init: bool, tmp_path: P
 
     started = time.monotonic()
     with pytest.raises(DeployFailed) as caught:
-        wait_rollouts(
-            fake, [Workload("Deployment", "httpbin", NS)], timeout=120, on_failure=capture
-        )
+        wait_rollouts(fake, [Rollout("Deployment", "httpbin", NS)], timeout=120, on_failure=capture)
     assert time.monotonic() - started < 3  # not the 120 s timeout
     text = str(caught.value)
     container = "istio-validation" if init else "httpbin"
@@ -207,7 +205,7 @@ def test_rollout_waits_for_readiness_and_a_late_controller() -> None:
     fake.add(pod("httpbin-1", NS, "httpbin", phase="Running"))
     wait_rollouts(
         fake,
-        [Workload("Deployment", "httpbin", NS), Workload("Deployment", "secure-gw-istio", NS)],
+        [Rollout("Deployment", "httpbin", NS), Rollout("Deployment", "secure-gw-istio", NS)],
         timeout=10,
         interval=0.01,
     )
@@ -227,7 +225,7 @@ def test_rollout_timeout_reports_state_and_events(tmp_path: Path) -> None:
     with pytest.raises(DeployFailed) as caught:
         wait_rollouts(
             fake,
-            [Workload("Deployment", "httpbin", NS)],
+            [Rollout("Deployment", "httpbin", NS)],
             timeout=0.5,
             interval=0.05,
             on_failure=lambda message: tmp_path,
@@ -248,10 +246,10 @@ def test_statefulset_needs_current_revision() -> None:
     fake.add(sts)
     with pytest.raises(DeployFailed, match="did not finish"):
         wait_rollouts(
-            fake, [Workload("StatefulSet", "prometheus-sm", NS)], timeout=0.3, interval=0.05
+            fake, [Rollout("StatefulSet", "prometheus-sm", NS)], timeout=0.3, interval=0.05
         )
     fake.find("StatefulSet", "prometheus-sm", NS)["status"]["currentRevision"] = "b"  # type: ignore[index]
-    wait_rollouts(fake, [Workload("StatefulSet", "prometheus-sm", NS)], timeout=2, interval=0.05)
+    wait_rollouts(fake, [Rollout("StatefulSet", "prometheus-sm", NS)], timeout=2, interval=0.05)
 
 
 def test_fatal_containers_ignores_transient_reasons() -> None:

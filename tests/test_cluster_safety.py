@@ -21,7 +21,7 @@ import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.cluster import istio
-from securemetrics_e2e.cluster.backend import PreparedCluster, backend_on
+from securemetrics_e2e.cluster.bootstrap import PreparedCluster, backend_on
 from securemetrics_e2e.cluster.errors import IstioConflict
 from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.cluster.plan import render_plan

@@ -37,15 +37,11 @@ from securemetrics_e2e.catalog import (
     RunUnit,
     scenario,
 )
-from securemetrics_e2e.cluster import backend as backend_module
 from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster import steps as steps_module
-from securemetrics_e2e.cluster.backend import (
-    ClusterBackend,
-    PreparedCluster,
-    backend_on,
-    make_cluster_backend,
-)
+from securemetrics_e2e.cluster import upgrading as upgrading_module
+from securemetrics_e2e.cluster.backend import ClusterBackend
+from securemetrics_e2e.cluster.bootstrap import PreparedCluster, backend_on, make_cluster_backend
 from securemetrics_e2e.cluster.errors import DeployFailed, DownloadFailed, IstioConflict
 from securemetrics_e2e.cluster.kube import FIELD_MANAGER
 from securemetrics_e2e.cluster.layout import common_kubernetes, kind_identity
@@ -586,7 +582,7 @@ def test_upgrade_runs_the_plans_upgrade_and_switch_steps(
         raise AssertionError("the upgrade resolved a tool again")
 
     monkeypatch.setattr(steps_module, "describe_resolution", no_resolution)
-    monkeypatch.setattr(backend_module, "resolve_tool", no_resolution)
+    monkeypatch.setattr(upgrading_module, "resolve_tool", no_resolution)
     backend.upgrade(dep)
     roles = {"istioctl-1.31.1": ctl["1.31.1"]}
     phase_steps = [s for s in plan.steps if s.phase in UPGRADE_PHASES]

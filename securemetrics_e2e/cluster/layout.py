@@ -27,7 +27,7 @@ from securemetrics_e2e.cluster import istio, pins
 from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 from securemetrics_e2e.cluster.kube import Obj
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.resources import Workload, namespace_manifest, with_run_label
+from securemetrics_e2e.cluster.resources import Rollout, namespace_manifest, with_run_label
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.manifests import (
     GENERATED_GATEWAY_SUFFIX,
@@ -211,7 +211,7 @@ class VariantPlan:
     namespace: str
     manifests: tuple[Obj, ...]  # the namespace first, all run-labelled
     patches: tuple[Patch, ...]
-    rollouts: tuple[Workload, ...]
+    rollouts: tuple[Rollout, ...]
     locators: tuple[WorkloadLocator, ...]
     skip: str | None = None
     #: it restarts what every variant shares (the scraper): nothing may run beside it
@@ -300,18 +300,18 @@ def variant_plan(
         )
     manifests = [namespace_manifest(namespace, run_id, revision=revision)]
     manifests += [with_run_label(obj, run_id) for obj in rendered]
-    rollouts: list[Workload] = []
+    rollouts: list[Rollout] = []
     for obj in manifests:
         kind, meta = obj.get("kind"), obj.get("metadata") or {}
         ns = str(meta.get("namespace", namespace))
         if kind in ("Deployment", "StatefulSet", "DaemonSet"):
-            rollouts.append(Workload(str(kind), str(meta["name"]), ns))
+            rollouts.append(Rollout(str(kind), str(meta["name"]), ns))
         elif kind == "Gateway" and obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
-            rollouts.append(Workload("Deployment", f"{meta['name']}{GENERATED_GATEWAY_SUFFIX}", ns))
+            rollouts.append(Rollout("Deployment", f"{meta['name']}{GENERATED_GATEWAY_SUFFIX}", ns))
         elif kind == "Prometheus":
             # the operator names the StatefulSet it generates prometheus-<name>
-            rollouts.append(Workload("StatefulSet", f"prometheus-{meta['name']}", ns))
-    rollouts += [Workload(p.kind, p.name, p.namespace) for p in patches]
+            rollouts.append(Rollout("StatefulSet", f"prometheus-{meta['name']}", ns))
+    rollouts += [Rollout(p.kind, p.name, p.namespace) for p in patches]
     return VariantPlan(
         scenario,
         mode,

@@ -98,7 +98,7 @@ def delete_objects(api: KubeAPI, objects: Iterable[Mapping[str, Any]], run_id: s
 
 
 @dataclass(frozen=True)
-class Workload:
+class Rollout:
     """A controller whose rollout a deploy waits for."""
 
     kind: str  # Deployment | StatefulSet | DaemonSet
@@ -116,7 +116,7 @@ class RolloutState:
     pods: list[Obj] = field(default_factory=list)
 
 
-def rollout_state(api: KubeAPI, workload: Workload) -> RolloutState:
+def rollout_state(api: KubeAPI, workload: Rollout) -> RolloutState:
     """How far ``workload``'s rollout is, as ``kubectl rollout status`` judges it."""
     api_version = "apps/v1"
     obj = api.get(api_version, workload.kind, workload.name, workload.namespace)
@@ -210,7 +210,7 @@ def pod_events(api: KubeAPI, namespace: str, pod: str, limit: int = 15) -> list[
 
 def wait_rollouts(
     api: KubeAPI,
-    workloads: Sequence[Workload],
+    workloads: Sequence[Rollout],
     *,
     timeout: float,
     on_failure: Callable[[str], Path | None] | None = None,
@@ -224,7 +224,7 @@ def wait_rollouts(
     error names.
     """
     pending = list(workloads)
-    last: dict[Workload, RolloutState] = {}
+    last: dict[Rollout, RolloutState] = {}
 
     def probe() -> None:
         for workload in list(pending):

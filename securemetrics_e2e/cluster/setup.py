@@ -22,6 +22,7 @@ from typing import Any
 from securemetrics_e2e.cluster import istio
 from securemetrics_e2e.cluster.errors import DeployFailed, IstioConflict, NoContainerRuntime
 from securemetrics_e2e.cluster.kube import KubeAPI
+from securemetrics_e2e.cluster.options import ClusterOptions
 from securemetrics_e2e.errors import EnvironmentProblem
 
 Progress = Callable[[str], None]
@@ -260,3 +261,28 @@ def resolve_istio(
             "a control plane beside an installed one)"
         )
     return installed
+
+
+#: runs one command of the run (istioctl, kubectl); raises when it fails
+Runner = Callable[[Sequence[str]], object]
+#: the Undo step that uninstalls what this run installed (replaced after an upgrade)
+UNINSTALL_STEP = "istioctl uninstall"
+
+
+def command_runner(progress: Progress | None, *, timeout: float = 900.0) -> Runner:
+    """A :data:`Runner` that runs the command, shows it, and raises DeployFailed on failure."""
+
+    def run(argv: Sequence[str]) -> object:
+        what = " ".join([Path(argv[0]).name, *argv[1:2]])
+        return run_command(argv, timeout=timeout, what=what, progress=progress)
+
+    return run
+
+
+def removes_istio(options: ClusterOptions, kind: KindHandle | None) -> bool:
+    """Whether teardown uninstalls the revisions this run installed: not with
+    --keep-cluster, and not on a kind cluster this run created (deleting the cluster
+    removes them); on an existing or reused cluster, by revision only."""
+    if options.keep_cluster:
+        return False
+    return not (kind is not None and kind.created)

@@ -55,8 +55,7 @@ from securemetrics_e2e.cluster.layout import (
     variant_plan,
 )
 from securemetrics_e2e.cluster.options import ClusterOptions
-from securemetrics_e2e.cluster.resources import Workload as Rollout
-from securemetrics_e2e.cluster.resources import wait_rollouts, with_run_label
+from securemetrics_e2e.cluster.resources import Rollout, wait_rollouts, with_run_label
 from securemetrics_e2e.cluster.steps import (
     Detected,
     Plan,
