@@ -52,16 +52,10 @@ from securemetrics_e2e.audit_findings import (
 from securemetrics_e2e.audit_load import (
     ENVOY_ENV,
     GATEWAY_NAME_LABEL,
-    INCLUDE_INBOUND,
-    INCLUDE_OUTBOUND,
     MERGED_ENV,
     PLAINTEXT_PORTS,
-    PROXY_CONFIG_ANNOTATION,
     SD_ANNOTATION,
-    SECURE_ENVOY_PORT_ANNOTATION,
-    SECURE_PORT_ANNOTATION,
     SECURE_PORTS,
-    USER_VOLUME_MOUNT,
     Doc,
     PodView,
     ScrapeJob,
@@ -74,6 +68,15 @@ from securemetrics_e2e.audit_load import (
     selects,
     str_map,
     subject_of,
+)
+from securemetrics_e2e.istionames import (
+    INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES,
+    PROXY_CONFIG,
+    PROXY_CONTAINER,
+    SECURE_ENVOY_PORT,
+    SECURE_PORT,
+    USER_VOLUME_MOUNT,
 )
 
 __all__ = [
@@ -163,8 +166,8 @@ def _drops_meshed(job: ScrapeJob) -> bool:
 
 def _secure_job(job: ScrapeJob) -> bool:
     return (
-        _uses_annotation(job, SECURE_PORT_ANNOTATION)
-        or _uses_annotation(job, SECURE_ENVOY_PORT_ANNOTATION)
+        _uses_annotation(job, SECURE_PORT)
+        or _uses_annotation(job, SECURE_ENVOY_PORT)
         or bool(_static_ports(job) & SECURE_PORTS)
     )
 
@@ -246,7 +249,7 @@ def _secure_ports_env(pod: PodView, proxy_configs: Sequence[Doc]) -> tuple[dict[
     if env:
         return env, "proxyMetadata"
     for container in pod.containers:
-        if container.get("name") == "istio-proxy":
+        if container.get("name") == PROXY_CONTAINER:
             found = container_env(container)
             env = {k: v for k, v in found.items() if k in (MERGED_ENV, ENVOY_ENV) and v != "0"}
             if env:
@@ -271,7 +274,7 @@ def _audit_pod_ports(pod: PodView, proxy_configs: Sequence[Doc]) -> Iterator[Fin
         return Finding(code, message, pod.file, pod.line, pod.subject)
 
     merged = env.get(MERGED_ENV)
-    annotated = pod.annotations.get(SECURE_PORT_ANNOTATION)
+    annotated = pod.annotations.get(SECURE_PORT)
     if merged:
         # The injector copies the merged port into the annotation only for injected pods
         # whose proxyMetadata sets it (istio/istio PR #60430).
@@ -279,21 +282,20 @@ def _audit_pod_ports(pod: PodView, proxy_configs: Sequence[Doc]) -> Iterator[Fin
         if annotated is None and not automatic:
             yield finding(
                 "SM003",
-                f"opens {MERGED_ENV}={merged} through {how} but has no {SECURE_PORT_ANNOTATION} "
+                f"opens {MERGED_ENV}={merged} through {how} but has no {SECURE_PORT} "
                 "annotation, and the injector will not add one here",
             )
         elif annotated is not None and annotated not in (merged, env.get(ENVOY_ENV)):
             yield finding(
                 "SM003",
-                f"{SECURE_PORT_ANNOTATION} is {annotated!r}, but {MERGED_ENV} is {merged}: the "
+                f"{SECURE_PORT} is {annotated!r}, but {MERGED_ENV} is {merged}: the "
                 "secure job scrapes a port nothing serves",
             )
     envoy = env.get(ENVOY_ENV)
-    if envoy and SECURE_ENVOY_PORT_ANNOTATION not in pod.annotations:
+    if envoy and SECURE_ENVOY_PORT not in pod.annotations:
         yield finding(
             "SM004",
-            f"opens {ENVOY_ENV}={envoy} through {how} but has no "
-            f"{SECURE_ENVOY_PORT_ANNOTATION} annotation",
+            f"opens {ENVOY_ENV}={envoy} through {how} but has no {SECURE_ENVOY_PORT} annotation",
         )
 
 
@@ -320,12 +322,20 @@ def _audit_scraper(pod: PodView) -> Iterator[Finding]:
         yield finding(
             "SM006",
             "proxyMetadata sets INBOUND_CAPTURE_PORTS, which no Istio component reads"
-            + ("" if INCLUDE_INBOUND in pod.annotations else f"; {INCLUDE_INBOUND} is not set"),
+            + (
+                ""
+                if INCLUDE_INBOUND_PORTS in pod.annotations
+                else f"; {INCLUDE_INBOUND_PORTS} is not set"
+            ),
         )
     out_dir = meta.get("OUTPUT_CERTS")
     if not out_dir:
         return
-    missing = [a for a in (INCLUDE_INBOUND, INCLUDE_OUTBOUND) if pod.annotations.get(a) != ""]
+    missing = [
+        a
+        for a in (INCLUDE_INBOUND_PORTS, INCLUDE_OUTBOUND_IP_RANGES)
+        if pod.annotations.get(a) != ""
+    ]
     if pod.injected and missing:
         yield finding(
             "SM008",
@@ -342,7 +352,7 @@ def _output_certs_problems(pod: PodView, out_dir: str) -> list[str]:
         m for m in _user_volume_mounts(pod) if PurePosixPath(str(m.get("mountPath", ""))) == target
     ]
     for container in pod.containers:
-        if container.get("name") == "istio-proxy":  # a template that declares the proxy itself
+        if container.get("name") == PROXY_CONTAINER:  # a template that declares the proxy itself
             proxy_mounts += [
                 as_map(m)
                 for m in as_list(container.get("volumeMounts"))
@@ -361,7 +371,7 @@ def _output_certs_problems(pod: PodView, out_dir: str) -> list[str]:
     others = [
         str(c.get("name"))
         for c in pod.containers
-        if c.get("name") != "istio-proxy"
+        if c.get("name") != PROXY_CONTAINER
         and any(as_map(m).get("name") == name for m in as_list(c.get("volumeMounts")))
     ]
     if not others and not any(m.get("name") == name for m in pod.operator_mounts):
@@ -425,7 +435,7 @@ def _audit_gateway(doc: Doc, proxy_configs: Sequence[Doc]) -> Iterator[Finding]:
         yield Finding(
             "SM011",
             f"sets {', '.join(sorted(ports))} in spec.infrastructure.annotations "
-            f"{PROXY_CONFIG_ANNOTATION} and no ProxyConfig selects {GATEWAY_NAME_LABEL}={name}",
+            f"{PROXY_CONFIG} and no ProxyConfig selects {GATEWAY_NAME_LABEL}={name}",
             doc.file,
             doc.line,
             subject_of(obj),

@@ -12,14 +12,11 @@ from typing import Any, Final
 import yaml
 
 from securemetrics_e2e.audit_findings import AuditInputError, AuditResult
+from securemetrics_e2e.istionames import (
+    INJECT,
+    PROXY_CONFIG,
+)
 
-SECURE_PORT_ANNOTATION: Final = "prometheus.istio.io/secure-port"
-SECURE_ENVOY_PORT_ANNOTATION: Final = "prometheus.istio.io/secure-envoy-port"
-PROXY_CONFIG_ANNOTATION: Final = "proxy.istio.io/config"
-USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
-INCLUDE_INBOUND: Final = "traffic.sidecar.istio.io/includeInboundPorts"
-INCLUDE_OUTBOUND: Final = "traffic.sidecar.istio.io/includeOutboundIPRanges"
-INJECT: Final = "sidecar.istio.io/inject"
 MERGED_ENV: Final = "ENVOY_SECURE_MERGED_METRICS_PORT"
 ENVOY_ENV: Final = "ENVOY_SECURE_METRICS_PORT"
 GATEWAY_NAME_LABEL: Final = "gateway.networking.k8s.io/gateway-name"
@@ -235,7 +232,7 @@ def pod_views(doc: Doc) -> Iterator[PodView]:
 
 def proxy_metadata(annotations: Mapping[str, str]) -> dict[str, str]:
     """The ``proxyMetadata`` of a ``proxy.istio.io/config`` annotation ({} if none/unreadable)."""
-    text = annotations.get(PROXY_CONFIG_ANNOTATION)
+    text = annotations.get(PROXY_CONFIG)
     if not text:
         return {}
     try:

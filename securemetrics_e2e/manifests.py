@@ -58,6 +58,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.charts import render_chart
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.istionames import PROXY_CONFIG
 
 if TYPE_CHECKING:
     from securemetrics_e2e.versions import Capabilities, IstioVersion
@@ -82,7 +83,7 @@ GENERATED_GATEWAY_SUFFIX: Final = "-istio"
 ROTATION_SCENARIO: Final = "rotation"
 ROTATION_SECRET_TTL: Final = "240s"  # noqa: S105 (a lifetime, not a secret)
 SECRET_TTL_ENV: Final = "SECRET_TTL"  # noqa: S105 (an env var name)
-_PROXY_CONFIG: Final = "proxy.istio.io/config"
+_PROXY_CONFIG: Final = PROXY_CONFIG
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 

@@ -23,8 +23,8 @@ import yaml
 
 from securemetrics_e2e.cluster.istio import KubeTarget, analyze_command, listeners_command
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
+from securemetrics_e2e.istionames import PROXY_CONTAINER
 
-PROXY_CONTAINER = "istio-proxy"
 CONFIG_DUMP_COMMAND = ("pilot-agent", "request", "GET", "config_dump")
 
 

@@ -33,10 +33,10 @@ from securemetrics_e2e.cluster.layout import SCRAPER_SELECTOR, ScraperPlan
 from securemetrics_e2e.cluster.resources import running_pods
 from securemetrics_e2e.cluster.setup import Progress
 from securemetrics_e2e.errors import SecureMetricsError
+from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, atomic_write
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextResult, ScrapeResult, scrape_mtls
 
-PROXY = "istio-proxy"
 _CERT_FILES = ("root-cert.pem", "cert-chain.pem", "key.pem")
 _CERTS_MAX_AGE = 300.0  # re-read the scraper's files: the agent rotates them
 
@@ -112,7 +112,11 @@ class Prober:
         paths = []
         for name in _CERT_FILES:
             got = self.api.exec(
-                self.scraper.namespace, pod, PROXY, ["cat", f"{SCRAPER_CERTS}/{name}"], timeout=20
+                self.scraper.namespace,
+                pod,
+                PROXY_CONTAINER,
+                ["cat", f"{SCRAPER_CERTS}/{name}"],
+                timeout=20,
             )
             if got.exit_code != 0 or "BEGIN" not in got.stdout:
                 raise SecureMetricsError(
@@ -176,10 +180,14 @@ class Prober:
         )
         started = time.monotonic()
         try:
-            result = self.api.exec(self.scraper.namespace, pod, PROXY, call.argv, timeout=30)
+            result = self.api.exec(
+                self.scraper.namespace, pod, PROXY_CONTAINER, call.argv, timeout=30
+            )
         finally:
             if staged is not None:
-                self.api.exec(self.scraper.namespace, pod, PROXY, ["rm", "-rf", staged], timeout=20)
+                self.api.exec(
+                    self.scraper.namespace, pod, PROXY_CONTAINER, ["rm", "-rf", staged], timeout=20
+                )
         in_cluster = parse_mtls(
             result,
             call,
@@ -249,7 +257,11 @@ class Prober:
             encoded = base64.b64encode(data).decode()
             script.append(f"echo {encoded} | base64 -d > {shlex.quote(directory + '/' + name)}")
         done = self.api.exec(
-            self.scraper.namespace, pod, PROXY, ["sh", "-c", " && ".join(script)], timeout=20
+            self.scraper.namespace,
+            pod,
+            PROXY_CONTAINER,
+            ["sh", "-c", " && ".join(script)],
+            timeout=20,
         )
         if done.exit_code != 0:
             raise SecureMetricsError(
@@ -272,10 +284,10 @@ class Prober:
         )
         call = plaintext_curl(url)
         started = time.monotonic()
-        result = self.api.exec(namespace, pod, PROXY, call.argv, timeout=30)
+        result = self.api.exec(namespace, pod, PROXY_CONTAINER, call.argv, timeout=30)
         if result.exit_code in (126, 127):
             raise SecureMetricsError(
-                f"curl could not run in {namespace}/{pod} ({PROXY}): "
+                f"curl could not run in {namespace}/{pod} ({PROXY_CONTAINER}): "
                 f"{result.stderr.strip()[:200]}; distroless proxy images have no curl: use "
                 "the default (debug) proxyv2 image"
             )

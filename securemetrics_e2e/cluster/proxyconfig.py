@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from securemetrics_e2e.cluster.errors import DeployFailed
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
+from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.manifests import GENERATED_GATEWAY_SUFFIX
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 SECURE_PREFIX = "ENVOY_SECURE_"
-PROXY = "istio-proxy"
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def proxy_env(deployment: Obj) -> set[str]:
     """The env names of the istio-proxy container in a Deployment's pod template."""
     spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
     for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
-        if container.get("name") == PROXY:
+        if container.get("name") == PROXY_CONTAINER:
             return {str(e.get("name")) for e in container.get("env") or []}
     return set()
 

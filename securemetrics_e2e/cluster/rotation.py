@@ -51,12 +51,12 @@ from securemetrics_e2e.continuity import (
     wait_scraped,
 )
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.manifests import SECRET_TTL_ENV
 from securemetrics_e2e.probe import MtlsOutcome, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
-PROXY = "istio-proxy"
 CERT_CHAIN = f"{SCRAPER_CERTS}/cert-chain.pem"
 ROOT_CERT = f"{SCRAPER_CERTS}/root-cert.pem"
 #: Istio's defaults for SECRET_GRACE_PERIOD_RATIO and SECRET_GRACE_PERIOD_RATIO_JITTER
@@ -128,7 +128,7 @@ def proxy_env(pod: Mapping[str, object], name: str) -> str | None:
     spec = pod.get("spec")
     containers = spec.get("containers") if isinstance(spec, Mapping) else None
     for container in containers if isinstance(containers, list) else []:
-        if isinstance(container, Mapping) and container.get("name") == PROXY:
+        if isinstance(container, Mapping) and container.get("name") == PROXY_CONTAINER:
             for env in container.get("env") or []:
                 if isinstance(env, Mapping) and env.get("name") == name:
                     return str(env.get("value", ""))
@@ -174,10 +174,11 @@ class ClusterRotation:
     # -- what the cluster shows ------------------------------------------------------
 
     def _exec(self, pod: str, command: Sequence[str]) -> str:
-        got = self.api.exec(self.scraper_namespace, pod, PROXY, list(command), timeout=30)
+        got = self.api.exec(self.scraper_namespace, pod, PROXY_CONTAINER, list(command), timeout=30)
         if got.exit_code != 0:
             raise NotYet(
-                f"`{' '.join(command)}` in {self.scraper_namespace}/{pod} ({PROXY}) exited "
+                f"`{' '.join(command)}` in {self.scraper_namespace}/{pod} "
+                f"({PROXY_CONTAINER}) exited "
                 f"{got.exit_code}: {got.stderr.strip()[:200]}"
             )
         return got.stdout
@@ -194,7 +195,7 @@ class ClusterRotation:
         url = workload.url(port, STATS_PATH)
         call = mtls_curl(url)
         started = time.monotonic()
-        got = self.api.exec(self.scraper_namespace, pod, PROXY, call.argv, timeout=30)
+        got = self.api.exec(self.scraper_namespace, pod, PROXY_CONTAINER, call.argv, timeout=30)
         result = parse_mtls(
             got,
             call,

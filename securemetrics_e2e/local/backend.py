@@ -45,6 +45,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.continuity import Missing, wait_scraped
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
+from securemetrics_e2e.istionames import PROXY_CONTAINER, SECURE_ENVOY_PORT, SECURE_PORT
 from securemetrics_e2e.local import capture, promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
@@ -106,10 +107,6 @@ class _DeploymentRuntime:
     retiring: list[_WorkloadRuntime] = field(default_factory=list)
 
 
-SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
-SECURE_ENVOY_PORT_ANNOTATION = "prometheus.istio.io/secure-envoy-port"
-
-
 def injector_secure_port(
     annotations: Mapping[str, str], proxy_env: Mapping[str, str]
 ) -> dict[str, str]:
@@ -124,7 +121,7 @@ def injector_secure_port(
         return out
     value = proxy_env.get("ENVOY_SECURE_MERGED_METRICS_PORT", "")
     if value not in ("", "0"):
-        out[SECURE_PORT_ANNOTATION] = value
+        out[SECURE_PORT] = value
     return out
 
 
@@ -143,24 +140,24 @@ def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
     }
     native = spec.mode in (MetricsMode.NATIVE, MetricsMode.HARDENED)
     if spec.secure_envoy_port is not None:
-        annotations[SECURE_ENVOY_PORT_ANNOTATION] = str(spec.secure_envoy_port)
+        annotations[SECURE_ENVOY_PORT] = str(spec.secure_envoy_port)
     if spec.kind is WorkloadKind.SIDECAR and native:
         env = {"ENVOY_SECURE_MERGED_METRICS_PORT": str(spec.secure_merged_port)}
         if fault is not Fault.INJECTOR_NO_SECURE_PORT:
             annotations = injector_secure_port(annotations, env)
     else:
-        annotations[SECURE_PORT_ANNOTATION] = str(spec.secure_merged_port)
+        annotations[SECURE_PORT] = str(spec.secure_merged_port)
     if fault is Fault.SECURE_PORT_ANNOTATION_MISSING:
-        annotations.pop(SECURE_PORT_ANNOTATION, None)
-        annotations.pop(SECURE_ENVOY_PORT_ANNOTATION, None)
+        annotations.pop(SECURE_PORT, None)
+        annotations.pop(SECURE_ENVOY_PORT, None)
     return annotations
 
 
 def _container_ports(spec: WorkloadSpec) -> tuple[tuple[str, str, int], ...]:
-    proxy = (("istio-proxy", "http-envoy-prom", ENVOY_STATS_PORT),)
+    proxy = ((PROXY_CONTAINER, "http-envoy-prom", ENVOY_STATS_PORT),)
     if spec.kind is WorkloadKind.SIDECAR:
         return (("httpbin", "http", APP_PORT), *proxy)
-    return (("istio-proxy", "status-port", 15021), *proxy)
+    return ((PROXY_CONTAINER, "status-port", 15021), *proxy)
 
 
 class LocalBackend(Backend):

@@ -30,11 +30,11 @@ from typing import Any
 import yaml
 
 from securemetrics_e2e.catalog import RunUnit, WorkloadKind
+from securemetrics_e2e.istionames import PROXY_CONFIG
 from securemetrics_e2e.local.faults import select_nothing
 from securemetrics_e2e.manifests import GENERATED_GATEWAY_SUFFIX, scenario_manifests
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
-PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
 SECURE_PORT_ENV = "ENVOY_SECURE_METRICS_PORT"
 SECURE_MERGED_PORT_ENV = "ENVOY_SECURE_MERGED_METRICS_PORT"
 LOCALHOST_ONLY_ENV = "METRICS_LOCALHOST_ACCESS_ONLY"
@@ -155,7 +155,7 @@ def generated_gateway(objects: Iterable[Mapping[str, Any]], name: str) -> Genera
         for k, v in (infrastructure.get("annotations") or {}).items()
         if k not in _OMITTED
     }
-    config = yaml.safe_load(annotations.get(PROXY_CONFIG_ANNOTATION, "")) or {}
+    config = yaml.safe_load(annotations.get(PROXY_CONFIG, "")) or {}
     annotation_metadata = {str(k): str(v) for k, v in (config.get("proxyMetadata") or {}).items()}
     return GeneratedGateway(
         name=name,

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 from securemetrics_e2e.audit import proxy_metadata
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.istionames import EXCLUDE_INBOUND_PORTS, INCLUDE_INBOUND_PORTS, INJECT
 
 #: ports of the proxy itself (pilot ``ProxyInboundListenPort``, ``ProxyListenPort``, the HBONE
 #: tunnel port, the injector's default statusPort, Envoy's status and Prometheus ports)
@@ -66,9 +67,8 @@ MTLS_HTTP_ALPNS: Final = ("istio-http/1.0", "istio-http/1.1", "istio-h2")
 ALL_ISTIO_MTLS_ALPNS: Final = ("istio", "istio-peer-exchange", *MTLS_HTTP_ALPNS)
 MTLS_TCP_WITH_MXC_ALPNS: Final = ("istio-peer-exchange", "istio")
 
-_INJECT_LABEL: Final = "sidecar.istio.io/inject"
-_INCLUDE_INBOUND: Final = "traffic.sidecar.istio.io/includeInboundPorts"
-_EXCLUDE_INBOUND: Final = "traffic.sidecar.istio.io/excludeInboundPorts"
+_INJECT_LABEL: Final = INJECT
+_EXCLUDE_INBOUND: Final = EXCLUDE_INBOUND_PORTS
 _STATUS_PORT_ANNOTATION: Final = "status.sidecar.istio.io/port"
 
 
@@ -361,7 +361,7 @@ def is_captured(labels: Mapping[str, str], annotations: Mapping[str, str]) -> bo
 
 def capture_of(annotations: Mapping[str, str]) -> Capture:
     """The istio-iptables ``-b`` and ``-d`` the injection template passes for this pod."""
-    include = annotations.get(_INCLUDE_INBOUND, "*")
+    include = annotations.get(INCLUDE_INBOUND_PORTS, "*")
     exclude = [p.strip() for p in annotations.get(_EXCLUDE_INBOUND, "").split(",") if p.strip()]
     status = annotations.get(_STATUS_PORT_ANNOTATION, str(AGENT_STATUS_PORT)).strip()
     if status and status != "0" and status not in exclude:
@@ -373,7 +373,7 @@ def capture_of(annotations: Mapping[str, str]) -> Capture:
         ports.append(int(text))
     for text in include.split(",") if include not in ("*", "") else ():
         if not text.strip().isdigit():
-            raise UsageError(f"{_INCLUDE_INBOUND} entry {text!r} is not a port number or '*'")
+            raise UsageError(f"{INCLUDE_INBOUND_PORTS} entry {text!r} is not a port number or '*'")
     return Capture(include, tuple(ports))
 
 
