@@ -382,7 +382,7 @@ def _uses_operator(s: Scenario) -> bool:
 
 
 def _rotation_continuity(check: Check, backend: Backend, dep: Deployment) -> object:
-    from securemetrics_e2e.continuity import RotatingBackend, RotationRun, run_rotation
+    from securemetrics_e2e.rotation import RotatingBackend, RotationRun, run_rotation
 
     workload = dep.workloads[0]
     run: RotationRun

@@ -32,7 +32,7 @@ def exit_status(signum: signal.Signals) -> int:
     return 128 + int(signum)
 
 
-def _handler(signum: int, frame: FrameType | None) -> None:
+def _handler(signum: int, _frame: FrameType | None) -> None:
     sig = signal.Signals(signum)
     if _received:
         sys.stderr.write(f"securemetrics-e2e: {sig.name} ignored: still cleaning up\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from localmesh import netns_names, requires_local_mesh
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, scenario
 from securemetrics_e2e.checks import run_checks
@@ -13,6 +12,7 @@ from securemetrics_e2e.local.faults import Fault
 from securemetrics_e2e.probe import MtlsOutcome
 from securemetrics_e2e.results import Status
 from securemetrics_e2e.versions import DEFAULT_VERSION
+from tests.localmesh import netns_names, requires_local_mesh
 
 
 def test_loopback_network_has_no_capture_and_says_why() -> None:

@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
-from promproc import PrometheusProcess, prometheus_binary
-from tlsservers import HTTPServer, closed_port
 
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import SERVICE_MONITOR_UP, CheckFailed
 from securemetrics_e2e.pki import MeshCA
 from securemetrics_e2e.prometheus import PrometheusAPI
+from tests.promproc import PrometheusProcess, prometheus_binary
+from tests.tlsservers import HTTPServer, closed_port
 
 
 class _PrometheusOnly:

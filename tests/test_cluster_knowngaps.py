@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekube import FakeKube
-from test_cluster_backend import Controller, _backend, fake  # noqa: F401 - fixture
 
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import LISTENERS, run_checks
@@ -23,6 +21,8 @@ from securemetrics_e2e.cluster.kube import ExecResult
 from securemetrics_e2e.configdump import DOWNSTREAM_TLS, HCM, LISTENERS_DUMP
 from securemetrics_e2e.istionames import PROXY_CONTAINER as PROXY
 from securemetrics_e2e.results import Status
+from tests.fakekube import FakeKube
+from tests.test_cluster_backend import Controller, _backend, fake  # noqa: F401 - fixture
 
 GAP = "legacy-sidecar-permissive-plaintext"
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from localmesh import requires_local_mesh
-
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import MTLS_SCRAPE, CheckFailed
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import Fault
+from tests.localmesh import requires_local_mesh
 
 
 @requires_local_mesh

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from localmesh import child_pids, netns_names, requires_local_mesh
 
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import run_checks
@@ -21,6 +20,7 @@ from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.netns import LoopbackNetwork
 from securemetrics_e2e.results import Status
 from securemetrics_e2e.waiting import NotYet, wait_for
+from tests.localmesh import child_pids, netns_names, requires_local_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 

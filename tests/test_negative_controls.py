@@ -11,7 +11,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from localmesh import requires_local_mesh
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, VariantId, scenario
 from securemetrics_e2e.checks import run_checks
@@ -19,6 +18,7 @@ from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from tests.localmesh import requires_local_mesh
 
 pytestmark = requires_local_mesh
 

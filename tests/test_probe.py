@@ -17,8 +17,19 @@ from typing import Any
 import pytest
 import requests.adapters
 from cryptography.hazmat.primitives.serialization import Encoding
-from test_pki import svid_chain
-from tlsservers import (
+
+from securemetrics_e2e.errors import EnvironmentProblem, UsageError
+from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
+from securemetrics_e2e.probe import (
+    MtlsOutcome,
+    PlaintextOutcome,
+    PlaintextResult,
+    ScrapeResult,
+    attempt_plaintext,
+    scrape_mtls,
+)
+from tests.test_pki import svid_chain
+from tests.tlsservers import (
     AGENT_403,
     AGENT_403_BODY,
     ENVOY_503,
@@ -33,17 +44,6 @@ from tlsservers import (
     envoy_tls_server,
     server_context,
     silent,
-)
-
-from securemetrics_e2e.errors import EnvironmentProblem, UsageError
-from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
-from securemetrics_e2e.probe import (
-    MtlsOutcome,
-    PlaintextOutcome,
-    PlaintextResult,
-    ScrapeResult,
-    attempt_plaintext,
-    scrape_mtls,
 )
 
 SHORT = 0.5  # seconds: the timeout for servers that never answer

@@ -14,8 +14,6 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from promproc import PrometheusProcess
-from tlsservers import HTTPServer, closed_port
 
 from securemetrics_e2e.errors import SecureMetricsError
 from securemetrics_e2e.prometheus import (
@@ -26,6 +24,8 @@ from securemetrics_e2e.prometheus import (
     TargetsNotUp,
 )
 from securemetrics_e2e.waiting import NotYet, wait_for
+from tests.promproc import PrometheusProcess
+from tests.tlsservers import HTTPServer, closed_port
 
 pytestmark = pytest.mark.needs_prometheus
 

@@ -16,20 +16,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from localmesh import requires_local_mesh
 
 from securemetrics_e2e.backend import Workload
 from securemetrics_e2e.catalog import ENVOY_JOB, MERGED_JOB, MtlsMode, scenario
-from securemetrics_e2e.continuity import (
-    Continuity,
-    JobContinuity,
-    RotationRun,
-    measure_continuity,
-    run_rotation,
-)
+from securemetrics_e2e.continuity import Continuity, measure_continuity
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.results import JobContinuity
+from securemetrics_e2e.rotation import RotationRun, run_rotation
+from tests.localmesh import requires_local_mesh
 
 LIFETIME = timedelta(seconds=4)
 

@@ -16,7 +16,6 @@ from functools import partial
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from localmesh import requires_local_mesh
 
 from securemetrics_e2e.catalog import (
     ENVOY_JOB,
@@ -27,17 +26,14 @@ from securemetrics_e2e.catalog import (
     upgraded_spec,
 )
 from securemetrics_e2e.checks import verify
-from securemetrics_e2e.continuity import (
-    COVER_SLACK,
-    Continuity,
-    JobContinuity,
-    _covered,
-)
+from securemetrics_e2e.continuity import COVER_SLACK, Continuity, _covered
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.plugin import unit_skip_reason
+from securemetrics_e2e.results import JobContinuity
 from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
+from tests.localmesh import requires_local_mesh
 
 INTERVAL = 1.0
 COVER = COVER_SLACK * INTERVAL

@@ -87,12 +87,12 @@ from securemetrics_e2e.cluster.upgrade import (
 )
 from securemetrics_e2e.cluster.upgrading import UpgradeOperations
 from securemetrics_e2e.configdump import listeners_from_config_dump
-from securemetrics_e2e.continuity import RotationRun
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.manifests import ROTATION_SECRET_TTL
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.rotation import RotationRun
 from securemetrics_e2e.versions import IstioVersion, capabilities
 
 #: the Service the Prometheus Operator creates in front of every Prometheus it runs

@@ -42,19 +42,13 @@ from cryptography import x509
 from securemetrics_e2e.backend import Workload
 from securemetrics_e2e.cluster.incluster import SCRAPER_CERTS, mtls_curl, parse_mtls, peer_chain
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
-from securemetrics_e2e.continuity import (
-    STATS_PATH,
-    Continuity,
-    RotationRun,
-    RotationStep,
-    measure_continuity,
-    wait_scraped,
-)
+from securemetrics_e2e.continuity import STATS_PATH, Continuity, measure_continuity, wait_scraped
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.manifests import SECRET_TTL_ENV
 from securemetrics_e2e.probe import MtlsOutcome, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.rotation import RotationRun, RotationStep
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 CERT_CHAIN = f"{SCRAPER_CERTS}/cert-chain.pem"

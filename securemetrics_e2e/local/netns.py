@@ -14,7 +14,6 @@ no "outside the pod", so scenarios needing pod isolation skip with that reason.
 from __future__ import annotations
 
 import ctypes
-import errno
 import functools
 import itertools
 import os
@@ -233,10 +232,3 @@ class LoopbackNetwork:
 
     def close(self) -> None:
         self.pods.clear()
-
-
-def port_in_use_error(pod: Pod, port: int, owner: str) -> EnvironmentProblem:
-    return EnvironmentProblem(
-        f"{owner} could not bind {pod.ip}:{port} in pod {pod.name}: the address is taken "
-        f"({os.strerror(errno.EADDRINUSE)}); stop what holds it or run with another run id"
-    )

@@ -12,9 +12,6 @@ from securemetrics_e2e.local.envoy import envoy_binary
 from securemetrics_e2e.local.process import binary_version
 from securemetrics_e2e.local.promserver import prometheus_binary
 
-#: describe() keys the report turns into its provenance components
-COMPONENTS = ("envoy", "prometheus")
-
 
 def stand_ins() -> dict[str, str]:
     """``{"envoy": path, "envoy_version": ..., "prometheus": ..., ...}`` as found now."""
