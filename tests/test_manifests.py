@@ -28,7 +28,7 @@ from securemetrics_e2e.catalog import (
     scenario,
 )
 from securemetrics_e2e.errors import UsageError
-from securemetrics_e2e.local.backend import injector_secure_port
+from securemetrics_e2e.local.pods import injector_secure_port
 from securemetrics_e2e.manifests import (
     find_variant,
     scenario_manifests,

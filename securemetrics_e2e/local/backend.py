@@ -11,27 +11,16 @@ appearing and disappearing would change Kubernetes discovery.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import re
 import shutil
-import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from securemetrics_e2e import progress
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
 from securemetrics_e2e.catalog import (
     APP_PORT,
-    ENVOY_STATS_PORT,
     Feature,
     MetricsMode,
     MtlsMode,
@@ -45,27 +34,33 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.continuity import Missing, wait_scraped
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
-from securemetrics_e2e.istionames import PROXY_CONTAINER, SECURE_ENVOY_PORT, SECURE_PORT
 from securemetrics_e2e.local import capture, promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
 from securemetrics_e2e.local.bootstrap import (
     SdsFiles,
     build_bootstrap,
-    sds_secret_default,
-    sds_secret_rootca,
 )
 from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
-from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
+from securemetrics_e2e.local.identities import IdentityOperations
+from securemetrics_e2e.local.netns import LoopbackNetwork, PodNetwork
 from securemetrics_e2e.local.owner import new_run_id, sweep
+from securemetrics_e2e.local.pods import (
+    SCRAPER_NAMESPACE,
+    SCRAPER_SERVICE_ACCOUNT,
+    DeploymentRuntime,
+    WorkloadRuntime,
+    container_ports,
+    pod_annotations,
+)
 from securemetrics_e2e.local.promserver import PrometheusServer
 from securemetrics_e2e.local.provenance import stand_ins
 from securemetrics_e2e.local.virtualinbound import connections_on_port
 from securemetrics_e2e.manifests import scenario_manifests
-from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
+from securemetrics_e2e.pki import MeshCA, OutputCerts
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.spiffe import SpiffeId
@@ -78,89 +73,12 @@ from securemetrics_e2e.versions import (
     upgrade_pair,
 )
 
-SCRAPER_NAMESPACE = "istio-system"
-SCRAPER_SERVICE_ACCOUNT = "prometheus"
 #: per captured pod: one line per virtualInbound connection (chain, TLS, peer)
 INBOUND_ACCESS_LOG = "inbound-access.log"
 _counter = itertools.count()
 
 
-@dataclass
-class _WorkloadRuntime:
-    workload: Workload
-    pod: Pod
-    envoy: Envoy
-    servers: list[PodHTTPServer]
-    sds: SdsFiles
-    identity: WorkloadIdentity
-    record: promconfig.PodRecord
-    fault: Fault | None = None
-    #: a captured sidecar's virtualInbound access log
-    inbound_log: Path | None = None
-
-
-@dataclass
-class _DeploymentRuntime:
-    deployment: Deployment
-    workloads: dict[str, _WorkloadRuntime] = field(default_factory=dict)
-    #: pods an upgrade is replacing: still running and discovered until retired
-    retiring: list[_WorkloadRuntime] = field(default_factory=list)
-
-
-def injector_secure_port(
-    annotations: Mapping[str, str], proxy_env: Mapping[str, str]
-) -> dict[str, str]:
-    """The injector's auto-annotation, as pkg/kube/inject/webhook.go
-    applySecurePrometheusAnnotation does it: ``prometheus.istio.io/secure-port`` from the
-    istio-proxy env ``ENVOY_SECURE_MERGED_METRICS_PORT`` (neither empty nor "0"), unless
-    an annotation of that name (compared sanitized, as Istio's SanitizeLabelName does)
-    is already set."""
-    out = dict(annotations)
-    taken = {re.sub(r"[^A-Za-z0-9_]", "_", k) for k in out}
-    if "prometheus_istio_io_secure_port" in taken:
-        return out
-    value = proxy_env.get("ENVOY_SECURE_MERGED_METRICS_PORT", "")
-    if value not in ("", "0"):
-        out[SECURE_PORT] = value
-    return out
-
-
-def _annotations(spec: WorkloadSpec, fault: Fault | None) -> dict[str, str]:
-    """The pod annotations the chart and the injector give this workload.
-
-    As charts/httpbin renders them: native sidecars get only ``secure-envoy-port`` by
-    hand (nothing in Istio sets it) and the env the injector reads; gateways and the
-    legacy workaround set ``secure-port`` by hand. The injector then adds the
-    prometheus.io merge annotations and, for sidecars, ``secure-port``.
-    """
-    annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": "15020",
-        "prometheus.io/path": "/stats/prometheus",
-    }
-    native = spec.mode in (MetricsMode.NATIVE, MetricsMode.HARDENED)
-    if spec.secure_envoy_port is not None:
-        annotations[SECURE_ENVOY_PORT] = str(spec.secure_envoy_port)
-    if spec.kind is WorkloadKind.SIDECAR and native:
-        env = {"ENVOY_SECURE_MERGED_METRICS_PORT": str(spec.secure_merged_port)}
-        if fault is not Fault.INJECTOR_NO_SECURE_PORT:
-            annotations = injector_secure_port(annotations, env)
-    else:
-        annotations[SECURE_PORT] = str(spec.secure_merged_port)
-    if fault is Fault.SECURE_PORT_ANNOTATION_MISSING:
-        annotations.pop(SECURE_PORT, None)
-        annotations.pop(SECURE_ENVOY_PORT, None)
-    return annotations
-
-
-def _container_ports(spec: WorkloadSpec) -> tuple[tuple[str, str, int], ...]:
-    proxy = ((PROXY_CONTAINER, "http-envoy-prom", ENVOY_STATS_PORT),)
-    if spec.kind is WorkloadKind.SIDECAR:
-        return (("httpbin", "http", APP_PORT), *proxy)
-    return ((PROXY_CONTAINER, "status-port", 15021), *proxy)
-
-
-class LocalBackend(Backend):
+class LocalBackend(IdentityOperations, Backend):
     """Scenarios on this machine: network namespaces, Envoy, Prometheus, a mesh CA."""
 
     name = "local"
@@ -179,7 +97,7 @@ class LocalBackend(Backend):
     ) -> None:
         if network not in ("auto", "netns", "loopback"):
             raise UsageError(f"unknown local network {network!r}; use auto, netns or loopback")
-        self.scrape_interval_s = _seconds(scrape_interval)
+        self.scrape_interval_s = promconfig.duration_seconds(scrape_interval)
         if upgrade_from:  # bad input fails before anything starts
             upgrade_pair(upgrade_from, istio_version or str(DEFAULT_VERSION))
         self.upgrade_from = upgrade_from
@@ -192,7 +110,7 @@ class LocalBackend(Backend):
         self._trust_domain = trust_domain
         self._workdir_parent = workdir
         self._started = False
-        self._active: dict[str, _DeploymentRuntime] = {}
+        self._active: dict[str, DeploymentRuntime] = {}
         self.unavailable_reason: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -343,7 +261,7 @@ class LocalBackend(Backend):
     ) -> dict[UnitKey, Deployment | SecureMetricsError]:
         """Start every run unit's pods, then wait for all their proxies at once."""
         results: dict[UnitKey, Deployment | SecureMetricsError] = {}
-        started: list[_DeploymentRuntime] = []
+        started: list[DeploymentRuntime] = []
         for unit in units:
             try:
                 started.append(self._begin(unit, None))
@@ -372,7 +290,7 @@ class LocalBackend(Backend):
         self._finish(runtimes)
         return [runtime.deployment for runtime in runtimes]
 
-    def _begin(self, unit: RunUnit, fault: Fault | None) -> _DeploymentRuntime:
+    def _begin(self, unit: RunUnit, fault: Fault | None) -> DeploymentRuntime:
         """Create the pods and start their processes, without waiting for them."""
         if fault in SCRAPER_FAULTS:
             raise UsageError(
@@ -394,7 +312,7 @@ class LocalBackend(Backend):
             namespace += f"-{fault}"
         if namespace in self._active:
             raise UsageError(f"run unit {unit.id} is already deployed on this backend")
-        runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
+        runtime = DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
             objects = self._unit_manifests(unit)
@@ -416,7 +334,7 @@ class LocalBackend(Backend):
             raise
         return runtime
 
-    def _finish(self, runtimes: list[_DeploymentRuntime]) -> None:
+    def _finish(self, runtimes: list[DeploymentRuntime]) -> None:
         """Wait for the proxies of ``runtimes``, then publish their pods to discovery."""
         for runtime in runtimes:
             try:
@@ -443,7 +361,7 @@ class LocalBackend(Backend):
         *,
         gateway: GeneratedGateway | None = None,
         objects: list[dict[str, Any]] | None = None,
-    ) -> _WorkloadRuntime:
+    ) -> WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
         pod_dir = self.workdir / pod.name
@@ -490,11 +408,11 @@ class LocalBackend(Backend):
             name=pod.name,
             namespace=ns,
             ip=pod.ip,
-            annotations=_annotations(spec, fault),
+            annotations=pod_annotations(spec, fault),
             labels={"app": spec.name, "security.istio.io/tlsMode": "istio"},
-            container_ports=_container_ports(spec),
+            container_ports=container_ports(spec),
         )
-        runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
+        runtime = WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
         if virtual_inbound is not None:
             runtime.inbound_log = pod_dir / INBOUND_ACCESS_LOG
         envoy.start()
@@ -510,17 +428,6 @@ class LocalBackend(Backend):
         )
         return runtime
 
-    def write_sds(
-        self, sds: SdsFiles, identity: WorkloadIdentity, fault: Fault | None = None
-    ) -> None:
-        """(Re)publish a proxy's secrets; Envoy picks up the atomic rename by itself."""
-        roots = self.ca.root_pem
-        if fault is Fault.FOREIGN_ROOT_TRUSTED:
-            roots += self.foreign_ca.root_pem
-        atomic_write(sds.rootca, json.dumps(sds_secret_rootca(roots)).encode(), 0o644)
-        default = sds_secret_default(identity.cert_chain_pem(), identity.key_pem())
-        atomic_write(sds.default, json.dumps(default).encode(), KEY_MODE)
-
     def _publish_pods(self) -> None:
         records = [
             w.record
@@ -529,7 +436,7 @@ class LocalBackend(Backend):
         ]
         promconfig.write_sd_file(self.sd_file, records)
 
-    def _stop_workload(self, w: _WorkloadRuntime) -> None:
+    def _stop_workload(self, w: WorkloadRuntime) -> None:
         for server in w.servers:
             server.close()
         w.envoy.stop()
@@ -571,7 +478,7 @@ class LocalBackend(Backend):
         _, new = self.upgrade_versions()
         native = capabilities(new).native_secure_ports
         old = dict(runtime.workloads)
-        fresh: dict[str, _WorkloadRuntime] = {}
+        fresh: dict[str, WorkloadRuntime] = {}
         try:
             for name, w in old.items():
                 fault = (
@@ -604,7 +511,7 @@ class LocalBackend(Backend):
         )
         return runtime.deployment
 
-    def _wait_successors_scraped(self, fresh: list[_WorkloadRuntime]) -> None:
+    def _wait_successors_scraped(self, fresh: list[WorkloadRuntime]) -> None:
         # a rollout does not wait for Prometheus: on timeout the old pods retire anyway
         wait_scraped(
             self.prometheus(),
@@ -625,7 +532,7 @@ class LocalBackend(Backend):
             deployment,
             reason,
             self.artifacts_dir / f"local-{self.run_id}" / variant,
-            proxies={w.pod_name: self._runtime(w).envoy for w in deployment.workloads},
+            proxies={w.pod_name: self.runtime_of(w).envoy for w in deployment.workloads},
             api=self.prometheus(),
             scraper_files=(
                 (self.sd_file, "pods-file-sd.json"),
@@ -634,11 +541,8 @@ class LocalBackend(Backend):
             ),
         )
 
-    def runtime_of(self, workload: Workload) -> _WorkloadRuntime:
+    def runtime_of(self, workload: Workload) -> WorkloadRuntime:
         """The processes and files behind ``workload`` (for diagnostics and rotation)."""
-        return self._runtime(workload)
-
-    def _runtime(self, workload: Workload) -> _WorkloadRuntime:
         for runtime in self._active.values():
             for w in runtime.workloads.values():
                 if w.workload == workload:
@@ -646,12 +550,12 @@ class LocalBackend(Backend):
         raise UsageError(f"workload {workload.name} is not deployed on this backend")
 
     def pod_annotations(self, workload: Workload) -> dict[str, str]:
-        return dict(self._runtime(workload).record.annotations)
+        return dict(self.runtime_of(workload).record.annotations)
 
     def listeners(self, workload: Workload) -> list[Listener]:
         from securemetrics_e2e.configdump import listeners_from_config_dump
 
-        return listeners_from_config_dump(self._runtime(workload).envoy.config_dump())
+        return listeners_from_config_dump(self.runtime_of(workload).envoy.config_dump())
 
     def scrape(
         self,
@@ -679,141 +583,16 @@ class LocalBackend(Backend):
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
     ) -> PlaintextResult:
         if origin is Origin.INSIDE_POD:
-            pod = self._runtime(workload).pod
+            pod = self.runtime_of(workload).pod
             return pod.call(lambda: attempt_plaintext(pod.loopback, port, path))
         return self.scraper_pod.call(lambda: attempt_plaintext(workload.pod_ip, port, path))
 
     def inbound_path(self, workload: Workload, port: int) -> str:
         """What the pod's virtualInbound access log says about connections to ``port``."""
-        log = self._runtime(workload).inbound_log
+        log = self.runtime_of(workload).inbound_log
         return "" if log is None else connections_on_port(log, port)
 
     def prometheus(self) -> PrometheusAPI:
         if not self._started:
             raise UsageError("the local backend has no Prometheus before the first deploy")
         return self.prometheus_server.api
-
-    # -- continuity (rotation) -----------------------------------------------------------
-
-    def rotate_workload(self, workload: Workload) -> WorkloadIdentity:
-        """Issue a new certificate for ``workload`` and publish it through SDS."""
-        runtime = self._runtime(workload)
-        runtime.identity = self.ca.rotate(runtime.identity)
-        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
-        return runtime.identity
-
-    def identity_of(self, workload: Workload) -> WorkloadIdentity:
-        return self._runtime(workload).identity
-
-    def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity:
-        """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it."""
-        runtime = self._runtime(workload)
-        runtime.identity = self.ca.issue(
-            workload.namespace, workload.spec.service_account, lifetime=lifetime
-        )
-        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
-        return runtime.identity
-
-    def scraper_identity(self) -> WorkloadIdentity:
-        """What the scraper's OUTPUT_CERTS files hold now: what Prometheus presents."""
-        return _identity_from_files(self._scraper_files())
-
-    def issue_scraper(self, lifetime: timedelta) -> WorkloadIdentity:
-        """The scraper's agent gets a fresh certificate of ``lifetime`` (written always)."""
-        self._scraper_files()
-        identity = self.ca.issue(SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT, lifetime=lifetime)
-        self._write_scraper(identity)
-        return identity
-
-    def rotate_scraper(self) -> WorkloadIdentity:
-        """Renew the scraper's OUTPUT_CERTS as istio-agent does: new key, same lifetime.
-
-        Each file is replaced by an atomic rename, the chain last, so Prometheus (which
-        reloads its client certificate when the files change) never reads a key that
-        does not match the chain. Under SCRAPER_CERTS_NOT_REFRESHED nothing is written.
-        """
-        current = self.scraper_identity()
-        if self.fault is Fault.SCRAPER_CERTS_NOT_REFRESHED:
-            return current
-        identity = self.ca.rotate(current)
-        self._write_scraper(identity)
-        return identity
-
-    def reset_scraper_connections(self, workload: Workload) -> None:
-        """Drop the scraper's established connections to ``workload``'s pod.
-
-        Prometheus keeps its scrape connections alive, and Envoy checks a client
-        certificate only in the handshake: an expired scraper certificate stays
-        invisible until a connection is re-established (a pod restart, a network blip).
-        Dropping them makes the next scrape handshake with what the files hold now.
-        """
-        argv = ["ss", "-K", "-t", "state", "established", "dst", workload.pod_ip]
-        if self.scraper_pod.netns is None:
-            argv += ["src", self.scraper_pod.ip]
-        done = subprocess.run(
-            self.scraper_pod.command(argv), capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise EnvironmentProblem(
-                f"cannot drop the scraper's connections with `{' '.join(argv)}` "
-                f"(exit {done.returncode}: {done.stderr.strip()}); it needs root and a "
-                "kernel with CONFIG_INET_DIAG_DESTROY"
-            )
-
-    def _scraper_files(self) -> OutputCerts:
-        if not self._started:
-            raise UsageError("the local backend has no scraper before the first deploy")
-        return self.scraper_certs
-
-    def _write_scraper(self, identity: WorkloadIdentity) -> None:
-        """Replace the three OUTPUT_CERTS files with renames done back to back.
-
-        Prometheus re-reads chain and key on every scrape: between two renames it can
-        load a chain and a key that do not belong together ("private key does not match
-        public key") and lose that scrape. Staging all three first (written and
-        fsynced) shrinks that window from the fsyncs' milliseconds to microseconds;
-        no set of separate files can close it (istio-agent writes them one by one).
-        """
-        files = self._scraper_files()
-        staged: list[tuple[Path, Path]] = []
-        try:
-            for target, data, mode in (
-                (files.root_cert, identity.root_pem(), 0o644),
-                (files.key, identity.key_pem(), KEY_MODE),
-                (files.cert_chain, identity.cert_chain_pem(), 0o644),
-            ):
-                staging = files.directory / f".{target.name}.staged"
-                staged.append((atomic_write(staging, data, mode), target))
-            for staging, target in staged:
-                os.replace(staging, target)
-        finally:
-            for staging, _ in staged:
-                staging.unlink(missing_ok=True)
-
-
-def _identity_from_files(files: OutputCerts) -> WorkloadIdentity:
-    chain = files.chain()
-    key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise UsageError(f"{files.key} holds a {type(key).__name__}; expected an EC or RSA key")
-    return WorkloadIdentity(
-        spiffe_id=_spiffe_id_of(chain[0]),
-        cert=chain[0],
-        key=key,
-        chain=tuple(chain),
-        root_cert=files.root(),
-    )
-
-
-def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return SpiffeId.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
-
-
-def _seconds(duration: str) -> float:
-    """A Prometheus duration of seconds or milliseconds ("1s", "500ms") in seconds."""
-    for suffix, scale in (("ms", 0.001), ("s", 1.0)):
-        number = duration.removesuffix(suffix)
-        if number != duration and number.isdigit():
-            return int(number) * scale
-    raise UsageError(f"scrape interval {duration!r} is not a duration like 1s or 500ms")

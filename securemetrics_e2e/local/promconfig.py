@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from securemetrics_e2e.errors import UsageError
+
 CHART_CERTS_DIR = "/etc/istio-certs"
 CHART_RELATIVE = Path("secure-metrics-prometheus") / "files" / "prometheus.yml"
 
@@ -118,3 +120,12 @@ def write_sd_file(path: Path, pods: Iterable[PodRecord]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(pod_sd_targets(pods), indent=1))
     tmp.replace(path)
+
+
+def duration_seconds(duration: str) -> float:
+    """A Prometheus duration of seconds or milliseconds ("1s", "500ms") in seconds."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0)):
+        number = duration.removesuffix(suffix)
+        if number != duration and number.isdigit():
+            return int(number) * scale
+    raise UsageError(f"scrape interval {duration!r} is not a duration like 1s or 500ms")

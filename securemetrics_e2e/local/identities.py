@@ -1,0 +1,171 @@
+"""Workload and scraper certificates on demand: the local backend's rotation operations.
+
+What :class:`~securemetrics_e2e.rotation.RotatingBackend` asks of a backend, over the
+state :class:`.backend.LocalBackend` holds: issue and rotate a workload's certificate
+(published through SDS) and the scraper's OUTPUT_CERTS files, and drop the scraper's
+kept-alive connections so the next scrape handshakes anew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from securemetrics_e2e.backend import Workload
+from securemetrics_e2e.errors import EnvironmentProblem, UsageError
+from securemetrics_e2e.local.bootstrap import (
+    SdsFiles,
+    sds_secret_default,
+    sds_secret_rootca,
+)
+from securemetrics_e2e.local.faults import Fault
+from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.local.pods import SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT, WorkloadRuntime
+from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
+from securemetrics_e2e.spiffe import SpiffeId
+
+
+class IdentityOperations:
+    """Issuing and rotating certificates, a part of :class:`.backend.LocalBackend`."""
+
+    ca: MeshCA
+    foreign_ca: MeshCA
+    fault: Fault | None
+    scraper_pod: Pod
+    scraper_certs: OutputCerts
+    _started: bool
+
+    def runtime_of(self, workload: Workload) -> WorkloadRuntime:
+        raise NotImplementedError
+
+    def write_sds(
+        self, sds: SdsFiles, identity: WorkloadIdentity, fault: Fault | None = None
+    ) -> None:
+        """(Re)publish a proxy's secrets; Envoy picks up the atomic rename by itself."""
+        roots = self.ca.root_pem
+        if fault is Fault.FOREIGN_ROOT_TRUSTED:
+            roots += self.foreign_ca.root_pem
+        atomic_write(sds.rootca, json.dumps(sds_secret_rootca(roots)).encode(), 0o644)
+        default = sds_secret_default(identity.cert_chain_pem(), identity.key_pem())
+        atomic_write(sds.default, json.dumps(default).encode(), KEY_MODE)
+
+    def rotate_workload(self, workload: Workload) -> WorkloadIdentity:
+        """Issue a new certificate for ``workload`` and publish it through SDS."""
+        runtime = self.runtime_of(workload)
+        runtime.identity = self.ca.rotate(runtime.identity)
+        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
+        return runtime.identity
+
+    def identity_of(self, workload: Workload) -> WorkloadIdentity:
+        return self.runtime_of(workload).identity
+
+    def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity:
+        """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it."""
+        runtime = self.runtime_of(workload)
+        runtime.identity = self.ca.issue(
+            workload.namespace, workload.spec.service_account, lifetime=lifetime
+        )
+        self.write_sds(runtime.sds, runtime.identity, runtime.fault)
+        return runtime.identity
+
+    def scraper_identity(self) -> WorkloadIdentity:
+        """What the scraper's OUTPUT_CERTS files hold now: what Prometheus presents."""
+        return _identity_from_files(self._scraper_files())
+
+    def issue_scraper(self, lifetime: timedelta) -> WorkloadIdentity:
+        """The scraper's agent gets a fresh certificate of ``lifetime`` (written always)."""
+        self._scraper_files()
+        identity = self.ca.issue(SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT, lifetime=lifetime)
+        self._write_scraper(identity)
+        return identity
+
+    def rotate_scraper(self) -> WorkloadIdentity:
+        """Renew the scraper's OUTPUT_CERTS as istio-agent does: new key, same lifetime.
+
+        Each file is replaced by an atomic rename, the chain last, so Prometheus (which
+        reloads its client certificate when the files change) never reads a key that
+        does not match the chain. Under SCRAPER_CERTS_NOT_REFRESHED nothing is written.
+        """
+        current = self.scraper_identity()
+        if self.fault is Fault.SCRAPER_CERTS_NOT_REFRESHED:
+            return current
+        identity = self.ca.rotate(current)
+        self._write_scraper(identity)
+        return identity
+
+    def reset_scraper_connections(self, workload: Workload) -> None:
+        """Drop the scraper's established connections to ``workload``'s pod.
+
+        Prometheus keeps its scrape connections alive, and Envoy checks a client
+        certificate only in the handshake: an expired scraper certificate stays
+        invisible until a connection is re-established (a pod restart, a network blip).
+        Dropping them makes the next scrape handshake with what the files hold now.
+        """
+        argv = ["ss", "-K", "-t", "state", "established", "dst", workload.pod_ip]
+        if self.scraper_pod.netns is None:
+            argv += ["src", self.scraper_pod.ip]
+        done = subprocess.run(
+            self.scraper_pod.command(argv), capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise EnvironmentProblem(
+                f"cannot drop the scraper's connections with `{' '.join(argv)}` "
+                f"(exit {done.returncode}: {done.stderr.strip()}); it needs root and a "
+                "kernel with CONFIG_INET_DIAG_DESTROY"
+            )
+
+    def _scraper_files(self) -> OutputCerts:
+        if not self._started:
+            raise UsageError("the local backend has no scraper before the first deploy")
+        return self.scraper_certs
+
+    def _write_scraper(self, identity: WorkloadIdentity) -> None:
+        """Replace the three OUTPUT_CERTS files with renames done back to back.
+
+        Prometheus re-reads chain and key on every scrape: between two renames it can
+        load a chain and a key that do not belong together ("private key does not match
+        public key") and lose that scrape. Staging all three first (written and
+        fsynced) shrinks that window from the fsyncs' milliseconds to microseconds;
+        no set of separate files can close it (istio-agent writes them one by one).
+        """
+        files = self._scraper_files()
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for target, data, mode in (
+                (files.root_cert, identity.root_pem(), 0o644),
+                (files.key, identity.key_pem(), KEY_MODE),
+                (files.cert_chain, identity.cert_chain_pem(), 0o644),
+            ):
+                staging = files.directory / f".{target.name}.staged"
+                staged.append((atomic_write(staging, data, mode), target))
+            for staging, target in staged:
+                os.replace(staging, target)
+        finally:
+            for staging, _ in staged:
+                staging.unlink(missing_ok=True)
+
+
+def _identity_from_files(files: OutputCerts) -> WorkloadIdentity:
+    chain = files.chain()
+    key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise UsageError(f"{files.key} holds a {type(key).__name__}; expected an EC or RSA key")
+    return WorkloadIdentity(
+        spiffe_id=_spiffe_id_of(chain[0]),
+        cert=chain[0],
+        key=key,
+        chain=tuple(chain),
+        root_cert=files.root(),
+    )
+
+
+def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return SpiffeId.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
