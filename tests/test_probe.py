@@ -26,6 +26,7 @@ from securemetrics_e2e.probe import (
     PlaintextResult,
     ScrapeResult,
     attempt_plaintext,
+    classify_http_answer,
     scrape_mtls,
 )
 from tests.test_pki import svid_chain
@@ -583,3 +584,23 @@ def test_svid_without_authority_key_identifier_served_by_envoy_is_ok(
     assert "envoy_server_live" in result.metric_names
     # the same Envoy still refuses a client of a foreign CA: it is really checking
     assert foreign.outcome is MtlsOutcome.HANDSHAKE_REJECTED, foreign.detail
+
+
+# -- the classification rule alone (mutation testing found these clauses untested) -----
+
+
+@pytest.mark.parametrize(
+    ("status", "served"),
+    [(200, True), (299, True), (300, False), (301, False)],
+)
+def test_only_a_2xx_with_samples_is_served(status: int, served: bool) -> None:
+    """2xx is 200..299: a 300 carrying metric samples is not the port serving them."""
+    body = "# TYPE envoy_up gauge\nenvoy_up 1\n"
+    outcome, detail = classify_http_answer(status, body)
+    if served:
+        assert outcome is PlaintextOutcome.SERVED
+        assert detail == (
+            f"HTTP {status} with 1 metric families (1 samples) in plaintext: the port is open"
+        )
+    else:
+        assert outcome is PlaintextOutcome.OTHER_HTTP
