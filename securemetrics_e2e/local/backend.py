@@ -55,11 +55,11 @@ from securemetrics_e2e.local.pods import (
     WorkloadRuntime,
     container_ports,
     pod_annotations,
+    unit_manifests,
 )
 from securemetrics_e2e.local.promserver import PrometheusServer
 from securemetrics_e2e.local.provenance import stand_ins
 from securemetrics_e2e.local.virtualinbound import connections_on_port
-from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import MeshCA, OutputCerts
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -210,24 +210,6 @@ class LocalBackend(IdentityOperations, Backend):
             return "the loopback network has no pod namespaces to hold iptables rules"
         return PodNetwork.available() or capture.unavailable_reason()
 
-    def _unit_manifests(self, unit: RunUnit) -> list[dict[str, Any]] | None:
-        """The objects the cluster backend would apply for ``unit``, when its sidecars are
-        captured here: their inbound path is derived from them. Continuity scenarios
-        replay the data-plane half of a change without capture.
-
-        Rendered into a namespace of their own (the model relates objects of one
-        namespace only; a local namespace name with its variant and fault may exceed a
-        DNS label)."""
-        scenario = unit.scenario
-        if scenario.continuity or Feature.INBOUND_CAPTURE not in self.features:
-            return None
-        if not any(w.kind is WorkloadKind.SIDECAR for w in scenario.workloads):
-            return None
-        version = self.istio_version or str(DEFAULT_VERSION)
-        return scenario_manifests(
-            scenario, unit.mtls_mode, version, namespace="smx-sidecar", variant=unit.variant
-        )
-
     def describe(self) -> dict[str, str]:
         network = getattr(self, "network", None)
         return {
@@ -315,7 +297,11 @@ class LocalBackend(IdentityOperations, Backend):
         runtime = DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
-            objects = self._unit_manifests(unit)
+            objects = unit_manifests(
+                unit,
+                self.istio_version or str(DEFAULT_VERSION),
+                captured=Feature.INBOUND_CAPTURE in self.features,
+            )
             gateway = unit_gateway(
                 unit,
                 self.istio_version or str(DEFAULT_VERSION),

@@ -11,12 +11,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from securemetrics_e2e.backend import Deployment, Workload
 from securemetrics_e2e.catalog import (
     APP_PORT,
     ENVOY_STATS_PORT,
     MetricsMode,
+    RunUnit,
     WorkloadKind,
     WorkloadSpec,
 )
@@ -29,6 +31,7 @@ from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import Fault
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import WorkloadIdentity
 
 #: where the scraper runs on a cluster, and its service account (its SPIFFE identity)
@@ -114,3 +117,21 @@ def container_ports(spec: WorkloadSpec) -> tuple[tuple[str, str, int], ...]:
     if spec.kind is WorkloadKind.SIDECAR:
         return (("httpbin", "http", APP_PORT), *proxy)
     return ((PROXY_CONTAINER, "status-port", 15021), *proxy)
+
+
+def unit_manifests(unit: RunUnit, version: str, *, captured: bool) -> list[dict[str, Any]] | None:
+    """The objects the cluster backend would apply for ``unit``, when its sidecars are
+    ``captured`` here: their inbound path is derived from them. Continuity scenarios
+    replay the data-plane half of a change without capture.
+
+    Rendered into a namespace of their own (the model relates objects of one
+    namespace only; a local namespace name with its variant and fault may exceed a
+    DNS label)."""
+    scenario = unit.scenario
+    if scenario.continuity or not captured:
+        return None
+    if not any(w.kind is WorkloadKind.SIDECAR for w in scenario.workloads):
+        return None
+    return scenario_manifests(
+        scenario, unit.mtls_mode, version, namespace="smx-sidecar", variant=unit.variant
+    )
