@@ -27,9 +27,11 @@ from securemetrics_e2e.probe import (
     ScrapeResult,
     attempt_plaintext,
     classify_http_answer,
+    identity_problem,
     scrape_mtls,
 )
-from tests.test_pki import svid_chain
+from securemetrics_e2e.svid import PeerFailure
+from tests.test_pki import EXPECTED, svid_chain
 from tests.tlsservers import (
     AGENT_403,
     AGENT_403_BODY,
@@ -604,3 +606,30 @@ def test_only_a_2xx_with_samples_is_served(status: int, served: bool) -> None:
         )
     else:
         assert outcome is PlaintextOutcome.OTHER_HTTP
+
+
+def test_identity_problem_reports_an_untrusted_chain() -> None:
+    """Every root refusing the chain is a problem, never a proof (not None)."""
+    problem = identity_problem(
+        svid_chain(MeshCA.create()), [MeshCA.create().root_cert], [], EXPECTED
+    )
+    assert problem is not None
+    assert problem.kind is PeerFailure.UNTRUSTED
+
+
+def test_identity_problem_reports_a_wrong_identity_before_untrusted() -> None:
+    """One root of the bundle trusts the chain but the identity is another's: that is
+    the problem reported, not the other root's "untrusted"."""
+    ca = MeshCA.create()
+    chain = svid_chain(ca, identity=SpiffeId.for_workload("cluster.local", "ns", "other"))
+    problem = identity_problem(chain, [MeshCA.create().root_cert, ca.root_cert], [], EXPECTED)
+    assert problem is not None
+    assert problem.kind is PeerFailure.WRONG_IDENTITY
+
+
+def test_identity_problem_builds_the_path_with_the_given_intermediates() -> None:
+    """A peer presenting only its leaf is proven through the intermediates passed in."""
+    ca = MeshCA.create()
+    leaf, *intermediates = svid_chain(ca)
+    assert identity_problem([leaf], [ca.root_cert], intermediates, EXPECTED) is None
+    assert identity_problem([leaf], [ca.root_cert], [], EXPECTED) is not None
