@@ -12,6 +12,7 @@ processes carrying its run id in their environment (local/owner.py).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,8 +121,12 @@ def test_after_sigkill_the_next_run_sweeps_what_the_killed_one_left() -> None:
     following = _cli_run()
     out, err = _finish(following)
     assert following.returncode == 0, out + err
-    assert "note: removed what an interrupted earlier run left:" in out
+    # Every run sweeps dead owners' leftovers on start, so a run of a suite running
+    # beside this one (another xdist worker, a second suite) may sweep them first: the
+    # property is that they are gone; the note, when this run was the sweeper, counts them.
     assert _leftovers(killed.pid) == {"namespaces": [], "processes": [], "directories": []}
+    note = re.search(r"removed what an interrupted earlier run left: (\d+) processes", out)
+    assert note is None or int(note.group(1)) > 0, out
 
 
 def _plant(run_id: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
