@@ -1,7 +1,7 @@
 """Whether a run unit can run on a backend at an Istio version, and why not.
 
-One place for the rule, used by the pytest plugin (to skip with the reason), the CLI's
-``list`` and the cluster plan: a run unit needs its scenario's features plus what its
+One place for the rule, used by the check runner (to skip with the reason), the CLI's
+``plan`` and ``list`` and the cluster plan: a run unit needs its scenario's features plus what its
 mTLS mode and variant need (:attr:`RunUnit.features`); version-gated features come from
 the Istio version, the others from the backend. An upgrade needs a supported minor
 before the version to start from.
@@ -48,9 +48,19 @@ def skip_reason(
             previous_minor(resolve(version))
         except UsageError as exc:
             return f"no upgrade to Istio {version}: {exc}"
-    lacking = needed - backend_features - VERSION_GATED
-    if lacking:
-        names = ", ".join(sorted(f.value for f in lacking))
-        why = "cluster-only" if lacking <= CLUSTER_ONLY else "not available on this backend"
-        return f"backend {backend} cannot provide {names} ({why})"
-    return None
+    return lacking_reason(
+        needed - VERSION_GATED, backend=backend, backend_features=backend_features
+    )
+
+
+def lacking_reason(
+    needed: frozenset[Feature], *, backend: str, backend_features: frozenset[Feature]
+) -> str | None:
+    """Why ``backend`` cannot give what ``needed`` names (a run unit's or a check's
+    features), or None when it can: the one wording of a missing backend feature."""
+    lacking = needed - backend_features
+    if not lacking:
+        return None
+    names = ", ".join(sorted(f.value for f in lacking))
+    why = "cluster-only" if lacking <= CLUSTER_ONLY else "not available on this backend"
+    return f"backend {backend} cannot provide {names} ({why})"

@@ -14,11 +14,11 @@ import pytest
 from localmesh import requires_local_mesh
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, VariantId, scenario
-from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from securemetrics_e2e.runner import run_checks
 
 pytestmark = requires_local_mesh
 
