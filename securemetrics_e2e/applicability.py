@@ -9,7 +9,12 @@ before the version to start from.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from securemetrics_e2e.catalog import CLUSTER_ONLY, Feature, RunUnit
+
+if TYPE_CHECKING:
+    from securemetrics_e2e.backend import Backend
 
 VERSION_GATED = frozenset({Feature.NATIVE_SECURE_PORTS, Feature.LOCALHOST_ONLY_METRICS})
 
@@ -64,3 +69,11 @@ def lacking_reason(
     names = ", ".join(sorted(f.value for f in lacking))
     why = "cluster-only" if lacking <= CLUSTER_ONLY else "not available on this backend"
     return f"backend {backend} cannot provide {names} ({why})"
+
+
+def unit_skip_reason(unit: RunUnit, backend: Backend, version: str) -> str | None:
+    """Why ``unit`` cannot run on ``backend`` at ``version`` (this run's scope, then the
+    rule above), or None when it can."""
+    return backend.scope_reason(unit.scenario) or skip_reason(
+        unit, backend=backend.name, backend_features=backend.features, version=version
+    )

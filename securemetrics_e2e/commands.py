@@ -26,10 +26,10 @@ from securemetrics_e2e.selection import (
 
 
 def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
+    from securemetrics_e2e.applicability import unit_skip_reason
     from securemetrics_e2e.checks import CHECKS
     from securemetrics_e2e.knowngaps import gaps_for
     from securemetrics_e2e.local.backend import LocalBackend
-    from securemetrics_e2e.plugin import unit_skip_reason
     from securemetrics_e2e.runner import skip_reason as check_skip_reason
 
     backend = LocalBackend(

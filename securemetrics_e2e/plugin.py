@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e import progress, signals, timeouts
-from securemetrics_e2e.applicability import skip_reason as skip_reason_for
+from securemetrics_e2e.applicability import unit_skip_reason
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.backends import BACKENDS, NAMES, backend_entry
 from securemetrics_e2e.catalog import SCENARIOS, RunUnit, Scenario, scenario
@@ -166,16 +166,6 @@ def istio_version(config: pytest.Config) -> str:
     version = resolve(text)  # "" is an error (an unset variable), not the default
     check_released(version, custom_build=bool(config.getoption("--istio-tag", default=None)))
     return str(version)
-
-
-def unit_skip_reason(unit: RunUnit, backend: Backend, version: str) -> str | None:
-    """Why ``unit`` cannot run on ``backend`` at ``version``, or None when it can."""
-    return backend.scope_reason(unit.scenario) or skip_reason_for(
-        unit,
-        backend=backend.name,
-        backend_features=backend.features,
-        version=version,
-    )
 
 
 def check_selection(config: pytest.Config) -> CheckSelection:

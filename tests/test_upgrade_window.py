@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from localmesh import requires_local_mesh
 
+from securemetrics_e2e.applicability import unit_skip_reason
 from securemetrics_e2e.catalog import (
     ENVOY_JOB,
     MERGED_JOB,
@@ -35,7 +36,6 @@ from securemetrics_e2e.continuity import (
 )
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.plugin import unit_skip_reason
 from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
 
