@@ -415,7 +415,11 @@ def pytest_runtest_makereport(
             # an upstream gap is not this distribution's failure: pytest reports it skipped
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, outcome.message)
-        report.sm_outcome = outcome  # type: ignore[attr-defined]  # read by progress
+        # read by progress; plain strs: under pytest-xdist a report crosses to the
+        # controller, whose serializer takes only builtin types (an enum kills the worker)
+        report.sm_status = outcome.status.value  # type: ignore[attr-defined]
+        report.sm_code = outcome.code or outcome.check  # type: ignore[attr-defined]
+        report.sm_message = outcome.message  # type: ignore[attr-defined]
         item.config.stash[_RESULT_KEY].add(outcome)
     return report
 

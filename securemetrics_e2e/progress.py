@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS
-from securemetrics_e2e.results import CheckOutcome, RunResult, Status, overall
+from securemetrics_e2e.results import RunResult, Status, overall
 from securemetrics_e2e.waiting import waiting_on
 
 
@@ -266,8 +266,8 @@ class ProgressPlugin:
 
     Registered by the CLI (``pytest.main(..., plugins=[ProgressPlugin(progress)])``).
     Deploy and wait lines come from whoever deploys, through :func:`emit` / :func:`timed`;
-    a check's status is the outcome the plugin recorded (``report.sm_outcome``), never
-    classified again here.
+    a check's status is the outcome the plugin recorded (``report.sm_status``, its code
+    and message), never classified again here.
     """
 
     def __init__(self, progress: Progress) -> None:
@@ -340,13 +340,14 @@ class ProgressPlugin:
             group.seconds += self._setup_took.get(item.nodeid, 0.0)
             if report.when == "call":
                 group.seconds += report.duration
-            outcome = getattr(report, "sm_outcome", None)  # the plugin's, through the gaps
-            if isinstance(outcome, CheckOutcome):
-                group.statuses.append(outcome.status)
-                if outcome.status is Status.SKIP:
-                    group.reasons.append(outcome.message)
-                elif outcome.status is Status.FAIL:
-                    group.codes.append(outcome.code or outcome.check)
+            recorded = getattr(report, "sm_status", None)  # the plugin's, through the gaps
+            if recorded is not None:
+                status = Status(recorded)
+                group.statuses.append(status)
+                if status is Status.SKIP:
+                    group.reasons.append(str(getattr(report, "sm_message", "")))
+                elif status is Status.FAIL:
+                    group.codes.append(str(getattr(report, "sm_code", "")))
             group.pending -= 1
             if group.pending == 0:
                 self._group_done(group)
