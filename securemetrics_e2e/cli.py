@@ -38,8 +38,11 @@ from securemetrics_e2e.selection import (
     local_preflight,
     select,
 )
+from securemetrics_e2e.timeouts import TIMEOUTS
+from securemetrics_e2e.timeouts import parse as parse_timeouts
 
 if TYPE_CHECKING:
+    from securemetrics_e2e.checks import CheckSelection
     from securemetrics_e2e.progress import Progress, ProgressPlugin
     from securemetrics_e2e.results import RunResult
 
@@ -58,7 +61,7 @@ def scenarios_dir() -> Path:
     """The conformance scenarios: packaged in the wheel, or beside the package in a checkout."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "_data" / "scenarios", package.parent / "scenarios"):
-        if (candidate / "test_secure_metrics.py").is_file():
+        if (candidate / "test_conformance.py").is_file():
             return candidate
     raise EnvironmentProblem(
         f"the conformance scenarios are neither packaged in {package / '_data'} nor beside "
@@ -92,6 +95,8 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
         argv += ["--istio-version", sel.istio_version]
     if args.upgrade_from:
         argv += ["--upgrade-from", args.upgrade_from]
+    argv += _check_selection(args).as_args()
+    argv += [f"--timeout={value}" for value in args.timeout or ()]
     if not args.pytest_output:
         argv += ["-p", "no:terminal"]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
@@ -108,6 +113,13 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
             elif value:
                 argv += [flag, str(value)]
     return argv + list(args.pytest_args)
+
+
+def _check_selection(args: argparse.Namespace) -> CheckSelection:
+    """The checks ``--check`` / ``--skip-check`` name (ids or SMC codes); UsageError."""
+    from securemetrics_e2e.checks import CheckSelection
+
+    return CheckSelection(args.check or (), args.skip_check or ())
 
 
 def _terminal() -> TextIO:
@@ -133,6 +145,8 @@ def _validate_run(args: argparse.Namespace) -> Selection:
         if args.local_fault not in {f.value for f in Fault}:
             raise UsageError(f"unknown --local-fault {args.local_fault!r}; known: {known}")
     sel = select(args)
+    _check_selection(args)  # a mistyped check id is a usage error, not a collection error
+    parse_timeouts(args.timeout or ())
     if args.upgrade_from and (sel.backend != "existing" or args.istio_version is not None):
         # (an existing cluster without --istio-version ends on the Istio it runs)
         upgrade_pair(args.upgrade_from, sel.istio_version)
@@ -334,6 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the conformance scenarios and give a verdict")
     _selection_options(run)
+    run.add_argument(
+        "--check",
+        action="append",
+        metavar="CHECK",
+        help="run only this check, by id or SMC code (repeatable, or comma-separated); the "
+        "others are reported as skipped, with the reason",
+    )
+    run.add_argument(
+        "--skip-check",
+        action="append",
+        metavar="CHECK",
+        help="leave this check out, by id or SMC code (repeatable, or comma-separated): "
+        "reported as skipped, with the reason",
+    )
+    run.add_argument(
+        "--timeout",
+        action="append",
+        metavar="NAME=SECONDS",
+        help="override a named timeout (repeatable); names: "
+        + ", ".join(f"{t.name} ({t.bounds})" for t in TIMEOUTS),
+    )
     run.add_argument("--report", help="write the conformance report (.json, .yaml or .yml)")
     run.add_argument("--junit", help="write JUnit XML (.xml)")
     _distribution_options(run)

@@ -26,10 +26,11 @@ from securemetrics_e2e.selection import (
 
 
 def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
-    from securemetrics_e2e.checks import CHECKS, skip_reason
+    from securemetrics_e2e.applicability import unit_skip_reason
+    from securemetrics_e2e.checks import CHECKS
     from securemetrics_e2e.knowngaps import gaps_for
     from securemetrics_e2e.local.backend import LocalBackend
-    from securemetrics_e2e.plugin import unit_skip_reason
+    from securemetrics_e2e.runner import skip_reason as check_skip_reason
 
     backend = LocalBackend(
         network=args.local_network,
@@ -83,7 +84,7 @@ def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
         for c in CHECKS:
             if not c.applies_to(v.scenario):
                 continue
-            why = skip_reason(c, backend)
+            why = check_skip_reason(c, backend)
             mark = f"skip: {why}" if why else c.code
             lines.append(f"         {c.id:<32} {mark}")
     return "\n".join(lines) + "\n"
@@ -164,13 +165,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
-    if name == "local":
-        from securemetrics_e2e.local.backend import LocalBackend
+    from securemetrics_e2e.backends import backend_entry
 
-        return LocalBackend(network=local_network).features
-    from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
-
-    return CLUSTER_FEATURES  # version-gated features are judged against each version
+    return backend_entry(name).features(local_network)
 
 
 def applicability(

@@ -19,13 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from securemetrics_e2e.catalog import MtlsMode, RunUnit, VariantId, unit_id
-from securemetrics_e2e.results import CheckOutcome, Status
-
-if TYPE_CHECKING:
-    from securemetrics_e2e.checks import Check
+from securemetrics_e2e.catalog import MtlsMode, VariantId, unit_id
+from securemetrics_e2e.results import Status
 
 _TARGET_DOWN = frozenset({"target:down", "target:timeout"})
 #: what a TLS client sees when a sidecar terminates its TLS and the plaintext it forwards is
@@ -280,46 +276,4 @@ def judge(
         Status.FAIL,
         f"{message} (not known gap {gap.id}: it predicts {', '.join(sorted(outcomes))}; "
         f"observed {shown})",
-    )
-
-
-def checked(
-    unit: RunUnit,
-    check: Check,
-    version: str,
-    status: Status,
-    message: str,
-    observed: Collection[str] = (),
-    *,
-    duration_s: float = 0.0,
-    nodeid: str = "",
-    diagnostics: str = "",
-) -> CheckOutcome:
-    """The outcome of ``check`` on ``unit``: its PASS / FAIL / SKIP judged by :func:`judge`."""
-    scenario, mode, variant = unit.scenario.name, unit.mtls_mode.value, unit.variant.id.value
-    verdict = judge(
-        scenario=scenario,
-        mode=mode,
-        variant=variant,
-        check=check.id,
-        version=version,
-        status=status,
-        message=message,
-        observed=observed,
-    )
-    failed = verdict.status is Status.FAIL
-    return CheckOutcome(
-        scenario=scenario,
-        mode=mode,
-        variant=variant,
-        check=check.id,
-        status=verdict.status,
-        message=verdict.message,
-        code=check.code if failed or verdict.status is Status.KNOWN_GAP else "",
-        profile=unit.scenario.profile.value,
-        duration_s=duration_s,
-        diagnostics=diagnostics if failed else "",
-        nodeid=nodeid,
-        gap=verdict.gap,
-        fix_of=fix_of(scenario, mode, variant),
     )

@@ -1,10 +1,12 @@
 """pytest plugin: options, the backend and deployment fixtures, and the verdict.
 
-Scenario tests (``scenarios/``) ask for the ``deployment`` fixture; the plugin
-parametrizes it with every run unit (scenario x mTLS mode x configuration variant) the
-selected scenarios define, deploys each unit once on the chosen backend, and records one
-outcome per check, mapped through the known-gap table (KNOWN-GAP, FIXED). At the end it
-prints the status of every unit with the reason and one closing verdict line.
+The conformance test (``scenarios/test_conformance.py``) asks for ``run_check``; the
+plugin generates one item per run unit (scenario x mTLS mode x configuration variant) of
+the selected scenarios and check of the registry (:mod:`securemetrics_e2e.checks`) that
+applies to it, deploys each unit once on the chosen backend, runs the check through the
+one runner (:mod:`securemetrics_e2e.runner`) and records its outcome, mapped through the
+known-gap table (KNOWN-GAP, FIXED). At the end it prints the status of every unit with
+the reason and one closing verdict line.
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from securemetrics_e2e import progress, signals
-from securemetrics_e2e.applicability import skip_reason as skip_reason_for
+from securemetrics_e2e import progress, signals, timeouts
+from securemetrics_e2e.applicability import unit_skip_reason
 from securemetrics_e2e.backend import Backend, Deployment
-from securemetrics_e2e.catalog import SCENARIOS, RunUnit, scenario
-from securemetrics_e2e.checks import Check, CheckFailed, check, skip_reason
+from securemetrics_e2e.backends import BACKENDS, NAMES, backend_entry
+from securemetrics_e2e.catalog import SCENARIOS, RunUnit, Scenario, scenario
+from securemetrics_e2e.checkbase import Check, CheckFailed
+from securemetrics_e2e.checks import CHECKS, CheckSelection
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
-from securemetrics_e2e.knowngaps import checked
 from securemetrics_e2e.results import RunResult, Status
+from securemetrics_e2e.runner import Attempt, attempt, judged
+from securemetrics_e2e.selection import scenario_names
+from securemetrics_e2e.timeouts import TIMEOUTS
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
 _RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
 _SESSION_KEY = pytest.StashKey[pytest.Session]()
+_ATTEMPT_KEY = pytest.StashKey[Attempt]()
 #: the exit status of a run whose report cannot be written: an error, never "not conformant"
 EXIT_OUTPUT_FAILED = 2
 
@@ -38,8 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--sm-backend",
         default="local",
-        choices=("local", "kind", "existing"),
-        help="where the conformance scenarios run (default: local)",
+        choices=NAMES,
+        help="where the conformance scenarios run (default: local): "
+        + "; ".join(f"{e.name}: {e.description}" for e in BACKENDS.values()),
     )
     group.addoption(
         "--istio-version",
@@ -60,16 +68,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run only this scenario (repeatable); default: all",
     )
     group.addoption(
-        "--local-network",
-        default="auto",
-        choices=("auto", "netns", "loopback"),
-        help="local backend pods: network namespaces, or 127.0.0.0/8 addresses (default: auto)",
+        "--check",
+        action="append",
+        default=[],
+        help="run only this check (id or SMC code; repeatable, or comma-separated); the "
+        "others are reported as skipped",
     )
     group.addoption(
-        "--local-fault",
-        default=None,
-        help="negative control: deploy the local mesh with this seeded misconfiguration "
-        "(the run must then be NOT CONFORMANT); see securemetrics_e2e.local.faults",
+        "--skip-check",
+        action="append",
+        default=[],
+        help="leave this check out (id or SMC code; repeatable, or comma-separated): "
+        "reported as skipped with the reason",
+    )
+    group.addoption(
+        "--timeout",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="override a named timeout (repeatable); names: "
+        + ", ".join(f"{t.name} ({t.bounds})" for t in TIMEOUTS),
     )
     group.addoption(
         "--sm-report",
@@ -86,15 +104,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             action="append" if flag == "contact" else "store",
             help=f"report: {what}",
         )
-    try:
-        from securemetrics_e2e.cluster.options import add_cluster_options
-    except ImportError:  # the cluster backend is optional at import time
-        return
-    add_cluster_options(group)
+    for entry in BACKENDS.values():
+        entry.add_options(group)
 
 
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    """``--plan``: print what a cluster run would do, touch nothing, run no test."""
+    """Bad input is one line and exit 2, before anything starts; ``--plan``: print what a
+    cluster run would do, touch nothing, run no test."""
+    try:
+        check_selection(config)
+        timeouts.parse(config.getoption("--timeout"))
+    except UsageError as exc:
+        sys.stderr.write(f"securemetrics-e2e: {exc}\n")
+        return 2
     if not config.getoption("--plan", default=False):
         return None
     if config.getoption("--sm-backend") == "local":
@@ -114,7 +136,6 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULT_KEY] = RunResult()
-    config.addinivalue_line("markers", "check(id): the conformance check a scenario test performs")
     path = config.getoption("--sm-report", default=None)
     if path:
         from securemetrics_e2e.outputs import check_writable
@@ -147,49 +168,26 @@ def istio_version(config: pytest.Config) -> str:
     return str(version)
 
 
-def unit_skip_reason(unit: RunUnit, backend: Backend, version: str) -> str | None:
-    """Why ``unit`` cannot run on ``backend`` at ``version``, or None when it can."""
-    return backend.scope_reason(unit.scenario) or skip_reason_for(
-        unit,
-        backend=backend.name,
-        backend_features=backend.features,
-        version=version,
-    )
+def check_selection(config: pytest.Config) -> CheckSelection:
+    """The checks ``--check`` / ``--skip-check`` select; UsageError naming a bad one."""
+    return CheckSelection(config.getoption("--check"), config.getoption("--skip-check"))
 
 
 def selected_units(config: pytest.Config) -> list[RunUnit]:
-    names = [n for opt in config.getoption("--scenario") for n in opt.split(",") if n]
-    chosen = [scenario(n) for n in names] if names else list(SCENARIOS)
-    return [u for s in chosen for u in s.run_units()]
+    """The run units of the selected scenarios that have a check to run."""
+    units = [u for s in _scenarios(config) for u in s.run_units()]
+    return [u for u in units if any(runs for _, runs in cases_of(u, check_selection(config)))]
+
+
+def cases_of(unit: RunUnit, selection: CheckSelection) -> list[tuple[Check, bool]]:
+    """The checks of the registry that apply to ``unit``, each with whether the selection
+    runs it (a check left out is still reported: skipped, with the reason)."""
+    return [(c, selection.reason(c) is None) for c in CHECKS if c.applies_to(unit.scenario)]
 
 
 def make_backend(config: pytest.Config) -> Backend:
-    kind = config.getoption("--sm-backend")
-    version = istio_version(config)
-    if kind == "local":
-        from securemetrics_e2e.local.backend import LocalBackend
-        from securemetrics_e2e.local.faults import Fault
-
-        fault_name = config.getoption("--local-fault")
-        try:
-            fault = Fault(fault_name) if fault_name else None
-        except ValueError:
-            known = ", ".join(f.value for f in Fault)
-            raise UsageError(
-                f"unknown --local-fault {fault_name!r}; known faults: {known}"
-            ) from None
-        artifacts = config.getoption("--sm-artifacts", default=None) or "artifacts"
-        return LocalBackend(
-            network=config.getoption("--local-network"),
-            istio_version=version,
-            upgrade_from=config.getoption("--upgrade-from"),
-            fault=fault,
-            artifacts_dir=Path(artifacts),
-        )
-    from securemetrics_e2e.cluster.pytestglue import backend_from_pytest
-
-    backend: Backend = backend_from_pytest(config, version)
-    return backend
+    """The backend ``--sm-backend`` names, from the backend registry."""
+    return backend_entry(config.getoption("--sm-backend")).create(config, istio_version(config))
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +197,8 @@ def sm_backend(pytestconfig: pytest.Config) -> Iterator[Backend]:
         backend = make_backend(pytestconfig)
     except SecureMetricsError as exc:
         pytest.exit(f"securemetrics-e2e: {exc}", returncode=2)
+    timeouts.apply(backend, timeouts.parse(pytestconfig.getoption("--timeout")))
+    run_result(pytestconfig).backend_features = frozenset(f.value for f in backend.features)
     try:
         yield backend
     finally:
@@ -207,28 +207,42 @@ def sm_backend(pytestconfig: pytest.Config) -> Iterator[Backend]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "deployment" not in metafunc.fixturenames:
+    """One item per run unit and registered check that applies to it (``sm_check``)."""
+    if "sm_check" not in metafunc.fixturenames:
         return
-    marker = metafunc.definition.get_closest_marker("check")
-    chk = check(marker.args[0]) if marker else None
     try:
-        units = selected_units(metafunc.config)
+        selection = check_selection(metafunc.config)
+        units = [u for s in _scenarios(metafunc.config) for u in s.run_units()]
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    if chk is not None:
-        units = [u for u in units if chk.applies_to(u.scenario)]
-    if not units:
-        reason = f"check {chk.id if chk else '?'} applies to none of the selected scenarios"
-        metafunc.parametrize(
-            "deployment",
-            [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="none")],
-            indirect=True,
-            scope="session",
-        )
-        return
-    metafunc.parametrize(
-        "deployment", units, indirect=True, scope="session", ids=[u.id for u in units]
-    )
+    params = []
+    for unit in units:
+        for chk, _ in cases_of(unit, selection):
+            left_out = selection.reason(chk)
+            marks = () if left_out is None else (pytest.mark.skip(reason=left_out),)
+            item = _CheckParam(chk)
+            params.append(pytest.param(unit, item, marks=marks, id=f"{unit.id}-{chk.id}"))
+    if not params:
+        params = [pytest.param(None, None, marks=pytest.mark.skip(reason="no check"), id="none")]
+    metafunc.parametrize(("deployment", "sm_check"), params, indirect=True, scope="session")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CheckParam:
+    """An item's check, as a parameter equal only to itself: pytest groups items by equal
+    session-scoped parameters, and must group them by run unit (one deployment each), not
+    by check."""
+
+    check: Check
+
+    @property
+    def id(self) -> str:
+        return self.check.id
+
+
+def _scenarios(config: pytest.Config) -> list[Scenario]:
+    names = scenario_names(config.getoption("--scenario"))
+    return [scenario(n) for n in names] if names else list(SCENARIOS)
 
 
 class Fleet:
@@ -321,28 +335,35 @@ def deployment(request: pytest.FixtureRequest, sm_fleet: Fleet) -> Iterator[Depl
         sm_fleet.release(unit)
 
 
+@pytest.fixture(scope="session")
+def sm_check(request: pytest.FixtureRequest) -> Check:
+    """The registered check of this item (parametrized by :func:`pytest_generate_tests`)."""
+    param: _CheckParam = request.param
+    return param.check
+
+
 @pytest.fixture
 def run_check(
-    request: pytest.FixtureRequest, sm_backend: Backend, deployment: Deployment
+    request: pytest.FixtureRequest,
+    sm_backend: Backend,
+    deployment: Deployment,
+    sm_check: Check,
 ) -> Callable[[], None]:
-    """The check named by the test's ``check`` marker, bound to its deployment.
+    """The item's check bound to its deployment, run through the one runner.
 
     The test body calls it, so a misbehaving mesh is a test FAILURE (not a setup error)
     and the check's time is the test's time.
     """
-    marker = request.node.get_closest_marker("check")
-    if marker is None:
-        raise pytest.UsageError(f"{request.node.nodeid} uses run_check without a check marker")
-    chk: Check = check(marker.args[0])
-    reason = skip_reason(chk, sm_backend)
-    if reason is not None:
-        pytest.skip(reason)
 
     def run() -> None:
-        label = deployment.unit.id
-        with progress.heartbeat(label):  # a rotation or upgrade window runs for seconds
-            measured = chk.run(sm_backend, deployment)
-        _record_continuity(request.config, deployment, measured)
+        with progress.heartbeat(deployment.unit.id):  # a rotation or upgrade window runs long
+            seen = attempt(sm_check, sm_backend, deployment)
+        request.node.stash[_ATTEMPT_KEY] = seen
+        if seen.status is Status.SKIP:
+            pytest.skip(seen.message)
+        if seen.failure is not None:
+            raise seen.failure
+        _record_continuity(request.config, deployment, seen.measured)
 
     return run
 
@@ -363,29 +384,15 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     callspec = getattr(item, "callspec", None)
-    marker = item.get_closest_marker("check")
-    if marker is None or callspec is None or "deployment" not in callspec.params:
+    if callspec is None:
         return report
-    unit = callspec.params["deployment"]
-    if not isinstance(unit, RunUnit):  # an empty parameter set: no run unit to report
-        return report
+    unit, param = callspec.params.get("deployment"), callspec.params.get("sm_check")
+    if not isinstance(unit, RunUnit) or not isinstance(param, _CheckParam):
+        return report  # not a conformance item, or an empty parameter set
+    chk = param.check
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        observed: tuple[str, ...] = ()
-        exc = call.excinfo.value if call.excinfo is not None else None
-        if report.passed:
-            status, message = Status.PASS, ""
-        elif report.skipped:
-            status = Status.SKIP
-            longrepr = report.longrepr
-            message = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
-            message = message.removeprefix("Skipped: ")
-        else:
-            status = Status.FAIL
-            message = getattr(exc, "message", None) or (str(exc) if exc else str(report.longrepr))
-            if isinstance(exc, CheckFailed):
-                observed = exc.observed
-        chk = check(marker.args[0])
-        outcome = checked(
+        status, message, observed = _seen(item, report, call)
+        outcome = judged(
             unit,
             chk,
             istio_version(item.config),
@@ -395,6 +402,7 @@ def pytest_runtest_makereport(
             duration_s=report.duration,
             nodeid=item.nodeid,
         )
+        exc = call.excinfo.value if call.excinfo is not None else None
         if outcome.status is Status.FAIL:
             diagnostics = _capture(item, message)
             outcome = dataclasses.replace(outcome, diagnostics=diagnostics)
@@ -407,9 +415,30 @@ def pytest_runtest_makereport(
             # an upstream gap is not this distribution's failure: pytest reports it skipped
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, outcome.message)
-        report.sm_status = outcome.status  # type: ignore[attr-defined]  # read by progress
+        # read by progress; plain strs: under pytest-xdist a report crosses to the
+        # controller, whose serializer takes only builtin types (an enum kills the worker)
+        report.sm_status = outcome.status.value  # type: ignore[attr-defined]
+        report.sm_code = outcome.code or outcome.check  # type: ignore[attr-defined]
+        report.sm_message = outcome.message  # type: ignore[attr-defined]
         item.config.stash[_RESULT_KEY].add(outcome)
     return report
+
+
+def _seen(
+    item: pytest.Item, report: pytest.TestReport, call: pytest.CallInfo[None]
+) -> tuple[Status, str, tuple[str, ...]]:
+    """What the item saw: the runner's attempt, or (a deployment that failed or was
+    skipped, an error outside the check) what pytest saw."""
+    seen = item.stash.get(_ATTEMPT_KEY, None)
+    if seen is not None and report.when == "call":
+        return seen.status, seen.message, seen.observed
+    if report.skipped:
+        longrepr = report.longrepr
+        message = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+        return Status.SKIP, message.removeprefix("Skipped: "), ()
+    exc = call.excinfo.value if call.excinfo is not None else None
+    message = getattr(exc, "message", None) or (str(exc) if exc else str(report.longrepr))
+    return Status.FAIL, message, ()
 
 
 def _capture(item: pytest.Item, message: str) -> str:

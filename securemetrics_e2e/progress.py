@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS
-from securemetrics_e2e.results import RunResult, Status
+from securemetrics_e2e.results import RunResult, Status, overall
 from securemetrics_e2e.waiting import waiting_on
 
 
@@ -231,10 +231,7 @@ class _Group:
 
     @property
     def status(self) -> Status:
-        for status in (Status.FAIL, Status.KNOWN_GAP, Status.FIXED, Status.PASS):
-            if status in self.statuses:
-                return status
-        return Status.SKIP
+        return overall(self.statuses)
 
     def detail(self) -> str:
         n = len(self.statuses)
@@ -253,16 +250,15 @@ class _Group:
         return ", ".join([counted, *extra])
 
 
-def _check_id(item: pytest.Item) -> str | None:
-    marker = item.get_closest_marker("check")
-    return str(marker.args[0]) if marker and marker.args else None
-
-
-def _variant_of(item: pytest.Item) -> str | None:
+def _case(item: pytest.Item) -> tuple[str, str] | None:
+    """(run unit id, check id) of a conformance item, from the plugin's parameters."""
     callspec = getattr(item, "callspec", None)
-    param = callspec.params.get("deployment") if callspec is not None else None
-    vid = getattr(param, "id", None)
-    return vid if isinstance(vid, str) else None
+    params = callspec.params if callspec is not None else {}
+    unit_id = getattr(params.get("deployment"), "id", None)
+    check_id = getattr(params.get("sm_check"), "id", None)
+    if isinstance(unit_id, str) and isinstance(check_id, str):
+        return unit_id, check_id
+    return None
 
 
 class ProgressPlugin:
@@ -270,7 +266,8 @@ class ProgressPlugin:
 
     Registered by the CLI (``pytest.main(..., plugins=[ProgressPlugin(progress)])``).
     Deploy and wait lines come from whoever deploys, through :func:`emit` / :func:`timed`;
-    until that is wired, the first deployment's setup time is reported as one deploy line.
+    a check's status is the outcome the plugin recorded (``report.sm_status``, its code
+    and message), never classified again here.
     """
 
     def __init__(self, progress: Progress) -> None:
@@ -278,11 +275,9 @@ class ProgressPlugin:
         self._groups: dict[tuple[str, Phase], _Group] = {}
         self._variant_groups: dict[str, list[_Group]] = {}
         self._item_group: dict[str, _Group] = {}
-        self._deploy_seen = False
         self._backend: Any = None
         self._setup_seconds_before = 0.0
         self._setup_took: dict[str, float] = {}
-        self._lines_at_start = 0
         self.errors: list[str] = []
         self.environment_problems: list[str] = []
         self.backend_description: dict[str, str] = {}
@@ -290,11 +285,11 @@ class ProgressPlugin:
 
     # collection: know how many checks each (variant, phase) group waits for
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self._lines_at_start = self.progress.lines
         for item in session.items:
-            check_id, vid = _check_id(item), _variant_of(item)
-            if check_id is None or vid is None:
+            case = _case(item)
+            if case is None:
                 continue
+            vid, check_id = case
             self.collected += 1
             key = (vid, phase_of(check_id))
             group = self._groups.get(key)
@@ -337,16 +332,6 @@ class ProgressPlugin:
             # A check runs in its fixture's setup; deployments reported through emit() /
             # timed() during that setup are theirs, not the check's.
             took = report.duration - (self.progress.setup_seconds - self._setup_seconds_before)
-            # only a setup that deployed counts: a test skipped before any deployment (a
-            # check applying to none of the selected scenarios) would print a second line
-            deployed = _variant_of(item) is not None and not report.skipped
-            if deployed and not self._deploy_seen:
-                self._deploy_seen = True
-                if self.progress.lines == self._lines_at_start:
-                    # nobody reported deployments: the first setup deployed every variant
-                    status = Status.FAIL if report.failed else Status.PASS
-                    self.progress.phase("all selected run units", Phase.DEPLOY, took, status)
-                    took = 0.0
             self._setup_took[item.nodeid] = max(took, 0.0)
         group = self._item_group.get(item.nodeid)
         if group is None:
@@ -355,30 +340,18 @@ class ProgressPlugin:
             group.seconds += self._setup_took.get(item.nodeid, 0.0)
             if report.when == "call":
                 group.seconds += report.duration
-            mapped = getattr(report, "sm_status", None)  # through the known-gap table
-            if isinstance(mapped, Status) and mapped in (Status.KNOWN_GAP, Status.FIXED):
-                group.statuses.append(mapped)
-            elif report.passed:
-                group.statuses.append(Status.PASS)
-            elif report.skipped:
-                group.statuses.append(Status.SKIP)
-                longrepr = report.longrepr
-                reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
-                group.reasons.append(reason.removeprefix("Skipped: "))
-            else:
-                group.statuses.append(Status.FAIL)
-                group.codes.append(self._code(item, exc))
+            recorded = getattr(report, "sm_status", None)  # the plugin's, through the gaps
+            if recorded is not None:
+                status = Status(recorded)
+                group.statuses.append(status)
+                if status is Status.SKIP:
+                    group.reasons.append(str(getattr(report, "sm_message", "")))
+                elif status is Status.FAIL:
+                    group.codes.append(str(getattr(report, "sm_code", "")))
             group.pending -= 1
             if group.pending == 0:
                 self._group_done(group)
         return report
-
-    @staticmethod
-    def _code(item: pytest.Item, exc: BaseException | None) -> str:
-        code = getattr(exc, "code", None)
-        if isinstance(code, str) and code:
-            return code
-        return _check_id(item) or "error"
 
     def _group_done(self, group: _Group) -> None:
         # An all-skipped group waits for its variant: a variant that cannot run here at all

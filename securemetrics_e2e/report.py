@@ -23,7 +23,7 @@ import jsonschema
 import yaml
 
 from securemetrics_e2e import __version__
-from securemetrics_e2e.catalog import Profile
+from securemetrics_e2e.catalog import Feature, Profile
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.outputs import write_atomically
 from securemetrics_e2e.progress import scenario_notes
@@ -328,7 +328,7 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
             "tag": meta.istio_tag or None,
         },
         "kubernetes": {"version": meta.kubernetes_version or None},
-        "backend": {"name": meta.backend or "unknown", "details": dict(meta.backend_details)},
+        "backend": _backend(result, meta),
         "provenance": provenance(meta),
         "notes": [*meta.notes, *scenario_notes(result)],
         "selection": {"profiles": profiles, "scenarios": list(meta.scenarios)},
@@ -363,6 +363,18 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
         ],
     }
     validate_report(doc)
+    return doc
+
+
+def _backend(result: RunResult, meta: ReportMeta) -> dict[str, Any]:
+    """The backend that ran, and the features it supports and does not."""
+    doc: dict[str, Any] = {"name": meta.backend or "unknown", "details": dict(meta.backend_details)}
+    if result.backend_features is not None:
+        every = [f.value for f in Feature]
+        doc["features"] = {
+            "supported": [f for f in every if f in result.backend_features],
+            "unsupported": [f for f in every if f not in result.backend_features],
+        }
     return doc
 
 

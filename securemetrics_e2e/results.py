@@ -9,6 +9,7 @@ turns it into KNOWN-GAP or FIXED where an upstream gap is known.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from securemetrics_e2e.catalog import VariantId, unit_id
@@ -28,6 +29,17 @@ class Status(enum.StrEnum):
 ACCEPTED = frozenset({Status.PASS, Status.KNOWN_GAP, Status.FIXED, Status.SKIP})
 
 AS_DOCUMENTED: str = VariantId.AS_DOCUMENTED.value
+
+
+def overall(statuses: Iterable[Status]) -> Status:
+    """The status of a group of checks (a run unit, a phase of one): FAIL if any check
+    failed; else KNOWN-GAP if a known gap showed, FIXED if a gap was closed; SKIP if all
+    skipped (or none ran); PASS otherwise."""
+    seen = set(statuses)
+    for status in (Status.FAIL, Status.KNOWN_GAP, Status.FIXED, Status.PASS):
+        if status in seen:
+            return status
+    return Status.SKIP
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,8 @@ class RunResult:
     continuity: list[ContinuityRecord] = field(default_factory=list)
     #: problems that stopped the run from judging the mesh (environment, usage), not findings
     errors: list[str] = field(default_factory=list)
+    #: the features the backend that ran declares (``Backend.features``); None: no backend
+    backend_features: frozenset[str] | None = None
 
     def add(self, outcome: CheckOutcome) -> None:
         self.outcomes.append(outcome)
@@ -127,15 +141,8 @@ class RunResult:
         return [o for o in self.outcomes if o.unit == unit]
 
     def unit_status(self, unit: tuple[str, str, str]) -> Status:
-        """FAIL if any check failed, SKIP if all skipped; else KNOWN-GAP if a known gap
-        showed, FIXED if a gap was closed, PASS otherwise."""
-        statuses = {o.status for o in self.of_unit(unit)}
-        for status in (Status.FAIL, Status.KNOWN_GAP, Status.FIXED):
-            if status in statuses:
-                return status
-        if statuses <= {Status.SKIP}:
-            return Status.SKIP
-        return Status.PASS
+        """The :func:`overall` status of the unit's checks."""
+        return overall(o.status for o in self.of_unit(unit))
 
     def units(self) -> list[tuple[str, str, str]]:
         """(scenario, mode, variant) run units in first-seen order."""

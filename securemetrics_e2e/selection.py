@@ -7,14 +7,16 @@ before anything starts and raises a UsageError naming the input.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from securemetrics_e2e.backends import NAMES
 from securemetrics_e2e.catalog import SCENARIOS, Profile, Scenario, scenario
 from securemetrics_e2e.errors import UsageError
 
 PROG = "securemetrics-e2e"
-BACKENDS = ("local", "kind", "existing")
+BACKENDS = NAMES
 PROFILES = ("core", "extended", "all")
 
 EXIT_OK = 0
@@ -47,6 +49,12 @@ class Selection:
         return tuple(p.value for p in Profile)
 
 
+def scenario_names(values: Iterable[str] | None) -> list[str]:
+    """The scenario names repeatable, comma-separated ``--scenario`` values give, in order,
+    once each (the one parser of a scenario list: the CLI, the plugin, the cluster plan)."""
+    return list(dict.fromkeys(n.strip() for v in values or () for n in v.split(",") if n.strip()))
+
+
 def select(args: argparse.Namespace) -> Selection:
     """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
     from securemetrics_e2e.versions import DEFAULT_VERSION, check_released, resolve
@@ -55,9 +63,9 @@ def select(args: argparse.Namespace) -> Selection:
     asked = args.istio_version is not None
     version = resolve(args.istio_version) if asked else DEFAULT_VERSION
     check_released(version, custom_build=bool(getattr(args, "tag", None)))
-    names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
+    names = scenario_names(args.scenario)
     if names:
-        chosen = [scenario(n) for n in dict.fromkeys(names)]
+        chosen = [scenario(n) for n in names]
         if args.profile != "all":
             wrong = [s.name for s in chosen if s.profile.value != args.profile]
             if wrong:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, scenario
-from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.capture import installed_rules, unavailable_reason
 from securemetrics_e2e.local.faults import Fault
 from securemetrics_e2e.probe import MtlsOutcome
 from securemetrics_e2e.results import Status
+from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.versions import DEFAULT_VERSION
 from tests.localmesh import netns_names, requires_local_mesh
 

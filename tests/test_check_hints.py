@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from securemetrics_e2e.backend import Credential
-from securemetrics_e2e.checks import _CREDENTIAL_TEXT, _PLAINTEXT_TEXT, CHECKS, Check
+from securemetrics_e2e.checkbodies import _CREDENTIAL_TEXT, _PLAINTEXT_TEXT
+from securemetrics_e2e.checks import CHECKS, Check
 from securemetrics_e2e.probe import PlaintextOutcome
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from securemetrics_e2e.catalog import MtlsMode, scenario
-from securemetrics_e2e.checks import LISTENERS, run_checks
+from securemetrics_e2e.checks import LISTENERS
 from securemetrics_e2e.cluster.backend import CONFIG_DUMP
 from securemetrics_e2e.cluster.kube import ExecResult
 from securemetrics_e2e.configdump import DOWNSTREAM_TLS, HCM, LISTENERS_DUMP
 from securemetrics_e2e.istionames import PROXY_CONTAINER as PROXY
 from securemetrics_e2e.results import Status
+from securemetrics_e2e.runner import run_checks
 from tests.fakekube import FakeKube
 from tests.test_cluster_backend import Controller, _backend, fake  # noqa: F401 - fixture
 

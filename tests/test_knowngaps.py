@@ -14,7 +14,6 @@ from securemetrics_e2e.knowngaps import (
     KNOWN_GAPS,
     Judgement,
     KnownGap,
-    checked,
     fix_of,
     gaps_for,
     judge,
@@ -23,6 +22,7 @@ from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, re
 from securemetrics_e2e.progress import scenario_lines, verdict_line
 from securemetrics_e2e.report import build_report, write_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from securemetrics_e2e.runner import judged as checked
 
 GW = {"scenario": "gateway-api", "mode": "PERMISSIVE", "variant": "as-documented"}
 V131 = "1.31.1"

@@ -13,10 +13,6 @@ import securemetrics_e2e
 
 PACKAGE = Path(securemetrics_e2e.__file__).resolve().parent
 MAX_LINES = 600
-#: what the other half of issue 12 (one check registry, one runner) takes apart: checks.py
-#: and its circle with knowngaps.py. Delete these two once that work is merged.
-PENDING_CIRCLES = {frozenset({"securemetrics_e2e.checks", "securemetrics_e2e.knowngaps"})}
-PENDING_LONG = {"checks.py"}
 
 
 def _module_name(path: Path) -> str:
@@ -82,7 +78,7 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 
 def test_no_import_circle_in_the_package() -> None:
-    assert [c for c in circles(import_graph()) if frozenset(c) not in PENDING_CIRCLES] == []
+    assert circles(import_graph()) == []
 
 
 def test_no_module_over_600_lines() -> None:
@@ -90,7 +86,6 @@ def test_no_module_over_600_lines() -> None:
         str(p.relative_to(PACKAGE)): n
         for p in PACKAGE.rglob("*.py")
         if (n := len(p.read_text().splitlines())) > MAX_LINES
-        and str(p.relative_to(PACKAGE)) not in PENDING_LONG
     }
     assert long == {}
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e.catalog import MtlsMode, scenario
-from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.netns import LoopbackNetwork
 from securemetrics_e2e.results import Status
+from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import child_pids, netns_names, requires_local_mesh
 

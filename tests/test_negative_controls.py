@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, VariantId, scenario
-from securemetrics_e2e.checks import run_checks
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from securemetrics_e2e.runner import run_checks
 from tests.localmesh import requires_local_mesh
 
 pytestmark = requires_local_mesh

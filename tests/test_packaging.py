@@ -69,7 +69,7 @@ def test_wheel_contains_plugin_cli_charts_schema_and_scenarios(wheel: Path) -> N
         "securemetrics_e2e/schemas/report.schema.json",
         "securemetrics_e2e/_data/charts/secure-metrics-prometheus/files/prometheus.yml",
         "securemetrics_e2e/_data/charts/httpbin/Chart.yaml",
-        "securemetrics_e2e/_data/scenarios/test_secure_metrics.py",
+        "securemetrics_e2e/_data/scenarios/test_conformance.py",
     ):
         assert required in names, required
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
@@ -110,5 +110,6 @@ def test_installed_wheel_collects_scenarios_with_pyargs(venv: Path, tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     collected = [line for line in done.stdout.splitlines() if "::test_" in line]
-    assert any("[native-sidecar[PERMISSIVE/as-documented]]" in line for line in collected)
+    item = "[native-sidecar[PERMISSIVE/as-documented]-mtls-scrape]"
+    assert any(item in line for line in collected)
     assert all("site-packages" not in line or str(venv) in line for line in collected)

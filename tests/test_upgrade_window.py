@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from securemetrics_e2e.applicability import unit_skip_reason
 from securemetrics_e2e.catalog import (
     ENVOY_JOB,
     MERGED_JOB,
@@ -29,7 +30,6 @@ from securemetrics_e2e.checks import verify
 from securemetrics_e2e.continuity import COVER_SLACK, Continuity, _covered
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.plugin import unit_skip_reason
 from securemetrics_e2e.results import JobContinuity
 from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
