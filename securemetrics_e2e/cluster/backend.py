@@ -43,6 +43,7 @@ from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 from securemetrics_e2e.cluster.kube import KubeAPI
 from securemetrics_e2e.cluster.layout import (
     SCRAPER_DEPLOYMENT,
+    SCRAPER_SELECTOR,
     ScraperPlan,
     VariantPlan,
     run_scope_reason,
@@ -55,6 +56,7 @@ from securemetrics_e2e.cluster.options import (
     ClusterOptions,
 )
 from securemetrics_e2e.cluster.probing import Prober
+from securemetrics_e2e.cluster.provenance import running_images
 from securemetrics_e2e.cluster.proxyconfig import env_waits, wait_for_env
 from securemetrics_e2e.cluster.resources import (
     Rollout,
@@ -208,6 +210,18 @@ class ClusterBackend(UpgradeOperations, Backend):
             old, new = self._upgrade
             how = f"canary revision {canary_revision(new)}" if self.options.canary else "in place"
             facts["upgrade"] = f"Istio {old} -> {new} ({how})"
+        try:  # what really ran, read back from the pods (cluster/provenance.py)
+            facts.update(
+                running_images(
+                    self.api,
+                    istio_namespace=self.istio_namespace,
+                    revision=self.options.revision,
+                    scraper_namespace=self.scraper.namespace,
+                    scraper_selector=SCRAPER_SELECTOR,
+                )
+            )
+        except Exception as exc:  # the report must be written even if the cluster is gone
+            facts["provenance_error"] = f"could not read the running images: {exc}"
         return facts
 
     def creates(self, scenarios: Sequence[Scenario]) -> list[str]:
