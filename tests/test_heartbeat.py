@@ -12,16 +12,20 @@ def test_a_long_wait_prints_what_it_waits_for() -> None:
     out = io.StringIO()
     progress = Progress(out, start=0.0)
 
+    named = "waiting for the scraper's renewed certificate"
+
     def two_beats() -> None:  # the signal waited on is the heartbeat itself
-        if out.getvalue().count("waiting for") < 2:
-            raise NotYet("fewer than two heartbeats")
+        if out.getvalue().count(named) < 2:
+            raise NotYet("fewer than two heartbeats naming the wait")
 
     with progress.activated(), heartbeat("rotation[PERMISSIVE]", interval=0.05):
         wait_for("the scraper's renewed certificate", two_beats, timeout=10)
     lines = out.getvalue().splitlines()
-    assert len(lines) >= 2
+    assert sum(line.endswith(named) for line in lines) >= 2
     assert all("rotation[PERMISSIVE]" in line for line in lines)
-    assert all(line.endswith("waiting for the scraper's renewed certificate") for line in lines)
+    # a beat may fall just before the wait starts or after it ends (a loaded machine runs
+    # the threads in any order): it then says the step, never something else
+    assert all(line.endswith((named, "waiting for the step to finish")) for line in lines)
     assert waiting_on() is None  # the wait is over
 
 
