@@ -52,6 +52,16 @@ def combos() -> Iterator[tuple[Scenario, MtlsMode, Variant]]:
             yield sc, unit.mtls_mode, unit.variant
 
 
+def combo_id(value: object) -> str:
+    """A stable test id: the run unit's own words, never a repr holding a frozenset
+    (hash-randomised order makes xdist workers collect different ids)."""
+    if isinstance(value, Scenario):
+        return value.name
+    if isinstance(value, Variant):
+        return str(value.id)
+    return str(value)
+
+
 def render(
     name: str,
     mode: MtlsMode | None = None,
@@ -197,7 +207,7 @@ def announced_ports(sc: Scenario, objects: list[dict[str, Any]], patches: list[A
     return {job: int(annotations[key]) for job, key in jobs.items() if key in annotations}
 
 
-@pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=str)
+@pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=combo_id)
 def test_pods_announce_exactly_the_ports_the_catalog_expects(
     sc: Scenario, mode: MtlsMode, variant: Variant
 ) -> None:
@@ -207,7 +217,7 @@ def test_pods_announce_exactly_the_ports_the_catalog_expects(
     assert announced_ports(sc, objects, patches) == workload.jobs
 
 
-@pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=str)
+@pytest.mark.parametrize(("sc", "mode", "variant"), list(combos()), ids=combo_id)
 def test_peer_authentication_and_apply_order(
     sc: Scenario, mode: MtlsMode, variant: Variant
 ) -> None:
