@@ -1,23 +1,50 @@
-"""Sessions: `nox -l` lists them. Each installs what it needs, system packages included."""
+"""Sessions: `nox -l` lists them. Each installs what it needs, system packages included.
+
+Every session runs on the interpreter nox itself runs on (Python 3.11 to 3.13, whichever
+the machine has): naming versions here would either skip sessions on a machine without
+them or run each session once per version. `nox --force-python 3.12` picks another one.
+A session that cannot run fails: nox never exits 0 without having run it.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
-PYTHON = "3.11"
+nox.options.error_on_missing_interpreters = True
+#: the Python versions the package supports (pyproject.toml: requires-python, classifiers)
+SUPPORTED = ((3, 11), (3, 12), (3, 13))
+PYTHON = None  # the interpreter running nox; see the module docstring
+
+
+def _supported_python(session: nox.Session) -> None:
+    """Fail (never skip) on an interpreter outside 3.11-3.13."""
+    done = session.run("python", "-c", "import sys; print(*sys.version_info[:2])", silent=True)
+    found = tuple(int(p) for p in str(done).split())
+    if found not in SUPPORTED:
+        shown = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
+        session.error(
+            f"Python {'.'.join(map(str, found)) or sys.version.split()[0]} is not supported; "
+            f"run nox with one of {shown} (e.g. nox --force-python 3.12)"
+        )
 
 
 def _system_packages(session: nox.Session) -> None:
-    """Debian's prometheus and iproute2, installed when missing and we may (root)."""
+    """Debian's prometheus, iproute2 and iptables (the local backend's inbound capture),
+    installed when missing and we may (root)."""
     missing = [
         pkg
-        for pkg, binary in (("prometheus", "prometheus"), ("iproute2", "ip"))
+        for pkg, binary in (
+            ("prometheus", "prometheus"),
+            ("iproute2", "ip"),
+            ("iptables", "iptables-restore"),
+        )
         if shutil.which(binary) is None
     ]
     if not missing:
@@ -44,6 +71,7 @@ def _system_packages(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The library's own tests and the conformance scenarios on the local backend."""
+    _supported_python(session)
     _system_packages(session)
     session.install("-e", ".[dev]")
     args = session.posargs or ["tests", "scenarios", "--benchmark-skip"]
@@ -67,6 +95,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def conformance(session: nox.Session) -> None:
     """The conformance suite on the local backend: PASS/FAIL/SKIP per scenario and a verdict."""
+    _supported_python(session)
     _system_packages(session)
     session.install("-e", ".")
     session.run("securemetrics-e2e", "run", "--backend", "local", *session.posargs)
@@ -75,6 +104,7 @@ def conformance(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def e2e(session: nox.Session) -> None:
     """The conformance suite on a cluster: kind by default, `-- --kubeconfig` for yours."""
+    _supported_python(session)
     session.install("-e", ".")
     args = session.posargs or []
     backend = "existing" if any(a.startswith("--kubeconfig") for a in args) else "kind"
@@ -93,6 +123,7 @@ def e2e(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Phase timings of the local backend (Envoy ready, first UP per job, total)."""
+    _supported_python(session)
     _system_packages(session)
     session.install("-e", ".[dev]")
     session.run(

@@ -178,6 +178,11 @@ class Backend(abc.ABC):
     ) -> PlaintextResult:
         """Try plain HTTP to ``workload``'s ``port`` from ``origin`` and classify the result."""
 
+    def inbound_path(self, workload: Workload, port: int) -> str:
+        """Which of the sidecar's inbound chains connections to ``port`` took, from its
+        proxy's access log ("" where the backend cannot tell)."""
+        return ""
+
     @abc.abstractmethod
     def pod_annotations(self, workload: Workload) -> dict[str, str]:
         """The annotations of ``workload``'s running pod, as admitted (after injection)."""

@@ -29,7 +29,7 @@ class Feature(enum.StrEnum):
     NATIVE_SECURE_PORTS = "native-secure-ports"  # Istio >= 1.31
     LOCALHOST_ONLY_METRICS = "localhost-only-metrics"  # Istio >= 1.23
     POD_ISOLATION = "pod-isolation"  # a real "outside the pod" (netns or cluster)
-    INBOUND_CAPTURE = "inbound-capture"  # the sidecar intercepts inbound traffic (cluster)
+    INBOUND_CAPTURE = "inbound-capture"  # the sidecar intercepts inbound traffic (iptables)
     ISTIO_CONTROL_PLANE = "istio-control-plane"  # istiod, injection, CRDs (cluster)
     PROMETHEUS_OPERATOR = "prometheus-operator"  # cluster
     CERT_ROTATION = "cert-rotation"  # the backend can drive certificate rotation on demand
@@ -37,10 +37,9 @@ class Feature(enum.StrEnum):
     MESH_UPGRADE = "mesh-upgrade"
 
 
-#: features only a real cluster has (istiod, iptables capture, the operator)
-CLUSTER_ONLY = frozenset(
-    {Feature.INBOUND_CAPTURE, Feature.ISTIO_CONTROL_PLANE, Feature.PROMETHEUS_OPERATOR}
-)
+#: features only a real cluster has (istiod, the operator); inbound capture also runs
+#: locally where pod namespaces and iptables exist (local/capture.py)
+CLUSTER_ONLY = frozenset({Feature.ISTIO_CONTROL_PLANE, Feature.PROMETHEUS_OPERATOR})
 
 
 class WorkloadKind(enum.StrEnum):

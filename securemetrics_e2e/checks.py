@@ -64,12 +64,16 @@ class Check:
     needs: frozenset[Feature] = frozenset()
     #: a continuity check runs on continuity scenarios only, and snapshot checks never do
     continuity: bool = False
+    #: what usually causes a failure and what to change, appended to every failure message
+    hint: str = ""
 
     def applies_to(self, scenario: Scenario) -> bool:
         return self.continuity == scenario.continuity and self.applies(scenario)
 
     def fail(self, message: str, observed: Collection[str] = ()) -> CheckFailed:
-        return CheckFailed(self.id, self.code, message, observed)
+        """The failure, its message ending in this check's hint (what to change)."""
+        text = f"{message} — hint: {self.hint}" if self.hint else message
+        return CheckFailed(self.id, self.code, text, observed)
 
     def run(self, backend: Backend, deployment: Deployment) -> object:
         """Raise :class:`CheckFailed` if ``deployment`` misbehaves; else return what was
@@ -132,8 +136,10 @@ def _mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
         for role, port in _secure_ports(w):
             result = backend.scrape(w, port, STATS_PATH)
             if result.outcome is not MtlsOutcome.OK:
+                path = backend.inbound_path(w, port)
                 problems.append(
                     f"{w.name} {role} port {port}: {result.outcome.value}: {result.detail}"
+                    + (f" [inbound path: {path}]" if path else "")
                 )
                 seen.add(f"scrape:{result.outcome.value}")
             elif not result.families:
@@ -157,10 +163,14 @@ def _envoy_port_stats_only(check: Check, backend: Backend, dep: Deployment) -> N
             continue
         result = backend.scrape(w, port, "/metrics")
         if result.status != 404:
+            got = (
+                f"answered HTTP {result.status}"
+                if result.status is not None
+                else f"gave no HTTP answer ({result.outcome.value}: {result.detail})"
+            )
             problems.append(
-                f"{w.name}: /metrics on the secure Envoy-only port {port} gave "
-                f"{result.outcome.value} {result.status}, expected 404 "
-                f"(only {STATS_PATH} is routed)"
+                f"{w.name}: /metrics on the secure Envoy-only port {port} {got}; expected "
+                f"HTTP 404 (only {STATS_PATH} is routed)"
             )
             seen.add(f"stats-only:{result.outcome.value}")
     if problems:
@@ -193,11 +203,29 @@ def _credential_refused(
             if result.outcome in (MtlsOutcome.OK, MtlsOutcome.HTTP_ERROR):
                 problems.append(
                     f"{w.name}: the {role} port {port} completed a TLS handshake with "
-                    f"{credential.value} client credentials and answered HTTP {result.status}"
+                    f"{_CREDENTIAL_TEXT[credential]} and answered HTTP {result.status}"
                 )
                 seen.add(f"handshake:{result.outcome.value}")
     if problems:
         raise check.fail("; ".join(problems), seen)
+
+
+#: how failure messages name a credential and a plain-HTTP outcome (not by enum value)
+_CREDENTIAL_TEXT = {
+    Credential.SCRAPER: "the scraper's client certificate",
+    Credential.NONE: "no client certificate",
+    Credential.FOREIGN_CA: "a client certificate from a foreign CA",
+}
+_PLAINTEXT_TEXT = {
+    PlaintextOutcome.REFUSED: "refused (connection refused)",
+    PlaintextOutcome.CLOSED: "closed without an answer",
+    PlaintextOutcome.REJECTED_BY_PROXY: "rejected by the proxy (503)",
+    PlaintextOutcome.FORBIDDEN: "forbidden (HTTP 403)",
+    PlaintextOutcome.NOT_FOUND: "answered 404",
+    PlaintextOutcome.OTHER_HTTP: "answered without metrics",
+    PlaintextOutcome.SERVED: "served (metrics returned)",
+    PlaintextOutcome.TIMEOUT: "timed out",
+}
 
 
 def _hardened_port(
@@ -213,15 +241,17 @@ def _hardened_port(
         seen_out = backend.plaintext(w, port, Origin.OTHER_POD)
         if seen_out.outcome is not outside:
             problems.append(
-                f"{w.name}: port {port} from another pod gave {seen_out.outcome.value} "
-                f"({seen_out.detail}), expected {outside.value}"
+                f"{w.name}: plain HTTP to port {port} from another pod "
+                f"{_PLAINTEXT_TEXT[seen_out.outcome]} ({seen_out.detail}); it must be "
+                f"{_PLAINTEXT_TEXT[outside]}"
             )
             seen.add(f"{Origin.OTHER_POD.value}:{seen_out.outcome.value}")
         seen_in = backend.plaintext(w, port, Origin.INSIDE_POD)
         if seen_in.outcome is not inside:
             problems.append(
-                f"{w.name}: port {port} from inside the pod gave {seen_in.outcome.value} "
-                f"({seen_in.detail}), expected {inside.value}"
+                f"{w.name}: plain HTTP to port {port} from inside the pod "
+                f"{_PLAINTEXT_TEXT[seen_in.outcome]} ({seen_in.detail}); it must be "
+                f"{_PLAINTEXT_TEXT[inside]}"
             )
             seen.add(f"{Origin.INSIDE_POD.value}:{seen_in.outcome.value}")
     if problems:
@@ -394,6 +424,10 @@ LISTENERS = Check(
     "SMC001",
     "Secure listeners are TLS-only, require a client certificate and route as Istio does",
     _listeners_tls_only,
+    hint="the secure ports come from proxyMetadata ENVOY_SECURE_METRICS_PORT / "
+    "ENVOY_SECURE_MERGED_METRICS_PORT (Istio >= 1.31, pilot-agent options.go) or, before "
+    "1.31, a Sidecar ingress / Gateway server on 15091 with tls mode ISTIO_MUTUAL; another "
+    "mode, or an EnvoyFilter on that listener, drops the TLS-only chain",
 )
 MTLS_SCRAPE = Check(
     "mtls-scrape",
@@ -401,6 +435,9 @@ MTLS_SCRAPE = Check(
     "An mTLS scrape with the scraper's certificate returns valid metrics from the expected "
     "SPIFFE identity",
     _mtls_scrape,
+    hint="Prometheus must present the OUTPUT_CERTS files its own istio-proxy writes "
+    "(proxy.istio.io/config outputCerts, the shared istio-certs volume), issued by the same "
+    "mesh CA; files written after Prometheus started are never read (istio#10544)",
 )
 ENVOY_STATS_ONLY = Check(
     "envoy-port-stats-only",
@@ -408,24 +445,33 @@ ENVOY_STATS_ONLY = Check(
     "The secure Envoy-only port serves /stats/prometheus only (/metrics is 404)",
     _envoy_port_stats_only,
     applies=_has_envoy_port,
+    hint="the Envoy-only secure port routes /stats/prometheus only; a route or EnvoyFilter "
+    "that forwards other paths to the agent exposes the merged metrics on it",
 )
 PLAINTEXT = Check(
     "plaintext-refused",
     "SMC004",
     "Plain HTTP to the secure ports is refused, from another pod and from inside the pod",
     _plaintext_refused,
+    hint="a secure port that serves plain HTTP has no TLS transport socket: check no Sidecar "
+    "ingress, Gateway server or EnvoyFilter declares the same port without ISTIO_MUTUAL",
 )
 NO_CERT = Check(
     "no-client-cert-refused",
     "SMC005",
     "A client without a certificate is refused",
     partial(_credential_refused, Credential.NONE),
+    hint="the listener must require a client certificate (require_client_certificate, which "
+    "ISTIO_MUTUAL sets); tls mode SIMPLE or a server without a client CA lets anyone in",
 )
 FOREIGN = Check(
     "foreign-ca-refused",
     "SMC006",
     "A client certificate from a foreign CA is refused",
     partial(_credential_refused, Credential.FOREIGN_CA),
+    hint="the proxy trusts another CA: check the mesh's trust bundle (meshConfig "
+    "caCertificates, the istio-ca-root-cert ConfigMap, plugged-in cacerts) holds only your "
+    "mesh roots",
 )
 HARDENED_STATS = Check(
     "hardened-envoy-stats-localhost",
@@ -434,6 +480,8 @@ HARDENED_STATS = Check(
     partial(_hardened_port, ENVOY_STATS_PORT, PlaintextOutcome.REFUSED, PlaintextOutcome.SERVED),
     applies=_is_hardened,
     needs=frozenset({Feature.POD_ISOLATION}),
+    hint='set proxyMetadata METRICS_LOCALHOST_ACCESS_ONLY: "true" on the workload (Istio >= '
+    "1.23, istio PR #50728): Envoy then binds 15090 to localhost only",
 )
 HARDENED_AGENT = Check(
     "hardened-agent-forbidden",
@@ -442,6 +490,8 @@ HARDENED_AGENT = Check(
     partial(_hardened_port, AGENT_PORT, PlaintextOutcome.FORBIDDEN, PlaintextOutcome.SERVED),
     applies=_is_hardened,
     needs=frozenset({Feature.POD_ISOLATION}),
+    hint='set proxyMetadata METRICS_LOCALHOST_ACCESS_ONLY: "true" on the workload (Istio >= '
+    "1.23, istio PR #50728): the agent then answers 403 to other pods on 15020",
 )
 MERGED_UP = Check(
     "targets-up-merged",
@@ -449,6 +499,9 @@ MERGED_UP = Check(
     f"Prometheus job {MERGED_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
     partial(_targets_up, MERGED_JOB),
     applies=lambda s: not _uses_operator(s),
+    hint="the pod needs the prometheus.istio.io/secure-port annotation the job keeps, and the "
+    "job scheme https with the OUTPUT_CERTS client certificate; `securemetrics-e2e "
+    "scrape-config` prints a working job (zero targets: istio#19874)",
 )
 ENVOY_UP = Check(
     "targets-up-envoy",
@@ -456,6 +509,9 @@ ENVOY_UP = Check(
     f"Prometheus job {ENVOY_JOB} scrapes every workload UP at https://<podIP>:<port>{STATS_PATH}",
     partial(_targets_up, ENVOY_JOB),
     applies=lambda s: _has_envoy_port(s) and not _uses_operator(s),
+    hint="the pod needs the prometheus.istio.io/secure-envoy-port annotation the job keeps, "
+    "and the job scheme https with the OUTPUT_CERTS client certificate; `securemetrics-e2e "
+    "scrape-config` prints a working job (zero targets: istio#19874)",
 )
 SERVICE_MONITOR_UP = Check(
     "servicemonitor-targets-up",
@@ -463,6 +519,9 @@ SERVICE_MONITOR_UP = Check(
     "The Prometheus Operator scrapes every ServiceMonitor and PodMonitor target UP over https",
     _servicemonitor_targets_up,
     applies=_uses_operator,
+    hint="the ServiceMonitor endpoint needs scheme https and a tlsConfig reading the "
+    "OUTPUT_CERTS files mounted into the Operator's Prometheus (spec.volumes / volumeMounts "
+    "of the Prometheus resource, with its istio-proxy writing them)",
 )
 
 ROTATION_CONTINUITY = Check(
@@ -474,6 +533,9 @@ ROTATION_CONTINUITY = Check(
     applies=lambda s: s.name == "rotation",
     needs=frozenset({Feature.CERT_ROTATION}),
     continuity=True,
+    hint="Prometheus must read the OUTPUT_CERTS files istio-agent renews (mounted, not copied "
+    "once into a Secret: istio#28050); a proxy that keeps an old certificate is not reading "
+    "SDS updates",
 )
 UPGRADE_CONTINUITY = Check(
     "upgrade-continuity",
@@ -486,6 +548,9 @@ UPGRADE_CONTINUITY = Check(
     applies=lambda s: s.name == "upgrade",
     needs=frozenset({Feature.MESH_UPGRADE}),
     continuity=True,
+    hint="restarted pods must keep the secure-port annotations and proxyMetadata of the old "
+    "ones (dropped targets: istio#19874), and the scrape jobs must accept both the legacy "
+    "and the native ports while the rollout runs",
 )
 
 SECURE_PORT_ANNOTATION = "prometheus.istio.io/secure-port"
@@ -529,6 +594,10 @@ INJECTOR_ANNOTATION = Check(
     _injector_secure_port,
     applies=lambda s: any(_injector_annotated(w) for w in s.workloads),
     needs=frozenset({Feature.NATIVE_SECURE_PORTS}),
+    hint="the injector sets the annotation from the istio-proxy env "
+    "ENVOY_SECURE_MERGED_METRICS_PORT only when the pod has none (pkg/kube/inject/webhook.go "
+    "applySecurePrometheusAnnotation): remove a hand-set secure-port annotation naming "
+    "another port",
 )
 
 

@@ -1,49 +1,47 @@
-"""The ``securemetrics-e2e`` command: run, plan, list, matrix, audit.
+# PYTHON_ARGCOMPLETE_OK
+"""The ``securemetrics-e2e`` command: run, plan, list, matrix, audit, scrape-config.
 
 Exit status (every command): 0 success / conformant, 1 not conformant (``run``) or
 warnings (``audit``), 3 errors (``audit``), 2 a usage or environment error, reported as one
-message naming the input and the fix, never a traceback.
+message naming the input and the fix, never a traceback (an output file that cannot be
+written after the run is 2 too: the verdict stands); a run stopped by SIGINT, SIGTERM or
+SIGHUP cleans up and exits 128 + the signal number. The commands that run no scenario
+live in commands.py, what a command line selects in selection.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from securemetrics_e2e import __version__
-from securemetrics_e2e.catalog import SCENARIOS, Feature, Profile, Scenario, scenario
+from securemetrics_e2e import __version__, signals
+from securemetrics_e2e.commands import cmd_audit, cmd_list, cmd_matrix, cmd_plan, cmd_scrape_config
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
+from securemetrics_e2e.selection import (
+    BACKENDS,
+    CLUSTER_FLAGS,
+    EXIT_NOT_CONFORMANT,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROFILES,
+    PROG,
+    Selection,
+    check_backend_flags,
+    distribution,
+    local_preflight,
+    select,
+)
 
 if TYPE_CHECKING:
     from securemetrics_e2e.progress import Progress, ProgressPlugin
     from securemetrics_e2e.results import RunResult
-
-PROG = "securemetrics-e2e"
-BACKENDS = ("local", "kind", "existing")
-PROFILES = ("core", "extended", "all")
-
-EXIT_OK = 0
-EXIT_NOT_CONFORMANT = 1
-EXIT_USAGE = 2
-
-#: CLI flag -> the pytest option it becomes for the cluster backends
-CLUSTER_FLAGS = {
-    "hub": "--istio-hub",
-    "tag": "--istio-tag",
-    "kubeconfig": "--kubeconfig",
-    "context": "--kube-context",
-    "keep": "--keep-cluster",
-    "canary": "--canary",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,66 +66,6 @@ def scenarios_dir() -> Path:
     )
 
 
-# ---------------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    backend: str
-    istio_version: str
-    profile: str
-    scenarios: tuple[Scenario, ...]
-    explicit: bool  # the user named scenarios
-
-    @property
-    def profiles(self) -> tuple[str, ...]:
-        if self.profile != "all":
-            return (self.profile,)
-        return tuple(p.value for p in Profile)
-
-
-def select(args: argparse.Namespace) -> Selection:
-    """The backend, version and scenarios ``args`` ask for; UsageError naming a bad value."""
-    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
-
-    version = str(resolve(args.istio_version) if args.istio_version else DEFAULT_VERSION)
-    names = [n for opt in args.scenario or [] for n in opt.split(",") if n]
-    if names:
-        chosen = [scenario(n) for n in dict.fromkeys(names)]
-        if args.profile != "all":
-            wrong = [s.name for s in chosen if s.profile.value != args.profile]
-            if wrong:
-                raise UsageError(
-                    f"scenario {', '.join(wrong)} is not in profile {args.profile!r}; "
-                    f"drop --profile or use --profile all"
-                )
-    else:
-        chosen = [s for s in SCENARIOS if args.profile in ("all", s.profile.value)]
-    return Selection(args.backend, version, args.profile, tuple(chosen), bool(names))
-
-
-def _local_preflight() -> dict[str, str]:
-    """The binaries the local backend runs; EnvironmentProblem naming how to get a missing one."""
-    from securemetrics_e2e.local.envoy import envoy_binary
-    from securemetrics_e2e.local.promserver import prometheus_binary
-
-    return {"prometheus": prometheus_binary(), "envoy": envoy_binary()}
-
-
-def _check_backend_flags(args: argparse.Namespace) -> None:
-    if args.backend == "local":
-        used = [f"--{k}" for k in CLUSTER_FLAGS if getattr(args, k, None)]
-        if used:
-            raise UsageError(
-                f"{', '.join(used)}: only for a cluster backend; the local backend runs no Istio "
-                "control plane and keeps nothing after the run (use --backend kind or existing)"
-            )
-    elif getattr(args, "local_fault", None) or args.local_network != "auto":
-        raise UsageError("--local-network and --local-fault apply to --backend local only")
-    if getattr(args, "canary", False) and not args.upgrade_from:
-        raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
-
-
 # ---------------------------------------------------------------------- run
 
 
@@ -150,7 +88,7 @@ def _pytest_args(args: argparse.Namespace, sel: Selection) -> list[str]:
         "--scenario",
         ",".join(s.name for s in sel.scenarios),
     ]
-    if sel.backend != "existing" or args.istio_version:
+    if sel.backend != "existing" or args.istio_version is not None:
         argv += ["--istio-version", sel.istio_version]
     if args.upgrade_from:
         argv += ["--upgrade-from", args.upgrade_from]
@@ -181,24 +119,13 @@ def _terminal() -> TextIO:
     return open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)
 
 
-def _distribution(args: argparse.Namespace) -> Any:
-    from securemetrics_e2e.report import Distribution
-
-    return Distribution(
-        organization=args.org or "",
-        project=args.project or "",
-        url=args.url or "",
-        version=args.dist_version or "",
-        contact=tuple(args.contact or ()),
-    )
-
-
 def _validate_run(args: argparse.Namespace) -> Selection:
     """Every check that can fail before anything starts: usage first, then the machine."""
+    from securemetrics_e2e.outputs import check_writable
     from securemetrics_e2e.report import report_format
     from securemetrics_e2e.versions import upgrade_pair
 
-    _check_backend_flags(args)
+    check_backend_flags(args)
     if args.local_fault:
         from securemetrics_e2e.local.faults import Fault
 
@@ -206,15 +133,18 @@ def _validate_run(args: argparse.Namespace) -> Selection:
         if args.local_fault not in {f.value for f in Fault}:
             raise UsageError(f"unknown --local-fault {args.local_fault!r}; known: {known}")
     sel = select(args)
-    if args.upgrade_from and (sel.backend != "existing" or args.istio_version):
+    if args.upgrade_from and (sel.backend != "existing" or args.istio_version is not None):
         # (an existing cluster without --istio-version ends on the Istio it runs)
         upgrade_pair(args.upgrade_from, sel.istio_version)
-    if args.report:
-        report_format(Path(args.report))  # fail now, not after a ten-minute run
-    if args.junit and Path(args.junit).suffix.lower() != ".xml":
-        raise UsageError(f"--junit {args.junit!r} must end in .xml")
+    if args.report:  # fail now, not after a ten-minute run
+        report_format(Path(args.report))
+        check_writable(Path(args.report), "--report")
+    if args.junit:
+        if Path(args.junit).suffix.lower() != ".xml":
+            raise UsageError(f"--junit {args.junit!r} must end in .xml")
+        check_writable(Path(args.junit), "--junit")
     if sel.backend == "local":
-        _local_preflight()
+        local_preflight()
     return sel
 
 
@@ -259,8 +189,8 @@ def _run_pytest(argv: list[str], progress: Progress) -> tuple[RunResult, Progres
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.progress import Progress, scenario_lines, verdict_line
-    from securemetrics_e2e.report import ReportMeta, write_report
+    from securemetrics_e2e.progress import Progress, scenario_lines, take_notes, verdict_line
+    from securemetrics_e2e.report import ReportMeta
 
     sel = _validate_run(args)
     argv = _pytest_args(args, sel)
@@ -270,7 +200,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         date = datetime.now(UTC)
         # an existing cluster's installed Istio is used unless a version is asked for
-        asked = sel.istio_version if sel.backend != "existing" or args.istio_version else ""
+        asked = (
+            sel.istio_version if sel.backend != "existing" or args.istio_version is not None else ""
+        )
         progress.message(
             f"{PROG} {__version__}: backend {sel.backend}, Istio {asked or 'as installed'}, "
             f"profile {sel.profile}: {', '.join(s.name for s in sel.scenarios)}"
@@ -280,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env = {**observer.backend_description, **result.environment}
         meta = ReportMeta.from_environment(
             env,
-            distribution=_distribution(args),
+            distribution=distribution(args),
             istio_version=env.get("istio_version") or asked,
             istio_hub=args.hub or env.get("istio_hub") or "",
             istio_tag=args.tag or env.get("istio_tag") or "",
@@ -288,6 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             profiles=sel.profiles,
             scenarios=tuple(s.name for s in sel.scenarios) if sel.explicit else (),
             date=date,
+            notes=tuple(take_notes()),
         )
         for status, text in scenario_lines(result):
             head = status.value if text.startswith(status.value) else ""
@@ -299,277 +232,48 @@ def cmd_run(args: argparse.Namespace) -> int:
                 backend=meta.backend,
                 istio_version=meta.istio_version or "unknown",
                 elapsed_s=result.measurements["duration_s"],
+                negative_control=args.local_fault or "",
             )
         )
         for error in result.errors:
             print(f"{PROG}: error: {error}", file=sys.stderr)
-        if args.report:
-            write_report(Path(args.report), result, meta)
-            progress.message(f"report: {args.report}")
-        if args.junit:
-            from securemetrics_e2e.junit import write_junit
-
-            write_junit(Path(args.junit), result, meta)
-            progress.message(f"junit: {args.junit}")
+        written = _write_outputs(args, result, meta, progress)
     finally:
         if term is not sys.stdout:
             term.close()
-    if result.errors:
+    stopped = signals.received()
+    if stopped is not None:
+        return signals.exit_status(stopped)  # what the shell reports for a signalled run
+    if result.errors or not written:
         return EXIT_USAGE
     return EXIT_OK if result.conformant else EXIT_NOT_CONFORMANT
 
 
-# ---------------------------------------------------------------------- plan
+def _write_outputs(args: argparse.Namespace, result: RunResult, meta: Any, progress: Any) -> bool:
+    """Write the report and JUnit; False (error printed) when one cannot be written.
 
+    The verdict is already on the terminal: a write that fails now is an error of its own
+    (exit 2), never a verdict about the mesh.
+    """
+    from securemetrics_e2e.junit import write_junit
+    from securemetrics_e2e.outputs import OutputFailed
+    from securemetrics_e2e.report import write_report
 
-def _local_plan(args: argparse.Namespace, sel: Selection) -> str:
-    from securemetrics_e2e.checks import CHECKS, skip_reason
-    from securemetrics_e2e.knowngaps import gaps_for
-    from securemetrics_e2e.local.backend import LocalBackend
-    from securemetrics_e2e.plugin import unit_skip_reason
-
-    backend = LocalBackend(
-        network=args.local_network,
-        istio_version=sel.istio_version,
-        upgrade_from=args.upgrade_from,
-    )
-    lines = [
-        f"{PROG} run plan: backend local, Istio {sel.istio_version}, profile {sel.profile}",
-        "",
-        "Environment (read, not changed):",
-    ]
-    try:
-        found = _local_preflight()
-        lines += [f"  {name}: {path}" for name, path in found.items()]
-    except EnvironmentProblem as exc:
-        lines.append(f"  MISSING: {exc}")
-    network = {
-        "auto": "network namespaces when `ip netns add` works (root), else 127.0.0.0/8 addresses",
-        "netns": "network namespaces (fails without root)",
-        "loopback": "127.0.0.0/8 addresses (no pod isolation: hardened checks skip)",
-    }[args.local_network]
-    lines += [
-        f"  pod network: {network}",
-        "",
-        "Steps:",
-        "  1. create a temporary directory, a mesh CA and a foreign CA (for the negative checks)",
-        "  2. start the scraper pod: Prometheus loaded with "
-        "charts/secure-metrics-prometheus/files/prometheus.yml (file_sd instead of Kubernetes SD)",
-        "  3. per run unit below: start one pod per workload (Envoy configured as pilot-agent "
-        "would, the agent's status port, the app), then run its checks",
-        "  4. stop every process, delete every namespace and the temporary directory",
-        "",
-        "Run units (scenario[MODE/variant]):",
-    ]
-    units = [u for s in sel.scenarios for u in s.run_units()]
-    for v in units:
-        reason = unit_skip_reason(v, backend, sel.istio_version)
-        if reason:
-            lines.append(f"  SKIP {v.id}: {reason}")
+    ok = True
+    for path, write, label in (
+        (args.report, write_report, "report"),
+        (args.junit, write_junit, "junit"),
+    ):
+        if not path:
             continue
-        lines.append(f"  RUN  {v.id} ({v.scenario.profile.value}): {v.scenario.description}")
-        lines.append(f"         variant {v.variant.id}: {v.variant.description}")
-        for gap in gaps_for(v.scenario.name, v.mtls_mode.value, v.variant.id, sel.istio_version):
-            lines.append(f"         known gap {gap.id} (fix: {gap.fix_text})")
-        if v.scenario.name == "upgrade":
-            old, new = backend.upgrade_versions()
-            lines.append(
-                f"         from Istio {old}'s configuration to {new}'s: the pod is replaced "
-                "while Prometheus scrapes (no istioctl: that part needs a cluster)"
-            )
-        for c in CHECKS:
-            if not c.applies_to(v.scenario):
-                continue
-            why = skip_reason(c, backend)
-            mark = f"skip: {why}" if why else c.code
-            lines.append(f"         {c.id:<32} {mark}")
-    return "\n".join(lines) + "\n"
-
-
-def _cluster_plan(args: argparse.Namespace, sel: Selection) -> str:
-    from securemetrics_e2e.cluster.options import ClusterOptions
-    from securemetrics_e2e.cluster.plan import render_plan
-
-    options = ClusterOptions(
-        mode=sel.backend,
-        istio_version=sel.istio_version if sel.backend == "kind" or args.istio_version else None,
-        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
-        context=args.context,
-        keep_cluster=args.keep,
-        hub=args.hub,
-        tag=args.tag,
-        upgrade_from=args.upgrade_from,
-        canary=args.canary,
-        plan_only=True,
-    )
-    return render_plan(options, list(sel.scenarios)).render_text().rstrip("\n") + "\n"
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    _check_backend_flags(args)
-    sel = select(args)
-    text = _local_plan(args, sel) if sel.backend == "local" else _cluster_plan(args, sel)
-    sys.stdout.write(text)
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- list
-
-
-def _backend_features(name: str, local_network: str) -> frozenset[Feature]:
-    if name == "local":
-        from securemetrics_e2e.local.backend import LocalBackend
-
-        return LocalBackend(network=local_network).features
-    from securemetrics_e2e.cluster.backend import CLUSTER_FEATURES
-
-    return CLUSTER_FEATURES  # version-gated features are judged against each version
-
-
-def applicability(
-    backends: Sequence[str], versions: Sequence[str], profile: str, local_network: str = "auto"
-) -> list[dict[str, Any]]:
-    """One row per run unit x Istio version x backend: whether it runs, why not, and the
-    known gaps that apply to it."""
-    from securemetrics_e2e.applicability import skip_reason
-    from securemetrics_e2e.checks import CHECKS
-    from securemetrics_e2e.knowngaps import gaps_for
-
-    features = {b: _backend_features(b, local_network) for b in backends}
-    rows = []
-    for s in SCENARIOS:
-        if profile not in ("all", s.profile.value):
+        try:
+            write(Path(path), result, meta)
+        except OutputFailed as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            ok = False
             continue
-        checks = [c for c in CHECKS if c.applies_to(s)]
-        for v in s.run_units():
-            for b in backends:
-                skipped = [c.id for c in checks if c.needs - features[b]]
-                for version in versions:
-                    reason = skip_reason(
-                        v, backend=b, backend_features=features[b], version=version
-                    )
-                    gaps = gaps_for(s.name, v.mtls_mode.value, v.variant.id, version)
-                    rows.append(
-                        {
-                            "id": v.id,
-                            "scenario": s.name,
-                            "mode": v.mtls_mode.value,
-                            "variant": v.variant.id.value,
-                            "knownGaps": [g.id for g in gaps],
-                            "profile": s.profile.value,
-                            "backend": b,
-                            "istioVersion": version,
-                            "applies": reason is None,
-                            "reason": reason or "",
-                            "checks": 0 if reason else len(checks) - len(skipped),
-                            "skippedChecks": [] if reason else skipped,
-                        }
-                    )
-    return rows
-
-
-def _render_list(rows: list[dict[str, Any]], versions: Sequence[str]) -> str:
-    notes: dict[str, int] = {}
-    table: dict[tuple[str, str, str], dict[str, str]] = {}
-    for r in rows:
-        key = (r["id"], r["profile"], r["backend"])
-        if r["applies"]:
-            cell = f"yes ({r['checks']})"
-            if r["skippedChecks"]:
-                why = f"checks skipped here: {', '.join(r['skippedChecks'])}"
-                cell += f" [{notes.setdefault(why, len(notes) + 1)}]"
-        else:
-            cell = f"no [{notes.setdefault(r['reason'], len(notes) + 1)}]"
-        table.setdefault(key, {})[r["istioVersion"]] = cell
-    header = ["SCENARIO[MODE/VARIANT]", "PROFILE", "BACKEND", *versions]
-    body = [[*key, *(cells.get(v, "") for v in versions)] for key, cells in table.items()]
-    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-           for row in [header, *body]]  # fmt: skip
-    out.append("")
-    out.append("yes (N): the run unit runs, with N checks; no: it is skipped, because:")
-    out += [f"[{n}] {text}" for text, n in notes.items()]
-    return "\n".join([*out, *_variants_and_gaps(rows)]) + "\n"
-
-
-def _variants_and_gaps(rows: list[dict[str, Any]]) -> list[str]:
-    """Each listed scenario's variants, and the known upstream gaps with their evidence."""
-    from securemetrics_e2e.catalog import scenario
-    from securemetrics_e2e.knowngaps import KNOWN_GAPS
-
-    listed = list(dict.fromkeys(r["scenario"] for r in rows))
-    out = ["", "Variants:"]
-    for name in listed:
-        s = scenario(name)
-        for v in s.variants:
-            modes = ", ".join(m.value for m in (v.mtls_modes or s.mtls_modes))
-            out.append(f"  {name} {v.id} ({modes}): {v.description}")
-    out += ["", "Known upstream gaps (a check failing as predicted is KNOWN-GAP, not FAIL):"]
-    for gap in KNOWN_GAPS:
-        if not {u[0] for u in gap.units} & set(listed):
-            continue
-        units = ", ".join(gap.unit_ids)
-        out.append(f"  {gap.id} (Istio {gap.versions}; fix: {gap.fix_text})")
-        out.append(f"    {gap.title}")
-        out.append(f"    units: {units}")
-        for p in gap.predictions:
-            out.append(f"    predicts {p.check}: {', '.join(sorted(p.outcomes))}")
-        out += [f"    evidence: {e}" for e in gap.evidence]
-    return out
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.versions import resolve, supported_versions
-
-    backends = list(dict.fromkeys(args.backend or BACKENDS))
-    if args.istio_version:
-        versions = [str(resolve(v)) for v in dict.fromkeys(args.istio_version)]
-    else:
-        versions = [str(v) for v in supported_versions()]
-    rows = applicability(backends, versions, args.profile, args.local_network)
-    if args.format == "json":
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    else:
-        sys.stdout.write(_render_list(rows, versions))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- matrix
-
-
-def cmd_matrix(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.matrix import build_matrix, load_reports, render_html, render_markdown
-
-    matrix = build_matrix(load_reports([Path(p) for p in args.reports]))
-    markdown = render_markdown(matrix)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown, encoding="utf-8")
-    if args.html:
-        Path(args.html).write_text(render_html(matrix), encoding="utf-8")
-    if not args.markdown and not args.html:
-        sys.stdout.write(markdown)
-    else:
-        written = [p for p in (args.markdown, args.html) if p]
-        print(
-            f"{PROG} matrix: {len(matrix.rows)} run units x {len(matrix.columns)} runs "
-            f"-> {', '.join(written)}"
-        )
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- audit
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from securemetrics_e2e.audit import Severity, audit, render_json, render_text
-
-    fail_on = Severity[args.fail_on.upper()]
-    result = audit([Path(p) for p in args.paths])
-    if args.format == "json":
-        sys.stdout.write(render_json(result, fail_on))
-    else:
-        sys.stdout.write(render_text(result))
-    return result.exit_status(fail_on)
+        progress.message(f"{label}: {path}")
+    return ok
 
 
 # ---------------------------------------------------------------------- parser
@@ -610,6 +314,15 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-fault", help=argparse.SUPPRESS)
 
 
+def _distribution_options(p: argparse.ArgumentParser) -> None:
+    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+
+    dist = p.add_argument_group("distribution under test (recorded in the report)")
+    for flag, what in DISTRIBUTION_OPTIONS.items():
+        action = "append" if flag == "contact" else "store"
+        dist.add_argument(f"--{flag}", action=action, help=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -623,12 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_options(run)
     run.add_argument("--report", help="write the conformance report (.json, .yaml or .yml)")
     run.add_argument("--junit", help="write JUnit XML (.xml)")
-    dist = run.add_argument_group("distribution under test (recorded in the report)")
-    dist.add_argument("--org", help="organization, e.g. 'Example Corp.'")
-    dist.add_argument("--project", help="distribution name, e.g. 'Example Mesh'")
-    dist.add_argument("--url", help="distribution URL")
-    dist.add_argument("--version", dest="dist_version", help="distribution version")
-    dist.add_argument("--contact", action="append", help="contact (repeatable)")
+    _distribution_options(run)
     run.add_argument(
         "--pytest-output",
         action="store_true",
@@ -639,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show what `run` would do, touching nothing")
     _selection_options(plan)
+    plan.add_argument("--report", help="also write a plan-only report (.json, .yaml or .yml)")
+    _distribution_options(plan)
     plan.set_defaults(func=cmd_plan)
 
     lst = sub.add_parser("list", help="scenarios x Istio versions x backends: what applies")
@@ -665,11 +375,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest severity that makes the exit status non-zero (default: warning)",
     )
     aud.set_defaults(func=cmd_audit)
+
+    scrape = sub.add_parser(
+        "scrape-config",
+        help="print the Prometheus scrape configuration the suite verifies (the chart's "
+        "prometheus.yml): the secure-port jobs with the OUTPUT_CERTS client certificate",
+    )
+    scrape.set_defaults(func=cmd_scrape_config)
     return parser
+
+
+def _enable_completion(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when argcomplete is installed (optional: `pip install argcomplete`,
+    then `eval "$(register-python-argcomplete securemetrics-e2e)"`)."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)  # returns at once unless the shell is completing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        _enable_completion(parser)
     try:
         args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

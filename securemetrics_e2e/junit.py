@@ -12,20 +12,23 @@ and GitHub reporters show it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
-from securemetrics_e2e.report import ReportMeta, check_title
+from securemetrics_e2e.outputs import write_atomically
+from securemetrics_e2e.report import ReportMeta, check_title, provenance
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 
 def _properties(meta: ReportMeta, profile: str) -> list[tuple[str, str]]:
+    prov = provenance(meta)  # a CI page must not show a local run as the distribution's
+    control = prov["negativeControl"]
     props = [
         ("securemetrics.suite_version", meta.suite_version),
         ("securemetrics.backend", meta.backend),
+        ("securemetrics.subject", prov["subject"]),
+        ("securemetrics.negative_control", control["fault"] if control else ""),
         ("securemetrics.profile", profile),
         ("istio.version", meta.istio_version),
         ("istio.hub", meta.istio_hub),
@@ -117,14 +120,6 @@ def build_junit(result: RunResult, meta: ReportMeta | None = None) -> ET.Element
 
 def write_junit(path: Path, result: RunResult, meta: ReportMeta | None = None) -> None:
     """Write the JUnit XML of ``result`` to ``path`` (atomically)."""
-    tree = ET.ElementTree(build_junit(result, meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            tree.write(f, encoding="utf-8", xml_declaration=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    root = build_junit(result, meta)
+    data = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    write_atomically(path, data, "junit")

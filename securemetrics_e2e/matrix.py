@@ -74,12 +74,30 @@ def _version_key(text: str) -> tuple[int, Version | str]:
         return (1, text)
 
 
+#: how a column that is not a distribution's result is named, whatever its report claims
+REFERENCE = "Istio reference data plane (local run, not a distribution)"
+PLAN = "plan only (nothing ran)"
+
+
+def negative_control(report: dict[str, Any]) -> str:
+    """The seeded fault of a negative-control run, "" for any other run."""
+    control = report["provenance"]["negativeControl"]
+    return str(control["fault"]) if control else ""
+
+
 def _distribution(report: dict[str, Any]) -> str:
-    d = report["distribution"]
-    name = d["project"] or d["organization"]
-    if not name:
-        return "Istio (upstream)"
-    return f"{name} {d['version']}".strip()
+    subject = report["provenance"]["subject"]
+    # a local run names a distribution only as who ran it: it never tested it
+    if subject == "reference-data-plane":
+        name = REFERENCE
+    elif subject == "plan":
+        name = PLAN
+    else:
+        d = report["distribution"]
+        name = d["project"] or d["organization"]
+        name = f"{name} {d['version']}".strip() if name else "Istio (upstream)"
+    fault = negative_control(report)
+    return f"{name}, negative control (fault {fault})" if fault else name
 
 
 def _column(source: str, report: dict[str, Any]) -> Column:
@@ -192,6 +210,12 @@ def render_markdown(m: Matrix) -> str:
         out.append(f"{i + 1}. {_md(col.label)}, {col.date}: `{_md(col.source)}`")
     out.append("")
     out.append(
+        "A column named *reference data plane* is a local run: the suite against upstream Envoy "
+        "and Prometheus, not a result of any distribution. A *negative control* broke the mesh "
+        "on purpose: its FAILs are expected and prove the suite can fail."
+    )
+    out.append("")
+    out.append(
         "| Scenario | Profile | " + " | ".join(f"{i + 1}" for i in range(len(m.columns))) + " |"
     )
     out.append("|---|---|" + "---|" * len(m.columns))
@@ -199,7 +223,9 @@ def render_markdown(m: Matrix) -> str:
         cells = []
         for i in range(len(m.columns)):
             cell = m.cell(row, i)
-            if cell.status == "FAIL":
+            if cell.status == "FAIL" and negative_control(m.columns[i].report):
+                cells.append(f"[FAIL (negative control)](#{anchor(row, i)})")
+            elif cell.status == "FAIL":
                 cells.append(f"[**FAIL**](#{anchor(row, i)})")
             else:
                 cells.append(SYMBOLS.get(cell.status, cell.status))
@@ -262,13 +288,13 @@ def render_html(m: Matrix) -> str:
     out.append("</tr></thead><tbody>")
     for row, profile in m.rows:
         out.append(f'<tr><td class="row">{e(row)}</td><td>{e(profile)}</td>')
-        for i in range(len(m.columns)):
+        for i, col in enumerate(m.columns):
             cell = m.cell(row, i)
             if cell.status == "FAIL":
                 codes = ", ".join(dict.fromkeys(f["code"] for f in cell.failures))
-                out.append(
-                    f'<td class="FAIL"><a href="#{anchor(row, i)}" title="{e(codes)}">FAIL</a></td>'
-                )
+                text = "FAIL (negative control)" if negative_control(col.report) else "FAIL"
+                link = f'<a href="#{anchor(row, i)}" title="{e(codes)}">{text}</a>'
+                out.append(f'<td class="FAIL">{link}</td>')
             elif cell.status == "SKIP":
                 out.append(f'<td class="SKIP" title="{e(cell.reason)}">SKIP</td>')
             elif cell.status == "PASS":

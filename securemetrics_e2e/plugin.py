@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from securemetrics_e2e import progress
+from securemetrics_e2e import progress, signals
 from securemetrics_e2e.applicability import skip_reason as skip_reason_for
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import SCENARIOS, RunUnit, scenario
@@ -27,6 +27,10 @@ from securemetrics_e2e.knowngaps import checked
 from securemetrics_e2e.results import RunResult, Status
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
+_RESTORE_SIGNALS_KEY = pytest.StashKey[Callable[[], None]]()
+_SESSION_KEY = pytest.StashKey[pytest.Session]()
+#: the exit status of a run whose report cannot be written: an error, never "not conformant"
+EXIT_OUTPUT_FAILED = 2
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -72,6 +76,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write the conformance report here (.json or .yaml)",
     )
+    # the distribution under test, as `securemetrics-e2e run` takes it (--org, ...)
+    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+
+    for flag, what in DISTRIBUTION_OPTIONS.items():
+        group.addoption(
+            f"--sm-{flag}",
+            default=None,
+            action="append" if flag == "contact" else "store",
+            help=f"report: {what}",
+        )
     try:
         from securemetrics_e2e.cluster.backend import add_cluster_options
     except ImportError:  # the cluster backend is optional at import time
@@ -101,13 +115,36 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULT_KEY] = RunResult()
     config.addinivalue_line("markers", "check(id): the conformance check a scenario test performs")
+    path = config.getoption("--sm-report", default=None)
+    if path:
+        from securemetrics_e2e.outputs import check_writable
+        from securemetrics_e2e.report import report_format
+
+        try:  # fail now, not after a ten-minute run
+            report_format(Path(path))
+            check_writable(Path(path), "--sm-report")
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    # SIGTERM / SIGHUP (CI cancellation, timeout, a closed terminal) end the session as
+    # Ctrl-C does: through the fixtures' teardown, which stops the mesh
+    config.stash[_RESTORE_SIGNALS_KEY] = signals.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    restore = config.stash.get(_RESTORE_SIGNALS_KEY, None)
+    if restore is not None:
+        restore()
 
 
 def istio_version(config: pytest.Config) -> str:
-    from securemetrics_e2e.versions import DEFAULT_VERSION, resolve
+    from securemetrics_e2e.versions import DEFAULT_VERSION, check_released, resolve
 
     text = config.getoption("--istio-version")
-    return str(resolve(text) if text else DEFAULT_VERSION)
+    if text is None:
+        return str(DEFAULT_VERSION)
+    version = resolve(text)  # "" is an error (an unset variable), not the default
+    check_released(version, custom_build=bool(config.getoption("--istio-tag", default=None)))
+    return str(version)
 
 
 def unit_skip_reason(unit: RunUnit, backend: Backend, version: str) -> str | None:
@@ -302,7 +339,10 @@ def run_check(
         pytest.skip(reason)
 
     def run() -> None:
-        _record_continuity(request.config, deployment, chk.run(sm_backend, deployment))
+        label = deployment.unit.id
+        with progress.heartbeat(label):  # a rotation or upgrade window runs for seconds
+            measured = chk.run(sm_backend, deployment)
+        _record_continuity(request.config, deployment, measured)
 
     return run
 
@@ -390,6 +430,7 @@ def run_result(config: pytest.Config) -> RunResult:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SESSION_KEY] = session
     session.config.stash[_RESULT_KEY].measurements["start"] = time.time()
 
 
@@ -414,10 +455,36 @@ def pytest_terminal_summary(
         backend=config.getoption("--sm-backend"),
         istio_version=istio_version(config),
         elapsed_s=elapsed,
+        negative_control=config.getoption("--local-fault") or "",
     )
     tr.write_line(line, bold=True, red=not result.conformant, green=result.conformant)
+    # under the CLI (an active progress) the notes were printed and go into its report
+    notes = progress.take_notes() if progress.active() is None else []
+    for note in notes:  # without the CLI's progress lines nobody printed them yet
+        tr.write_line(f"note: {note}")
     path = config.getoption("--sm-report")
     if path:
-        from securemetrics_e2e.report import write_report
+        from securemetrics_e2e.outputs import OutputFailed
+        from securemetrics_e2e.report import Distribution, ReportMeta, write_report
 
-        write_report(Path(path), result)
+        option = config.getoption
+        meta = ReportMeta.from_environment(
+            result.environment,
+            distribution=Distribution(
+                organization=option("--sm-org") or "",
+                project=option("--sm-project") or "",
+                url=option("--sm-url") or "",
+                version=option("--sm-dist-version") or "",
+                contact=tuple(option("--sm-contact") or ()),
+            ),
+            backend=result.environment.get("backend") or option("--sm-backend"),
+            istio_version=result.environment.get("istio_version") or istio_version(config),
+            notes=tuple(notes),
+        )
+        try:
+            write_report(Path(path), result, meta)
+        except OutputFailed as exc:  # the verdict above stands; the report is what failed
+            tr.write_line(f"securemetrics-e2e: error: {exc}", red=True)
+            config.stash[_SESSION_KEY].exitstatus = EXIT_OUTPUT_FAILED
+            return
+        tr.write_line(f"report: {path}")

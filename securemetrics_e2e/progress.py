@@ -20,6 +20,7 @@ import contextlib
 import enum
 import os
 import sys
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import pytest
 
 from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.results import RunResult, Status
+from securemetrics_e2e.waiting import waiting_on
 
 
 class Phase(enum.StrEnum):
@@ -67,6 +69,7 @@ class Progress:
         self.lines = 0
         #: seconds reported for deploy and wait phases, so check timings can leave them out
         self.setup_seconds = 0.0
+        self._lock = threading.Lock()  # heartbeats write from their own thread
 
     @classmethod
     def for_terminal(cls, stream: TextIO | None = None) -> Progress:
@@ -83,9 +86,10 @@ class Progress:
         return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if self.colour else text
 
     def write(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
-        self.lines += 1
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.lines += 1
 
     def phase(
         self,
@@ -137,6 +141,60 @@ def emit(
     progress = active()
     if progress is not None:
         progress.phase(variant, phase, elapsed_s, status, detail)
+
+
+#: notes about the run said on the terminal (e.g. what a sweep removed), kept for the report
+_RUN_NOTES: list[str] = []
+
+
+def note(text: str) -> None:
+    """A note about the whole run: printed by the active :class:`Progress`, kept for the report."""
+    _RUN_NOTES.append(text)
+    progress = active()
+    if progress is not None:
+        progress.message(f"note: {text}")
+
+
+def take_notes() -> list[str]:
+    """The run notes since the last call (each run reports its own)."""
+    notes = list(_RUN_NOTES)
+    _RUN_NOTES.clear()
+    return notes
+
+
+#: seconds between two heartbeat lines of a long-running step
+HEARTBEAT_S = 5.0
+
+
+@contextlib.contextmanager
+def heartbeat(label: str, interval: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the body runs, say every ``interval`` seconds what it is waiting for.
+
+    A rotation or upgrade window runs for many seconds; a silent terminal looks hung.
+    Nothing is printed for a body shorter than ``interval``, or with no active progress.
+    """
+    progress = active()
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval):  # wakes at once when the body ends
+            what = waiting_on() or "the step to finish"
+            took = time.monotonic() - started
+            progress.write(
+                f"[{progress.elapsed():8.2f}s] {label:<30} {took:4.0f}s: waiting for {what}"
+            )
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -279,7 +337,10 @@ class ProgressPlugin:
             # A check runs in its fixture's setup; deployments reported through emit() /
             # timed() during that setup are theirs, not the check's.
             took = report.duration - (self.progress.setup_seconds - self._setup_seconds_before)
-            if not self._deploy_seen:
+            # only a setup that deployed counts: a test skipped before any deployment (a
+            # check applying to none of the selected scenarios) would print a second line
+            deployed = _variant_of(item) is not None and not report.skipped
+            if deployed and not self._deploy_seen:
                 self._deploy_seen = True
                 if self.progress.lines == self._lines_at_start:
                     # nobody reported deployments: the first setup deployed every variant
@@ -390,8 +451,30 @@ def scenario_lines(result: RunResult) -> list[tuple[Status, str]]:
 _NOTES = {s.name: s.notes for s in SCENARIOS if s.notes}
 
 
-def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed_s: float) -> str:
-    """The one closing line: CONFORMANT or NOT CONFORMANT, with the counts behind it."""
+def scenario_notes(result: RunResult) -> list[str]:
+    """The notes :func:`scenario_lines` prints under passed run units, for the report."""
+    return [
+        f"{result.of_unit(unit)[0].unit_id}: {note}"
+        for unit in result.units()
+        if result.unit_status(unit) is Status.PASS
+        for note in _NOTES.get(unit[0], ())
+    ]
+
+
+def verdict_line(
+    result: RunResult,
+    *,
+    backend: str,
+    istio_version: str,
+    elapsed_s: float,
+    negative_control: str = "",
+) -> str:
+    """The one closing line: CONFORMANT or NOT CONFORMANT, with the counts behind it.
+
+    A local run says it judged Istio's reference data plane (not a distribution), and a
+    run with a seeded fault says it is a negative control, so neither line can be quoted
+    as a distribution's result.
+    """
     counts = result.counts()
     if result.errors:
         verdict = "ERROR"
@@ -411,9 +494,14 @@ def verdict_line(result: RunResult, *, backend: str, istio_version: str, elapsed
         worst = min(rec.measured.fraction for rec in result.continuity)
         gap = max(rec.measured.longest_gap_s for rec in result.continuity)
         continuity = f"; continuity {worst:.1%} (worst job), longest gap {gap:.1f}s"
+    what = ""
+    if negative_control:
+        what = f" [negative control: fault {negative_control}, a FAIL is the expected outcome]"
+    elif backend == "local":
+        what = " [local: Istio's reference data plane, not a distribution]"
     return (
         f"securemetrics-e2e verdict: {verdict} ({why}{counts[Status.PASS]} passed, "
         f"{counts[Status.FAIL]} failed, {counts[Status.KNOWN_GAP]} known gaps, "
         f"{counts[Status.FIXED]} fixed, {counts[Status.SKIP]} skipped checks; "
-        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity})"
+        f"backend {backend}, Istio {istio_version}, {elapsed_s:.1f}s{continuity}){what}"
     )

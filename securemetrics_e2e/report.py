@@ -13,8 +13,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +25,8 @@ import yaml
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import Profile
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.outputs import write_atomically
+from securemetrics_e2e.progress import scenario_notes
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 API_VERSION: Final = "securemetrics-e2e/v1alpha1"
@@ -47,6 +47,16 @@ class ProfileResult(enum.StrEnum):
     PARTIAL = "partial"  # checks passed, none failed, some skipped
     FAILURE = "failure"  # at least one check failed (or the run hit an error)
     SKIPPED = "skipped"  # nothing ran: every check skipped, which proves nothing
+
+
+#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest)
+DISTRIBUTION_OPTIONS = {
+    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
+    "project": "distribution name, e.g. 'Example Mesh'",
+    "url": "distribution URL",
+    "dist-version": "distribution version",
+    "contact": "contact (repeatable)",
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,10 @@ class ReportMeta:
     scenarios: tuple[str, ...] = ()
     date: datetime | None = None
     suite_version: str = __version__
+    #: what the run printed as notes on the terminal
+    notes: tuple[str, ...] = ()
+    #: a plan-only report: nothing ran
+    plan_only: bool = False
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str], **overrides: Any) -> ReportMeta:
@@ -111,6 +125,89 @@ def check_title(check_id: str) -> str:
         return check(check_id).title
     except KeyError:
         return ""
+
+
+def check_code(check_id: str) -> str:
+    """The SMC code of a check id (every report entry carries one)."""
+    from securemetrics_e2e.checks import check
+
+    return check(check_id).code
+
+
+LOCAL_STATEMENT: Final = (
+    "This is a run of the securemetrics-e2e suite against Istio's reference data plane, not "
+    "of any distribution: upstream Envoy, configured as Istio's pilot-agent configures it, "
+    "and the Prometheus listed here ran on the machine that produced this report. No part "
+    "of the distribution named in this report ran; it is not a result of that distribution."
+)
+CLUSTER_STATEMENT: Final = (
+    "A run against the Istio control and data plane installed on the cluster in "
+    "backend.details: the distribution's own istiod and proxies were tested."
+)
+PLAN_STATEMENT: Final = (
+    "A plan only: nothing ran and nothing was checked. It records what a run with these "
+    "options would install, deploy and check."
+)
+
+
+def provenance(meta: ReportMeta) -> dict[str, Any]:
+    """What actually ran: the report's answer to "a result of what?"."""
+    details = meta.backend_details
+    if meta.plan_only:
+        subject, statement = "plan", PLAN_STATEMENT
+    elif meta.backend == "local":
+        subject, statement = "reference-data-plane", LOCAL_STATEMENT
+    else:
+        subject, statement = "distribution", CLUSTER_STATEMENT
+    components: list[dict[str, Any]] = []
+    for name in ("envoy", "prometheus"):  # the local backend's stand-ins (local/provenance.py)
+        if details.get(name):
+            version = details.get(f"{name}_version") or None
+            components.append({"name": name, "path": details[name], "version": version})
+    for name in ("istiod", "proxy"):  # a cluster's images, as its backend describes them
+        if details.get(f"{name}_image"):
+            components.append(
+                {
+                    "name": name,
+                    "image": details[f"{name}_image"],
+                    "version": details.get(f"{name}_version") or None,
+                    "digest": details.get(f"{name}_image_digest") or None,
+                }
+            )
+    if subject != "reference-data-plane" and meta.istio_version:
+        components.append(_cluster_prometheus(meta))
+    fault = details.get("fault")
+    reported = details.get("istio_version_reported") or (
+        meta.istio_version if subject != "reference-data-plane" else ""
+    )
+    return {
+        "subject": subject,
+        "statement": statement,
+        "negativeControl": {"fault": fault} if fault else None,
+        "components": components,
+        "kubernetesVersion": meta.kubernetes_version or None,
+        "istioVersionReported": reported or None,
+    }
+
+
+def _cluster_prometheus(meta: ReportMeta) -> dict[str, Any]:
+    """The Prometheus that judged on a cluster: the scraper chart's image for the Istio minor
+    (manifests.scraper_release), unless the backend reports the image it ran."""
+    from securemetrics_e2e.versions import capabilities
+
+    details = meta.backend_details
+    image = details.get("prometheus_image")
+    if not image:
+        try:
+            image = capabilities(meta.istio_version).prometheus_image
+        except UsageError:
+            image = "unknown"
+    return {
+        "name": "prometheus",
+        "image": image,
+        "version": image.rsplit(":", 1)[1] if ":" in image else None,
+        "digest": details.get("prometheus_image_digest") or None,
+    }
 
 
 def result_of(outcomes: Iterable[CheckOutcome], errors: Iterable[str] = ()) -> ProfileResult:
@@ -143,13 +240,13 @@ def _entry(o: CheckOutcome) -> dict[str, Any]:
         "mode": o.mode,
         "variant": o.variant,
         "check": o.check,
+        "code": o.code or check_code(o.check),
         "title": check_title(o.check),
         "durationSeconds": round(o.duration_s, 3),
     }
     if o.nodeid:
         entry["nodeid"] = o.nodeid
     if o.status is Status.FAIL:
-        entry["code"] = o.code
         entry["message"] = o.message or "(the check gave no message)"
         entry["diagnostics"] = o.diagnostics or None
     elif o.status is Status.SKIP:
@@ -232,6 +329,8 @@ def build_report(result: RunResult, meta: ReportMeta | None = None) -> dict[str,
         },
         "kubernetes": {"version": meta.kubernetes_version or None},
         "backend": {"name": meta.backend or "unknown", "details": dict(meta.backend_details)},
+        "provenance": provenance(meta),
+        "notes": [*meta.notes, *scenario_notes(result)],
         "selection": {"profiles": profiles, "scenarios": list(meta.scenarios)},
         "verdict": {
             "conformant": result.conformant,
@@ -338,28 +437,17 @@ def report_format(path: Path) -> str:
 def dump_report(doc: Mapping[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    return yaml.safe_dump(dict(doc), sort_keys=False, allow_unicode=True, width=100)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # A reader (CI uploading artifacts, a matrix merge) never sees half a report.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # through JSON first: the document holds str enums (VariantId), which JSON writes as
+    # their values and safe_dump refuses; YAML and JSON reports then say the same thing
+    plain = json.loads(json.dumps(doc))
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, width=100)
 
 
 def write_report(path: Path, result: RunResult, meta: ReportMeta | None = None) -> dict[str, Any]:
     """Write the report of ``result`` to ``path`` (JSON or YAML by suffix); return it."""
     fmt = report_format(path)
     doc = build_report(result, meta)
-    _write_atomically(path, dump_report(doc, fmt))
+    write_atomically(path, dump_report(doc, fmt).encode("utf-8"), "report")
     return doc
 
 

@@ -198,6 +198,22 @@ def resolve(text: str) -> IstioVersion:
     return version
 
 
+def check_released(version: IstioVersion, *, custom_build: bool) -> None:
+    """UsageError for a patch newer than any this table knows, unless it is a custom build.
+
+    Such a patch is a typo (1.31.999) or a release after this table was written; the user
+    says which: a custom build names its image tag (--tag / --istio-tag on a cluster).
+    """
+    release = _RELEASES.get(version.minor_version)
+    if custom_build or release is None or version.is_prerelease or version <= release.latest:
+        return
+    raise UsageError(
+        f"--istio-version {version}: the latest {version.major}.{version.minor} patch "
+        f"this suite knows is {release.latest}; use a released version, or for a custom "
+        "build on a cluster name its image with --tag (and --hub)"
+    )
+
+
 def capabilities(version: IstioVersion | str) -> Capabilities:
     """The capabilities of a supported version (text is resolved first)."""
     resolved = resolve(version) if isinstance(version, str) else version

@@ -6,6 +6,7 @@ so that a timeout says exactly which signal never arrived and what was seen last
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,6 +25,15 @@ class WaitTimeout(SecureMetricsError):
         self.what = what
         self.timeout = timeout
         self.last = last
+
+
+#: what each thread waits for right now (progress heartbeats say it on the terminal)
+_WAITING: dict[int, str] = {}
+
+
+def waiting_on() -> str | None:
+    """What the most recently started, still running wait is waiting for, if any."""
+    return next(reversed(_WAITING.values()), None)
 
 
 class NotYet(Exception):
@@ -58,7 +68,14 @@ def wait_for(
         after=remember,
         reraise=False,
     )
+    thread = threading.get_ident()
+    outer = _WAITING.pop(thread, None)
+    _WAITING[thread] = what
     try:
         return retrying(probe)
     except tenacity.RetryError:
         raise WaitTimeout(what, timeout, last[0]) from None
+    finally:
+        del _WAITING[thread]
+        if outer is not None:
+            _WAITING[thread] = outer

@@ -373,3 +373,43 @@ def test_every_rule_is_documented() -> None:
         assert code in (module.__doc__ or "")
         assert rule.hint
         assert rule.title
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.yaml", ""), ("foo.yaml", "foo: bar\n"), ("emptydir", None), ("list.json", "[]")],
+)
+def test_auditing_nothing_is_exit_2_naming_what_was_given(
+    name: str, content: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / name
+    if content is None:
+        target.mkdir()
+    else:
+        target.write_text(content)
+    assert main(["audit", str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith(f"securemetrics-e2e: error: nothing to audit in {target}: ")
+
+
+def test_the_same_file_given_twice_is_audited_once(tmp_path: Path) -> None:
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "scrape_configs:\n- job_name: plain\n  static_configs:\n  - targets: ['10.0.0.1:15090']\n"
+    )
+    once = audit([config])
+    twice = audit([config, tmp_path, tmp_path / "." / "prometheus.yml"])
+    assert [f.code for f in once.findings] == ["SM001"]
+    assert [f.code for f in twice.findings] == ["SM001"]
+    assert twice.files == 1
+
+
+def test_hints_name_a_command_a_pip_user_has(capsys: pytest.CaptureFixture[str]) -> None:
+    assert all("charts/" not in rule.hint for rule in RULES.values())
+    assert "`securemetrics-e2e scrape-config`" in RULES["SM001"].hint
+    assert main(["scrape-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == chart_scrape_config_path().read_text()
+    assert "istio-secure-merged-metrics" in printed

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from securemetrics_e2e.cli import main
-from securemetrics_e2e.matrix import anchor, build_matrix, load_reports
+from securemetrics_e2e.matrix import REFERENCE, anchor, build_matrix, load_reports
 from securemetrics_e2e.report import Distribution, ReportMeta, write_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
@@ -102,7 +102,7 @@ def test_matrix_rows_columns_and_cells(reports: list[Path]) -> None:
     assert [f["code"] for f in m.cell("native-sidecar[STRICT/as-documented]", 1).failures] == [
         "SMC009"
     ]
-    assert m.columns[3].label == "Istio 1.29.8 / no Kubernetes / local / Istio (upstream)"
+    assert m.columns[3].label == f"Istio 1.29.8 / no Kubernetes / local / {REFERENCE}"
     assert m.columns[0].label == ("Istio 1.30.5 / Kubernetes v1.33.1 / kind / Example Mesh 2.4.1")
 
 

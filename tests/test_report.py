@@ -385,4 +385,7 @@ def test_continuity_records_reach_the_report_and_the_verdict() -> None:
         "longest gap 1.0s": Status.FAIL,
     }
     verdict = verdict_line(result, backend="local", istio_version="1.31.1", elapsed_s=1.0)
-    assert verdict.endswith("continuity 80.0% (worst job), longest gap 3.5s)")
+    assert verdict.endswith(
+        "continuity 80.0% (worst job), longest gap 3.5s) "
+        "[local: Istio's reference data plane, not a distribution]"
+    )

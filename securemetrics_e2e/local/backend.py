@@ -21,11 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from securemetrics_e2e import progress
 from securemetrics_e2e.backend import Backend, Credential, Deployment, Listener, Origin, Workload
 from securemetrics_e2e.catalog import (
     APP_PORT,
@@ -43,7 +45,7 @@ from securemetrics_e2e.catalog import (
 )
 from securemetrics_e2e.continuity import Missing, wait_scraped
 from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, UsageError
-from securemetrics_e2e.local import promconfig
+from securemetrics_e2e.local import capture, promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
 from securemetrics_e2e.local.bootstrap import (
@@ -57,7 +59,11 @@ from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import LoopbackNetwork, Pod, PodNetwork
+from securemetrics_e2e.local.owner import new_run_id, sweep
 from securemetrics_e2e.local.promserver import PrometheusServer
+from securemetrics_e2e.local.provenance import stand_ins
+from securemetrics_e2e.local.virtualinbound import connections_on_port
+from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -73,6 +79,8 @@ from securemetrics_e2e.versions import (
 
 SCRAPER_NAMESPACE = "istio-system"
 SCRAPER_SERVICE_ACCOUNT = "prometheus"
+#: per captured pod: one line per virtualInbound connection (chain, TLS, peer)
+INBOUND_ACCESS_LOG = "inbound-access.log"
 _counter = itertools.count()
 
 
@@ -86,6 +94,8 @@ class _WorkloadRuntime:
     identity: WorkloadIdentity
     record: promconfig.PodRecord
     fault: Fault | None = None
+    #: a captured sidecar's virtualInbound access log
+    inbound_log: Path | None = None
 
 
 @dataclass
@@ -191,7 +201,11 @@ class LocalBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------
 
     def _start(self) -> None:
-        self.run_id = f"{os.getpid():x}{next(_counter)}"
+        # what a killed run left (its owner gone) goes first; a live run's stays
+        swept = sweep((self._workdir_parent,) if self._workdir_parent else ())
+        if swept:
+            progress.note(f"removed what an interrupted earlier run left: {swept.summary()}")
+        self.run_id = new_run_id()
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"smx-{self.run_id}-", dir=self._workdir_parent)
         )
@@ -271,7 +285,33 @@ class LocalBackend(Backend):
             not self._started or isinstance(self.network, PodNetwork)
         ):
             features.add(Feature.POD_ISOLATION)
+            if self.capture_unavailable_reason() is None:
+                features.add(Feature.INBOUND_CAPTURE)
         return frozenset(features)
+
+    def capture_unavailable_reason(self) -> str | None:
+        """Why sidecar pods get no inbound capture here (None: they do)."""
+        if self._network_choice == "loopback":
+            return "the loopback network has no pod namespaces to hold iptables rules"
+        return PodNetwork.available() or capture.unavailable_reason()
+
+    def _unit_manifests(self, unit: RunUnit) -> list[dict[str, Any]] | None:
+        """The objects the cluster backend would apply for ``unit``, when its sidecars are
+        captured here: their inbound path is derived from them. Continuity scenarios
+        replay the data-plane half of a change without capture.
+
+        Rendered into a namespace of their own (the model relates objects of one
+        namespace only; a local namespace name with its variant and fault may exceed a
+        DNS label)."""
+        scenario = unit.scenario
+        if scenario.continuity or Feature.INBOUND_CAPTURE not in self.features:
+            return None
+        if not any(w.kind is WorkloadKind.SIDECAR for w in scenario.workloads):
+            return None
+        version = self.istio_version or str(DEFAULT_VERSION)
+        return scenario_manifests(
+            scenario, unit.mtls_mode, version, namespace="smx-sidecar", variant=unit.variant
+        )
 
     def describe(self) -> dict[str, str]:
         network = getattr(self, "network", None)
@@ -280,6 +320,11 @@ class LocalBackend(Backend):
             "istio_version": self.istio_version,
             "network": network.kind if network is not None else self._network_choice,
             "fault": str(self.fault or ""),
+            # the report says whether STRICT and legacy units ran through Istio's inbound path
+            "inbound_capture": f"off: {why_not}"
+            if (why_not := self.capture_unavailable_reason())
+            else "istio-iptables REDIRECT to virtualInbound (15006) in each sidecar pod",
+            **stand_ins(),  # what stood in for the mesh: recorded in the report
         }
 
     def deploy(
@@ -355,6 +400,7 @@ class LocalBackend(Backend):
         runtime = _DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
         self._active[namespace] = runtime
         try:
+            objects = self._unit_manifests(unit)
             gateway = unit_gateway(
                 unit,
                 self.istio_version or str(DEFAULT_VERSION),
@@ -366,6 +412,7 @@ class LocalBackend(Backend):
                     namespace,
                     fault,
                     gateway=gateway if gateway and spec.name == gateway.deployment else None,
+                    objects=objects,
                 )
         except BaseException:
             self.teardown(runtime.deployment)
@@ -398,6 +445,7 @@ class LocalBackend(Backend):
         fault: Fault | None,
         *,
         gateway: GeneratedGateway | None = None,
+        objects: list[dict[str, Any]] | None = None,
     ) -> _WorkloadRuntime:
         ns = SCRAPER_NAMESPACE if spec.name == "istio-ingressgateway" else namespace
         pod = self.network.add_pod(f"{spec.name}-{next(_counter)}")
@@ -421,6 +469,12 @@ class LocalBackend(Backend):
         agent_localhost = localhost_only if gateway is None else gateway.agent_localhost_only
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
+        virtual_inbound = None
+        if objects is not None and spec.kind is WorkloadKind.SIDECAR:
+            # what istiod and istio-init make of this pod's manifests
+            virtual_inbound = capture.capture_sidecar(
+                pod, objects, spec.name, sds, pod_dir / INBOUND_ACCESS_LOG, fault
+            )
         bootstrap = build_bootstrap(
             spec,
             node_id=f"sidecar~{pod.ip}~{pod.name}.{ns}~{ns}.svc.cluster.local",
@@ -430,6 +484,7 @@ class LocalBackend(Backend):
             localhost_only=stats_localhost,
             fault=fault,
             secure_ports=gateway is None or gateway.opens_secure_ports,
+            virtual_inbound=virtual_inbound,
         )
         envoy = Envoy(pod, pod_dir, bootstrap)
         servers: list[PodHTTPServer] = []
@@ -443,6 +498,8 @@ class LocalBackend(Backend):
             container_ports=_container_ports(spec),
         )
         runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
+        if virtual_inbound is not None:
+            runtime.inbound_log = pod_dir / INBOUND_ACCESS_LOG
         envoy.start()
         if spec.kind is WorkloadKind.SIDECAR:
             servers.append(start_app(pod, wildcard))
@@ -628,6 +685,11 @@ class LocalBackend(Backend):
             pod = self._runtime(workload).pod
             return pod.call(lambda: attempt_plaintext(pod.loopback, port, path))
         return self.scraper_pod.call(lambda: attempt_plaintext(workload.pod_ip, port, path))
+
+    def inbound_path(self, workload: Workload, port: int) -> str:
+        """What the pod's virtualInbound access log says about connections to ``port``."""
+        log = self._runtime(workload).inbound_log
+        return "" if log is None else connections_on_port(log, port)
 
     def prometheus(self) -> PrometheusAPI:
         if not self._started:

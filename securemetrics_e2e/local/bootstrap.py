@@ -56,7 +56,8 @@ class SdsFiles:
         return self.directory / "rootca.yaml"
 
 
-def _cluster(name: str, address: str, port: int) -> dict[str, Any]:
+def static_cluster(name: str, address: str, port: int) -> dict[str, Any]:
+    """A STATIC cluster of one endpoint."""
     return {
         "name": name,
         "type": "STATIC",
@@ -85,7 +86,7 @@ def _cluster(name: str, address: str, port: int) -> dict[str, Any]:
     }
 
 
-def _hcm(stat_prefix: str, routes: list[tuple[str, str]]) -> dict[str, Any]:
+def http_manager(stat_prefix: str, routes: list[tuple[str, str]]) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -111,7 +112,7 @@ def _hcm(stat_prefix: str, routes: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def _sds(name: str, path: Path, watched: Path) -> dict[str, Any]:
+def sds_secret_config(name: str, path: Path, watched: Path) -> dict[str, Any]:
     return {
         "name": name,
         "sds_config": {
@@ -121,7 +122,7 @@ def _sds(name: str, path: Path, watched: Path) -> dict[str, Any]:
     }
 
 
-def _address(address: str, port: int) -> dict[str, Any]:
+def socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"protocol": "TCP", "address": address, "port_value": port}}
 
 
@@ -136,10 +137,10 @@ def _secure_listener(
 ) -> dict[str, Any]:
     if fault is Fault.STATS_ROUTE_MISSING:
         routes = [(p, c) for p, c in routes if p != "/stats/prometheus"]
-    chain: dict[str, Any] = {"filters": [_hcm(stat_prefix, routes)]}
+    chain: dict[str, Any] = {"filters": [http_manager(stat_prefix, routes)]}
     listener: dict[str, Any] = {
         "name": f"{wildcard}_{port}",
-        "address": _address(wildcard, port),
+        "address": socket_address(wildcard, port),
         "filter_chains": [chain],
     }
     if fault is Fault.PLAINTEXT_SECURE_PORT:
@@ -148,18 +149,40 @@ def _secure_listener(
         {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": _INSPECTOR}}
     ]
     chain["filter_chain_match"] = {"transport_protocol": "tls"}
-    chain["transport_socket"] = {
+    chain["transport_socket"] = downstream_tls(
+        sds, require_client_certificate=fault is not Fault.CLIENT_CERT_OPTIONAL
+    )
+    return listener
+
+
+def downstream_tls(
+    sds: SdsFiles,
+    *,
+    require_client_certificate: bool = True,
+    alpn: tuple[str, ...] = (),
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A TLS transport socket serving SDS ``default``, validating clients against ``ROOTCA``."""
+    common: dict[str, Any] = {
+        "tls_certificate_sds_secret_configs": [
+            sds_secret_config("default", sds.default, sds.directory)
+        ],
+        "validation_context_sds_secret_config": sds_secret_config(
+            "ROOTCA", sds.rootca, sds.directory
+        ),
+    }
+    if alpn:
+        common["alpn_protocols"] = list(alpn)
+    if params:
+        common["tls_params"] = params
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _TLS,
-            "require_client_certificate": fault is not Fault.CLIENT_CERT_OPTIONAL,
-            "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [_sds("default", sds.default, sds.directory)],
-                "validation_context_sds_secret_config": _sds("ROOTCA", sds.rootca, sds.directory),
-            },
+            "require_client_certificate": require_client_certificate,
+            "common_tls_context": common,
         },
     }
-    return listener
 
 
 def build_bootstrap(
@@ -172,6 +195,7 @@ def build_bootstrap(
     localhost_only: bool,
     fault: Fault | None = None,
     secure_ports: bool = True,
+    virtual_inbound: tuple[dict[str, Any], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The bootstrap for ``spec``'s proxy.
 
@@ -182,24 +206,31 @@ def build_bootstrap(
     ``loopback`` is the pod's localhost (127.0.0.1 inside a namespace) and ``wildcard``
     the address listeners bind where Istio binds 0.0.0.0 (the pod's own address on the
     loopback fallback network, where 0.0.0.0 would be shared by every pod).
+
+    ``virtual_inbound`` (the listener and its clusters, see
+    :mod:`securemetrics_e2e.local.virtualinbound`) is what istiod adds for a captured
+    sidecar. With it, the legacy Sidecar ingress is a chain group of that listener, as
+    Istio builds it, instead of a listener of its own.
     """
     clusters = [
-        _cluster("prometheus_stats", loopback, ADMIN_PORT),
-        _cluster("agent", loopback, AGENT_PORT),
+        static_cluster("prometheus_stats", loopback, ADMIN_PORT),
+        static_cluster("agent", loopback, AGENT_PORT),
     ]
+    if virtual_inbound is not None:
+        clusters += virtual_inbound[1]
     stats_address = loopback if localhost_only else wildcard
     listeners: list[dict[str, Any]] = [
         {
             "name": f"{stats_address}_{ENVOY_STATS_PORT}",
-            "address": _address(stats_address, ENVOY_STATS_PORT),
+            "address": socket_address(stats_address, ENVOY_STATS_PORT),
             "filter_chains": [
-                {"filters": [_hcm("stats", [("/stats/prometheus", "prometheus_stats")])]}
+                {"filters": [http_manager("stats", [("/stats/prometheus", "prometheus_stats")])]}
             ],
         },
         {
             "name": f"{wildcard}_{STATUS_PORT}",
-            "address": _address(wildcard, STATUS_PORT),
-            "filter_chains": [{"filters": [_hcm("agent", [("/healthz/ready", "agent")])]}],
+            "address": socket_address(wildcard, STATUS_PORT),
+            "filter_chains": [{"filters": [http_manager("agent", [("/healthz/ready", "agent")])]}],
         },
     ]
 
@@ -208,17 +239,21 @@ def build_bootstrap(
             _secure_listener(port, wildcard, routes, sds, stat_prefix=prefix, fault=fault)
         )
 
+    if virtual_inbound is not None:
+        listeners.append(virtual_inbound[0])
     if not secure_ports:
         pass
     elif spec.mode is MetricsMode.LEGACY and spec.kind is WorkloadKind.SIDECAR:
-        # Sidecar ingress listener with defaultEndpoint 127.0.0.1:15020: every path goes on
-        inbound = f"inbound|{spec.secure_merged_port}||"
-        clusters.append(_cluster(inbound, loopback, AGENT_PORT))
-        secure(spec.secure_merged_port, [("/", inbound)], "inbound_secure_metrics")
+        if virtual_inbound is None:
+            # without capture: a listener of its own with defaultEndpoint 127.0.0.1:15020
+            inbound = f"inbound|{spec.secure_merged_port}||"
+            clusters.append(static_cluster(inbound, loopback, AGENT_PORT))
+            secure(spec.secure_merged_port, [("/", inbound)], "inbound_secure_metrics")
+        # with capture the Sidecar ingress port is one of virtualInbound's chain groups
     elif spec.mode is MetricsMode.LEGACY:
         # Gateway server HTTPS ISTIO_MUTUAL + VirtualService to ServiceEntry gateway-admin.local
         outbound = f"outbound|{AGENT_PORT}||gateway-admin.local"
-        clusters.append(_cluster(outbound, loopback, AGENT_PORT))
+        clusters.append(static_cluster(outbound, loopback, AGENT_PORT))
         secure(spec.secure_merged_port, [("/stats/prometheus", outbound)], "outbound_0.0.0.0_15091")
     else:
         assert spec.secure_envoy_port is not None
@@ -241,7 +276,7 @@ def build_bootstrap(
                     },
                 }
             ],
-            "address": _address(loopback, ADMIN_PORT),
+            "address": socket_address(loopback, ADMIN_PORT),
         },
         "static_resources": {"clusters": clusters, "listeners": listeners},
     }

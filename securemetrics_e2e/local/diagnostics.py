@@ -46,7 +46,7 @@ def _capture_proxy(envoy: Envoy, pod_dir: Path) -> None:
         pod_dir / "listeners.json",
         lambda: [asdict(lst) for lst in listeners_from_config_dump(dump)],
     )
-    for name in ("envoy-bootstrap.json", "envoy.log"):
+    for name in ("envoy-bootstrap.json", "envoy.log", "inbound-access.log"):
         source = envoy.workdir / name
         if source.exists():
             shutil.copyfile(source, pod_dir / name)

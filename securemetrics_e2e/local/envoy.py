@@ -59,9 +59,14 @@ class Envoy:
                     pod.name,
                     "--service-cluster",
                     pod.name,
+                    # access logs reach their files within 0.1 s (default 10 s), so a
+                    # check can read which inbound chain a connection took
+                    "--file-flush-interval-msec",
+                    "100",
                 ]
             ),
             workdir / "envoy.log",
+            run_id=pod.run_id,
         )
 
     @property

@@ -32,6 +32,12 @@ class Fault(enum.StrEnum):
     UPGRADE_DROPS_TARGETS = "upgrade-drops-targets"
     # the scraper's OUTPUT_CERTS are written once, never renewed, and expire (istio#28050)
     SCRAPER_CERTS_NOT_REFRESHED = "scraper-certs-not-refreshed"
+    # the sidecar's inbound path (istio-iptables, virtualInbound): capture rules never
+    # installed (a failed istio-init / CNI), a STRICT chain group that also accepts
+    # plaintext, a PERMISSIVE passthrough chain terminating the plain TLS it must pass on
+    CAPTURE_MISSING = "capture-missing"
+    STRICT_CHAIN_ACCEPTS_PLAINTEXT = "strict-chain-accepts-plaintext"
+    PASSTHROUGH_TERMINATES_TLS = "passthrough-terminates-tls"
     # the fix of a known gap broken: the gateway-api proxyconfig variant's ProxyConfig
     # selects no pod, so the generated gateway opens no secure port (a FAIL, not KNOWN-GAP)
     PROXYCONFIG_SELECTS_NOTHING = "proxyconfig-selects-nothing"

@@ -59,6 +59,8 @@ class Pod:
     #: the address "localhost" means inside this pod (127.0.0.1 in a namespace)
     loopback: str
     netns: str | None = None
+    #: the run that made this pod: its processes carry it (see local/owner.py)
+    run_id: str = ""
     _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -149,7 +151,7 @@ class PodNetwork:
         if os.path.exists(os.path.join(_NETNS_DIR, name)):
             raise EnvironmentProblem(
                 f"network namespace {name!r} already exists: another run with id "
-                f"{self.run_id!r} is active or was killed; delete it with `ip netns del {name}`"
+                f"{self.run_id!r} is active; delete it with `ip netns del {name}`"
             )
         _ip("netns", "add", name)
         self._namespaces.append(name)
@@ -180,7 +182,7 @@ class PodNetwork:
         _ip("-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
         _ip("-n", netns, "link", "set", "eth0", "up")
         _ip("-n", netns, "link", "set", "lo", "up")
-        pod = Pod(name=name, ip=ip, loopback="127.0.0.1", netns=netns)
+        pod = Pod(name=name, ip=ip, loopback="127.0.0.1", netns=netns, run_id=self.run_id)
         self.pods[name] = pod
         return pod
 
@@ -222,7 +224,7 @@ class LoopbackNetwork:
         if index > 254:
             raise EnvironmentProblem("a local loopback pod network holds at most 253 pods")
         ip = f"{self._octets}.{index}"
-        pod = Pod(name=name, ip=ip, loopback=ip, netns=None)
+        pod = Pod(name=name, ip=ip, loopback=ip, netns=None, run_id=self.run_id)
         self.pods[name] = pod
         return pod
 

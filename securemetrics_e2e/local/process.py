@@ -5,6 +5,7 @@ Only processes this run started are ever signalled, and only by the PID it recor
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -12,13 +13,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from securemetrics_e2e.errors import EnvironmentProblem
+from securemetrics_e2e.local.owner import RUN_ENV
+
+
+@functools.cache
+def binary_version(path: str) -> str:
+    """The first line ``path --version`` prints (Envoy, Prometheus), for the report.
+
+    A binary that cannot say is recorded as such rather than failing the run.
+    """
+    try:
+        done = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if not lines:
+        return f"unknown (exit {done.returncode}, no output)"
+    return lines[0].removeprefix(path).strip()  # Envoy starts the line with its own path
 
 
 class ManagedProcess:
     """A child process with its output in a log file, stopped by :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, run_id: str = "") -> None:
         self.name = name
+        self.run_id = run_id
         self.argv = list(argv)
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
@@ -35,6 +56,9 @@ class ManagedProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    # the run id names the owner: a later run sweeps this process if the
+                    # owner dies without stopping it (SIGKILL)
+                    env={**os.environ, RUN_ENV: self.run_id} if self.run_id else None,
                     # its own process group, so a Ctrl-C at the terminal reaches only the
                     # suite, which then stops this process itself during teardown
                     start_new_session=True,

@@ -43,6 +43,7 @@ class PrometheusServer:
                 ]
             ),
             workdir / "prometheus.log",
+            run_id=pod.run_id,
         )
         self.api = PrometheusAPI(self.url, runner=pod.call)
 

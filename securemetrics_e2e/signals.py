@@ -1,0 +1,58 @@
+"""SIGTERM and SIGHUP stop a run as Ctrl-C does: through teardown, leaving nothing behind.
+
+``timeout``, CI cancellation, pytest-timeout and a closed terminal send SIGTERM or SIGHUP;
+Python's default for both is to die on the spot, skipping every ``finally`` and so
+leaving the mesh running. Here each of SIGINT, SIGTERM and SIGHUP raises
+KeyboardInterrupt in the main thread, which pytest turns into an orderly session end
+(fixtures torn down, the backend closed). A second signal while that cleanup runs is
+noted and ignored: cleanup is bounded (each process gets a few seconds before SIGKILL),
+and cutting it short is what leaves resources behind.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+_received: list[signal.Signals] = []
+
+
+def received() -> signal.Signals | None:
+    """The first stop signal since :func:`install`, or None."""
+    return _received[0] if _received else None
+
+
+def exit_status(signum: signal.Signals) -> int:
+    """The shell's status for a process ended by ``signum`` (128 + n), kept after cleanup."""
+    return 128 + int(signum)
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    sig = signal.Signals(signum)
+    if _received:
+        sys.stderr.write(f"securemetrics-e2e: {sig.name} ignored: still cleaning up\n")
+        return
+    _received.append(sig)
+    raise KeyboardInterrupt(f"stopped by {sig.name}")
+
+
+def install() -> Callable[[], None]:
+    """Route the stop signals to an orderly stop; returns a function restoring the old ones.
+
+    Outside the main thread (where Python cannot take signals) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _received.clear()
+    previous = {sig: signal.signal(sig, _handler) for sig in STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -1,0 +1,191 @@
+"""Any way a run ends leaves nothing behind and is reported for what it is.
+
+SIGINT, SIGTERM, SIGHUP, and SIGKILL + next run; and a report that becomes unwritable
+during the run (exit 2 after the verdict, never the "not conformant" 1).
+
+Each test starts a real local run in a subprocess, waits until it has deployed (its pod
+network exists and an Envoy of the run is up), sends the signal and then looks for what
+the run owned: network namespaces and temporary directories named after its run id, and
+processes carrying its run id in their environment (local/owner.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from securemetrics_e2e.local.owner import NETNS_DIR, RUN_ENV, new_run_id, run_processes, sweep
+from securemetrics_e2e.waiting import NotYet, wait_for
+from tests.localmesh import requires_local_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _leftovers(pid: int) -> dict[str, list[str]]:
+    """What runs owned by process ``pid`` hold now (empty lists: nothing)."""
+    prefix = f"smx-{pid:x}_"
+    namespaces = sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+    tmp = Path(tempfile.gettempdir())
+    return {
+        "namespaces": namespaces,
+        "processes": sorted(
+            f"{p} {Path(f'/proc/{p}/comm').read_text().strip()}"
+            for p, run in run_processes().items()
+            if run.startswith(f"{pid:x}_") and Path(f"/proc/{p}").exists()
+        ),
+        "directories": sorted(p.name for p in tmp.glob(f"{prefix}*")),
+    }
+
+
+def _wait_deployed(proc: subprocess.Popen[str]) -> None:
+    def deployed() -> None:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()}")
+        left = _leftovers(proc.pid)
+        if not left["namespaces"] and not left["directories"]:
+            raise NotYet("no pod network yet")
+        if not any(p.endswith(" envoy") for p in left["processes"]):
+            raise NotYet(f"no Envoy of the run yet: {left['processes']}")
+
+    wait_for("the run to deploy an Envoy", deployed, timeout=60)
+
+
+def _start(argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "NO_COLOR": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _cli_run() -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "securemetrics_e2e", "run", "--scenario", "native-sidecar"]
+    return _start(argv)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@requires_local_mesh
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: str(s.name)
+)
+def test_a_signalled_cli_run_stops_everything_it_started(sig: signal.Signals) -> None:
+    proc = _cli_run()
+    _wait_deployed(proc)
+    proc.send_signal(sig)
+    out, err = _finish(proc)
+    assert proc.returncode == 128 + sig, out + err
+    assert f"stopped by {sig.name}" in err
+    assert "Traceback" not in err
+    assert _leftovers(proc.pid) == {"namespaces": [], "processes": [], "directories": []}
+
+
+@requires_local_mesh
+def test_a_sigterm_to_the_pytest_plugin_path_stops_everything() -> None:
+    # `nox -s e2e` and a hand-run `pytest scenarios` reach the backend without the CLI
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "scenarios"]
+    proc = _start([*argv, "--scenario", "native-sidecar"])
+    _wait_deployed(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _finish(proc)
+    assert proc.returncode != 0, out + err
+    assert _leftovers(proc.pid) == {"namespaces": [], "processes": [], "directories": []}
+
+
+@requires_local_mesh
+def test_after_sigkill_the_next_run_sweeps_what_the_killed_one_left() -> None:
+    killed = _cli_run()
+    _wait_deployed(killed)
+    killed.kill()  # no handler can run: everything stays behind
+    _finish(killed)
+    left = _leftovers(killed.pid)
+    assert all(left.values()), left
+    following = _cli_run()
+    out, err = _finish(following)
+    assert following.returncode == 0, out + err
+    assert "note: removed what an interrupted earlier run left:" in out
+    assert _leftovers(killed.pid) == {"namespaces": [], "processes": [], "directories": []}
+
+
+def _plant(run_id: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A process and a directory carrying ``run_id``, as a run leaves them."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env={**os.environ, RUN_ENV: run_id},
+        start_new_session=True,
+    )
+    directory = tmp_path / f"smx-{run_id}-abc"
+    directory.mkdir()
+    return proc, directory
+
+
+def test_sweep_removes_a_dead_owners_resources_and_never_a_live_ones(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_run, live_run = f"{gone.pid:x}_1_0", new_run_id()
+    dead_proc, dead_dir = _plant(dead_run, tmp_path)
+    live_proc, live_dir = _plant(live_run, tmp_path)
+    try:
+        swept = sweep((tmp_path,))
+        assert dead_proc.wait(timeout=10) == -signal.SIGTERM
+        assert swept.processes == [dead_proc.pid]
+        assert not dead_dir.exists()
+        assert str(dead_dir) in swept.directories
+        assert live_proc.poll() is None
+        assert live_dir.exists()
+    finally:
+        for proc in (dead_proc, live_proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_sweep_leaves_names_of_other_shapes_alone(tmp_path: Path) -> None:
+    # an older version of this suite named runs smx-<pid hex><n>-: never guess at those
+    other = tmp_path / "smx-1a2b0-httpbin-3"
+    other.mkdir()
+    sweep((tmp_path,))
+    assert other.exists()
+
+
+@requires_local_mesh
+@pytest.mark.parametrize("path", ["cli", "pytest"])
+def test_a_report_unwritable_after_the_run_is_exit_2_after_the_verdict(
+    path: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()  # writable when checked, before anything starts
+    report = str(out / "report.json")
+    if path == "cli":
+        cli = [sys.executable, "-m", "securemetrics_e2e", "run", "--scenario", "native-sidecar"]
+        proc = _start([*cli, "--report", report])
+    else:
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "scenarios"]
+        proc = _start([*argv, "--scenario", "native-sidecar", "--sm-report", report])
+    _wait_deployed(proc)
+    out.rmdir()
+    out.write_text("")  # the directory is gone: the report cannot be written any more
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 2, stdout + stderr
+    assert "securemetrics-e2e verdict: CONFORMANT" in stdout
+    shown = stdout + stderr
+    assert f"securemetrics-e2e: error: could not write report {report}: " in shown
+    assert "Traceback" not in shown
+    assert _leftovers(proc.pid) == {"namespaces": [], "processes": [], "directories": []}
