@@ -407,7 +407,9 @@ def pytest_runtest_makereport(
             # an upstream gap is not this distribution's failure: pytest reports it skipped
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, outcome.message)
-        report.sm_status = outcome.status  # type: ignore[attr-defined]  # read by progress
+        # a plain str: under pytest-xdist a report crosses to the controller, whose
+        # serializer takes only builtin types (an enum there kills the worker)
+        report.sm_status = outcome.status.value  # type: ignore[attr-defined]  # read by progress
         item.config.stash[_RESULT_KEY].add(outcome)
     return report
 

@@ -356,8 +356,8 @@ class ProgressPlugin:
             if report.when == "call":
                 group.seconds += report.duration
             mapped = getattr(report, "sm_status", None)  # through the known-gap table
-            if isinstance(mapped, Status) and mapped in (Status.KNOWN_GAP, Status.FIXED):
-                group.statuses.append(mapped)
+            if mapped in (Status.KNOWN_GAP, Status.FIXED):
+                group.statuses.append(Status(mapped))
             elif report.passed:
                 group.statuses.append(Status.PASS)
             elif report.skipped:
