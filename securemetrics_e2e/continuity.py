@@ -54,11 +54,15 @@ class RotatingBackend(Protocol):
 
     def scrape(self, workload: Workload, port: int, path: str = ...) -> ScrapeResult: ...
 
-    def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity: ...
+    def issue_workload(
+        self, workload: Workload, lifetime: timedelta, *, expires_in: timedelta | None = None
+    ) -> WorkloadIdentity: ...
 
     def rotate_workload(self, workload: Workload) -> WorkloadIdentity: ...
 
-    def issue_scraper(self, lifetime: timedelta) -> WorkloadIdentity: ...
+    def issue_scraper(
+        self, lifetime: timedelta, *, expires_in: timedelta | None = None
+    ) -> WorkloadIdentity: ...
 
     def rotate_scraper(self) -> WorkloadIdentity: ...
 
@@ -497,7 +501,9 @@ def _rotate_and_measure(
     jobs = list(workload.spec.jobs)
     ports = sorted(set(workload.spec.jobs.values()))
     api = backend.prometheus()
-    step_timeout = 3 * interval_s + 1.0
+    # a step waits in scrapes, not seconds: on a loaded machine a scrape may come late,
+    # and the happy path returns at the first good one whatever the bound
+    step_timeout = 6 * interval_s + 1.0
     settle = wait_scraped(
         api,
         [workload],
@@ -509,8 +515,16 @@ def _rotate_and_measure(
         raise UsageError(f"{workload.name} was not scraped UP before rotation: {settle.problem}")
 
     start = datetime.now(UTC)
-    first = backend.issue_workload(workload, lifetime)
-    backend.issue_scraper(lifetime)
+    # Renewals keep the lifetime of what they renew, as istio-agent's do. The first
+    # certificates get a lifetime longer than a rotation step can last by its own bounds
+    # (each port's probe wait, the quiet moment, the UP wait) but are issued already
+    # aged, so they expire ``lifetime`` from now: a scraper that never re-reads its files
+    # meets an expired certificate inside the window (the negative control), while a
+    # renewed certificate cannot expire during the step installing it, however slowly a
+    # loaded machine runs that step.
+    renewed = lifetime + timedelta(seconds=(len(ports) + 2) * step_timeout)
+    first = backend.issue_workload(workload, renewed, expires_in=lifetime)
+    backend.issue_scraper(renewed, expires_in=lifetime)
     outlive = first.not_after + timedelta(seconds=MAX_GAP_INTERVALS * interval_s)
     steps: list[RotationStep] = []
     failed_at: datetime | None = None

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -708,11 +708,17 @@ class LocalBackend(Backend):
     def identity_of(self, workload: Workload) -> WorkloadIdentity:
         return self._runtime(workload).identity
 
-    def issue_workload(self, workload: Workload, lifetime: timedelta) -> WorkloadIdentity:
-        """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it."""
+    def issue_workload(
+        self, workload: Workload, lifetime: timedelta, *, expires_in: timedelta | None = None
+    ) -> WorkloadIdentity:
+        """Give ``workload`` a fresh certificate of ``lifetime``; later rotations keep it.
+        ``expires_in``: issued already aged, so that it expires that long from now."""
         runtime = self._runtime(workload)
         runtime.identity = self.ca.issue(
-            workload.namespace, workload.spec.service_account, lifetime=lifetime
+            workload.namespace,
+            workload.spec.service_account,
+            lifetime=lifetime,
+            not_before=_aged(lifetime, expires_in),
         )
         self.write_sds(runtime.sds, runtime.identity, runtime.fault)
         return runtime.identity
@@ -721,10 +727,18 @@ class LocalBackend(Backend):
         """What the scraper's OUTPUT_CERTS files hold now: what Prometheus presents."""
         return _identity_from_files(self._scraper_files())
 
-    def issue_scraper(self, lifetime: timedelta) -> WorkloadIdentity:
-        """The scraper's agent gets a fresh certificate of ``lifetime`` (written always)."""
+    def issue_scraper(
+        self, lifetime: timedelta, *, expires_in: timedelta | None = None
+    ) -> WorkloadIdentity:
+        """The scraper's agent gets a fresh certificate of ``lifetime`` (written always);
+        ``expires_in`` as for :meth:`issue_workload`."""
         self._scraper_files()
-        identity = self.ca.issue(SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT, lifetime=lifetime)
+        identity = self.ca.issue(
+            SCRAPER_NAMESPACE,
+            SCRAPER_SERVICE_ACCOUNT,
+            lifetime=lifetime,
+            not_before=_aged(lifetime, expires_in),
+        )
         self._write_scraper(identity)
         return identity
 
@@ -811,6 +825,14 @@ def _identity_from_files(files: OutputCerts) -> WorkloadIdentity:
 def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return SpiffeId.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+
+def _aged(lifetime: timedelta, expires_in: timedelta | None) -> datetime | None:
+    """The not_before that makes a certificate of ``lifetime`` expire ``expires_in`` from
+    now (None: valid from now)."""
+    if expires_in is None:
+        return None
+    return datetime.now(UTC) - (lifetime - expires_in)
 
 
 def _seconds(duration: str) -> float:
