@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +52,10 @@ def clean_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _fails_fast(options: ClusterOptions, error: type[SecureMetricsError]) -> str:
     lines: list[str] = []
-    started = time.monotonic()
+    # fast by construction: refused before any tool, download or cluster call (no wall
+    # clock: on a loaded machine it would time the imports)
     with pytest.raises(error) as caught:
         make_cluster_backend(options, progress=lines.append)
-    assert time.monotonic() - started < 5
     return str(caught.value)
 
 
@@ -371,11 +370,10 @@ def test_image_pull_backoff_fails_fast_with_diagnostics_then_cleans_up(
 ) -> None:
     Controller(fake, broken={"httpbin"})
     backend = _backend(fake, tmp_path)
-    started = time.monotonic()
     with pytest.raises(DeployFailed) as caught:
         backend.deploy(scenario("native-sidecar"), MtlsMode.STRICT)
-    assert time.monotonic() - started < 5  # not the 60 s rollout timeout
     text = str(caught.value)
+    assert "timed out" not in text  # the fail-fast path, not the 60 s rollout timeout
     ns = f"sm-native-sidecar-strict-{RUN}"
     assert f"pod httpbin-1 in {ns}: container httpbin is ImagePullBackOff" in text
     assert "Warning Failed: manifest unknown" in text

@@ -6,7 +6,6 @@ tests check only what the backend does with what the API reports.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +168,12 @@ def test_rollout_fails_fast_with_pod_events(reason: str, init: bool, tmp_path: P
         (tmp_path / "reason.txt").write_text(message)
         return tmp_path
 
-    started = time.monotonic()
     with pytest.raises(DeployFailed) as caught:
         wait_rollouts(
             fake, [Workload("Deployment", "httpbin", NS)], timeout=120, on_failure=capture
         )
-    assert time.monotonic() - started < 3  # not the 120 s timeout
     text = str(caught.value)
+    assert "timed out" not in text  # the fail-fast path, not the 120 s timeout
     container = "istio-validation" if init else "httpbin"
     assert f"pod httpbin-7d9c-abcde in {NS}: container {container} is {reason}" in text
     assert "Warning Failed: Failed to pull image" in text
@@ -223,7 +221,6 @@ def test_rollout_timeout_reports_state_and_events(tmp_path: Path) -> None:
             NS, "httpbin-1", "FailedScheduling", "0/1 nodes are available", "2026-11-21T10:00:00Z"
         )
     )
-    started = time.monotonic()
     with pytest.raises(DeployFailed) as caught:
         wait_rollouts(
             fake,
@@ -232,7 +229,6 @@ def test_rollout_timeout_reports_state_and_events(tmp_path: Path) -> None:
             interval=0.05,
             on_failure=lambda message: tmp_path,
         )
-    assert time.monotonic() - started < 3
     text = str(caught.value)
     assert "did not finish within 0.5s" in text
     assert "0/1 ready" in text

