@@ -13,9 +13,24 @@ from typing import Any
 
 import pytest
 
-#: files holding the real-process tests that take longest, started first so that no
-#: worker picks one up at the end while the others idle (longest processing time first)
-_LONGEST_FIRST = ("scenarios",)
+#: the units of work that take longest (measured with --durations, longest first): a
+#: worker takes them first, so that none picks one up at the end while the others idle
+_LONGEST_FIRST = (
+    "tests/test_walkthrough.py",
+    "tests/test_interrupt.py",
+    "tests/test_packaging.py",
+    "tests/test_cli.py",
+    "scenarios",
+    "tests/test_negative_controls.py",
+    "tests/test_plugin_plan.py",
+    "tests/test_cluster_upgrade_run.py",
+    "tests/test_local_lifecycle.py",
+    "tests/test_provenance.py",
+    "tests/test_rotation.py",
+    "tests/test_cluster_backend.py",
+    "tests/test_inbound.py",
+    "tests/test_manifests.py",
+)
 
 
 def xdist_scope(nodeid: str) -> str:
@@ -33,3 +48,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return xdist_scope(nodeid)
 
     return FileScheduling(config, log)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, order the collection longest unit first: the scheduler hands
+    out units in the order the workers collected them. A stable sort, so the order inside
+    a unit (pytest's grouping by session-scoped deployment) is kept."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {scope: i for i, scope in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_scope(item.nodeid), len(rank)))
