@@ -500,17 +500,23 @@ class LocalBackend(Backend):
         runtime = _WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
         if virtual_inbound is not None:
             runtime.inbound_log = pod_dir / INBOUND_ACCESS_LOG
-        envoy.start()
-        if spec.kind is WorkloadKind.SIDECAR:
-            servers.append(start_app(pod, wildcard))
-        servers.append(
-            start_agent(
-                pod,
-                wildcard,
-                app_port=APP_PORT if spec.kind is WorkloadKind.SIDECAR else None,
-                localhost_only=agent_localhost,
+        try:
+            envoy.start()
+            if spec.kind is WorkloadKind.SIDECAR:
+                servers.append(start_app(pod, wildcard))
+            servers.append(
+                start_agent(
+                    pod,
+                    wildcard,
+                    app_port=APP_PORT if spec.kind is WorkloadKind.SIDECAR else None,
+                    localhost_only=agent_localhost,
+                )
             )
-        )
+        except BaseException:
+            # the caller only knows this pod once it is returned: a failure or a stop
+            # signal (KeyboardInterrupt) in between must not orphan its Envoy
+            self._stop_workload(runtime)
+            raise
         return runtime
 
     def write_sds(
