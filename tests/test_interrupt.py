@@ -54,7 +54,7 @@ def _wait_deployed(proc: subprocess.Popen[str], tmp: Path | None = None) -> None
         if not any(p.endswith(" envoy") for p in left["processes"]):
             raise NotYet(f"no Envoy of the run yet: {left['processes']}")
 
-    wait_for("the run to deploy an Envoy", deployed, timeout=60)
+    wait_for("the run to deploy an Envoy", deployed, timeout=120)  # a bound, not a wait
 
 
 def _start(argv: list[str], tmp: Path | None = None) -> subprocess.Popen[str]:
@@ -79,7 +79,7 @@ def _cli_run(tmp: Path | None = None) -> subprocess.Popen[str]:
 
 def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
     try:
-        return proc.communicate(timeout=60)
+        return proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
