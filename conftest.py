@@ -1,1 +1,61 @@
-"""Repository conftest: the securemetrics-e2e plugin is loaded through its pytest11 entry point."""
+"""Repository conftest: the securemetrics-e2e plugin is loaded through its pytest11 entry point.
+
+Under pytest-xdist (``nox -s tests`` runs with it) this file decides which tests share a
+worker: a test file's tests stay together (their module fixtures, e.g. a mesh, are built
+once), and every conformance scenario (``scenarios/``) runs on one worker, because the
+plugin deploys all selected run units at once as one session-scoped fleet with one
+Prometheus: split across workers, each would deploy the whole fleet again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+#: the units of work that take longest (measured with --durations, longest first): a
+#: worker takes them first, so that none picks one up at the end while the others idle
+_LONGEST_FIRST = (
+    "tests/test_walkthrough.py",
+    "tests/test_interrupt.py",
+    "tests/test_packaging.py",
+    "tests/test_cli.py",
+    "scenarios",
+    "tests/test_negative_controls.py",
+    "tests/test_plugin_plan.py",
+    "tests/test_cluster_upgrade_run.py",
+    "tests/test_local_lifecycle.py",
+    "tests/test_provenance.py",
+    "tests/test_rotation.py",
+    "tests/test_cluster_backend.py",
+    "tests/test_inbound.py",
+    "tests/test_manifests.py",
+)
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a worker takes whole: ``scenarios`` or one test file."""
+    path = nodeid.split("::", 1)[0]
+    return "scenarios" if path.startswith("scenarios/") else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return FileScheduling(config, log)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, order the collection longest unit first: the scheduler hands
+    out units in the order the workers collected them. A stable sort, so the order inside
+    a unit (pytest's grouping by session-scoped deployment) is kept."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {scope: i for i, scope in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_scope(item.nodeid), len(rank)))

@@ -25,7 +25,10 @@ PYTHON = None  # the interpreter running nox; see the module docstring
 
 def _supported_python(session: nox.Session) -> None:
     """Fail (never skip) on an interpreter outside 3.11-3.13."""
-    done = session.run("python", "-c", "import sys; print(*sys.version_info[:2])", silent=True)
+    # run_install: it runs under --install-only too (.ci/run installs first, then times)
+    done = session.run_install(
+        "python", "-c", "import sys; print(*sys.version_info[:2])", silent=True
+    )
     found = tuple(int(p) for p in str(done).split())
     if found not in SUPPORTED:
         shown = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
@@ -68,14 +71,33 @@ def _system_packages(session: nox.Session) -> None:
     )
 
 
+#: pytest-xdist workers: the real-process tests mostly wait (for Prometheus' discovery
+#: cycle, a TLS handshake, a subprocess), so four workers keep two cores busy; which
+#: tests share a worker is decided in conftest.py (a file's tests together, the
+#: conformance scenarios on one worker)
+WORKERS = "4"
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The library's own tests and the conformance scenarios on the local backend."""
+    """The full tier (CI runs it): the library's own tests, the negative controls and the
+    conformance scenarios on the local backend, side by side on pytest-xdist workers."""
     _supported_python(session)
     _system_packages(session)
     session.install("-e", ".[dev]")
     args = session.posargs or ["tests", "scenarios", "--benchmark-skip"]
-    session.run("pytest", "-p", "no:cacheprovider", *args)
+    session.run("pytest", "-p", "no:cacheprovider", "-n", WORKERS, *args)
+
+
+@nox.session(python=PYTHON)
+def quick(session: nox.Session) -> None:
+    """The fast tier, for each edit: the library's own tests without the scenarios and
+    without the tests marked slow (wheel builds, the vendor walk-through)."""
+    _supported_python(session)
+    _system_packages(session)
+    session.install("-e", ".[dev]")
+    args = session.posargs or ["tests", "-m", "not slow", "--benchmark-skip"]
+    session.run("pytest", "-p", "no:cacheprovider", "-n", WORKERS, *args)
 
 
 @nox.session(python=PYTHON)
