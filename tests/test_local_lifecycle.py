@@ -17,6 +17,7 @@ from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.netns import LoopbackNetwork
+from securemetrics_e2e.local.owner import run_processes
 from securemetrics_e2e.results import Status
 from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.waiting import NotYet, wait_for
@@ -34,18 +35,22 @@ def _owned(prefix: str) -> set[str]:
 
 @requires_local_mesh
 def test_close_after_a_pass_leaves_no_process_namespace_or_file() -> None:
+    # what this worker already runs (under xdist, a session fixture of an earlier test
+    # file may hold a mesh): the test judges only the processes its backend started
+    before = child_pids(os.getpid())
     backend = LocalBackend()
     with backend.deployed(scenario("native-sidecar"), MtlsMode.PERMISSIVE) as dep:
         outcomes = run_checks(backend, dep)
         prefix = f"smx-{backend.run_id}-"
         assert len(_owned(prefix)) == 3  # node, scraper, httpbin
-        assert child_pids(os.getpid())  # Envoy and Prometheus are running
+        assert child_pids(os.getpid()) - before  # Envoy and Prometheus are running
         workdir = backend.workdir
     assert {o.status for o in outcomes} == {Status.PASS}
     assert _owned(prefix) == {prefix + "node", prefix + "prometheus"}  # scenario pod gone
     backend.close()
     assert _owned(prefix) == set()
-    assert child_pids(os.getpid()) == set()
+    assert child_pids(os.getpid()) - before == set()
+    assert backend.run_id not in run_processes().values()
     assert not workdir.exists()
 
 
@@ -53,12 +58,14 @@ def test_close_after_a_pass_leaves_no_process_namespace_or_file() -> None:
 def test_missing_prometheus_is_a_clear_error_and_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    before = child_pids(os.getpid())  # see test_close_after_a_pass_...
     monkeypatch.setenv("PATH", str(tmp_path))  # no prometheus
     backend = LocalBackend(network="loopback", workdir=tmp_path)
     with pytest.raises(EnvironmentProblem, match="Debian package `prometheus`"):
         backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
     assert list(tmp_path.iterdir()) == []
-    assert child_pids(os.getpid()) == set()
+    assert child_pids(os.getpid()) - before == set()
+    assert backend.run_id not in run_processes().values()
 
 
 def test_unknown_local_network_names_the_choices() -> None:
