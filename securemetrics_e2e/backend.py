@@ -28,6 +28,7 @@ from securemetrics_e2e.catalog import (
     WorkloadSpec,
 )
 from securemetrics_e2e.errors import SecureMetricsError
+from securemetrics_e2e.timeouts import Timeouts
 
 if TYPE_CHECKING:
     from securemetrics_e2e.pki import SpiffeId
@@ -135,8 +136,8 @@ class Backend(abc.ABC):
 
     #: a short name for reports ("local", "kind", "existing")
     name: str = "abstract"
-    #: how long to wait for Prometheus to scrape a new target (a few scrape intervals)
-    target_timeout: float = 60.0
+    #: the named waits (securemetrics_e2e.timeouts), at this backend's scale
+    timeouts: Timeouts = Timeouts()
 
     @property
     @abc.abstractmethod

@@ -274,7 +274,7 @@ def targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> Non
         if port is None:
             continue
         observed, problem = _target_problem(
-            api, job, w, w.url(port, STATS_PATH), backend.target_timeout
+            api, job, w, w.url(port, STATS_PATH), backend.timeouts.target_up
         )
         if problem:
             problems.append(problem)
@@ -317,7 +317,7 @@ def servicemonitor_targets_up(check: Check, backend: Backend, dep: Deployment) -
         targets = wait_for(
             f"the ServiceMonitors of {dep.namespace} to scrape UP",
             all_scraped,
-            timeout=backend.target_timeout,
+            timeout=backend.timeouts.target_up,
         )
     except WaitTimeout as exc:
         down = {f"down:{_port_of(t.scrape_url)}" for t in seen if t.health != "up"}

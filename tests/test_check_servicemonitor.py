@@ -20,6 +20,7 @@ from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import SERVICE_MONITOR_UP, CheckFailed
 from securemetrics_e2e.pki import MeshCA
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.timeouts import Timeouts
 from tests.promproc import PrometheusProcess, prometheus_binary
 from tests.tlsservers import HTTPServer, closed_port
 
@@ -28,7 +29,7 @@ class _PrometheusOnly:
     """Stand-in for a backend at the seam: the check only asks for its Prometheus."""
 
     name = "stand-in"
-    target_timeout = 3.0
+    timeouts = Timeouts(target_up=3.0)
 
     def __init__(self, api: PrometheusAPI) -> None:
         self._api = api

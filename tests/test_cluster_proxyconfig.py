@@ -136,7 +136,7 @@ def test_deploy_fails_when_the_env_never_comes(fake: FakeKube, tmp_path: Path) -
     _crd(fake)
     Istiod(fake, rerender_after=None)
     backend = _backend(fake, tmp_path)
-    backend.options = dataclasses.replace(backend.options, rollout_timeout=2)
+    backend.timeouts = dataclasses.replace(backend.timeouts, rollout=2)
     with pytest.raises(DeployFailed, match=r"never held within 2s.*does not watch ProxyConfig"):
         backend.deploy(scenario("gateway-api"), MtlsMode.PERMISSIVE, PROXYCONFIG)
     backend.close()

@@ -8,26 +8,86 @@ from pathlib import Path
 
 import pytest
 
+from securemetrics_e2e.backend import Origin, Workload
+from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.cli import main
-from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.cluster.options import options_from_pytest
+from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.local.backend import LocalBackend
-from securemetrics_e2e.timeouts import apply, effective, parse
+from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.timeouts import CLUSTER, LOCAL, TIMEOUTS, apply, effective, parse
+from securemetrics_e2e.waiting import WaitTimeout
+from tests.fakekube import FakeKube
+from tests.localmesh import requires_local_mesh
+from tests.test_cluster_backend import _backend, fake
 
+__all__ = ["fake"]  # the backend tests' cluster (a fixture)
 ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["target-up", "rollout", "scraper-ready", "scrape-request", "plaintext-request"]
+
+
+def test_every_timeout_is_named_once_with_what_it_bounds() -> None:
+    assert [t.name for t in TIMEOUTS] == NAMES
+    assert all(t.bounds for t in TIMEOUTS)
+    assert list(LOCAL.effective()) == list(CLUSTER.effective()) == NAMES
 
 
 def test_an_override_reaches_the_backend() -> None:
     backend = LocalBackend()
-    assert effective(backend) == {"target-up": 15.0}  # the local backend's own default
-    apply(backend, parse(["target-up=2.5"]))
-    assert effective(backend) == {"target-up": 2.5}
+    assert effective(backend) == LOCAL.effective()  # the local backend's own scale
+    assert effective(backend)["target-up"] == 15.0
+    apply(backend, parse(["target-up=2.5", "rollout=4,plaintext-request=0.5"]))
+    assert effective(backend) == {
+        **LOCAL.effective(), "target-up": 2.5, "rollout": 4.0, "plaintext-request": 0.5
+    }  # fmt: skip
+
+
+@requires_local_mesh
+def test_a_rollout_override_bounds_the_local_proxy_wait(tmp_path: Path) -> None:
+    backend = LocalBackend(network="loopback", workdir=tmp_path)
+    apply(backend, parse(["rollout=0.001"]))  # no Envoy is ready within a millisecond
+    try:
+        with pytest.raises(WaitTimeout, match=r"after 0\.001s waiting for Envoy in pod .* /ready"):
+            backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+    finally:
+        backend.close()
+
+
+def test_a_rollout_override_reaches_the_cluster_options() -> None:
+    class Config:
+        def __init__(self, **given: object) -> None:
+            self.given = {f"--{k.replace('_', '-')}": v for k, v in given.items()}
+
+        def getoption(self, name: str, default: object = None) -> object:
+            return self.given.get(name, default)
+
+    def rollout(**given: object) -> float:
+        return options_from_pytest(Config(sm_backend="kind", **given), "1.31.1").rollout_timeout
+
+    assert rollout() == CLUSTER.rollout
+    assert rollout(rollout_timeout=50.0) == 50.0
+    assert rollout(rollout_timeout=50.0, timeout=["target-up=9,rollout=7"]) == 7.0
+
+
+def test_request_overrides_reach_the_cluster_probe(fake: FakeKube, tmp_path: Path) -> None:
+    backend = _backend(fake, tmp_path)
+    apply(backend, parse(["plaintext-request=7"]))
+    spec = scenario("native-sidecar").workloads[0]
+    sid = SpiffeId.parse("spiffe://cluster.local/ns/ns1/sa/httpbin")
+    workload = Workload(spec, "ns1", "httpbin-1", "10.244.0.9", sid)
+    with pytest.raises(SecureMetricsError, match="curl could not run"):  # the fake has no curl
+        backend.plaintext(workload, 15090, Origin.INSIDE_POD)
+    curls = [c[3] for c in fake.calls if c[0] == "exec" and c[3].startswith("curl")]
+    assert curls
+    assert "--max-time 7 " in curls[-1]
+    backend.close()
 
 
 @pytest.mark.parametrize(
     ("value", "error"),
     [
         ("target-up", "expected name=seconds"),
-        ("rollout=5", "expected name=seconds with a name among: target-up"),
+        ("rolout=5", "expected name=seconds with a name among: " + ", ".join(NAMES)),
         ("target-up=soon", "seconds must be a number above 0"),
         ("target-up=0", "seconds must be a number above 0"),
     ],

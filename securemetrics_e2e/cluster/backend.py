@@ -95,6 +95,7 @@ from securemetrics_e2e.manifests import ROTATION_SECRET_TTL
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.rotation import RotationRun
+from securemetrics_e2e.timeouts import CLUSTER
 from securemetrics_e2e.versions import IstioVersion, capabilities
 
 #: the Service the Prometheus Operator creates in front of every Prometheus it runs
@@ -107,7 +108,6 @@ class ClusterBackend(UpgradeOperations, Backend):
     """The :class:`Backend` operations on a cluster that
     :func:`.bootstrap.make_cluster_backend` prepared."""
 
-    target_timeout = 120.0  # Prometheus discovers, then scrapes every 15 s
     #: the scraper chart's scrape_interval, in which continuity is judged
     scrape_interval_s = SCRAPE_INTERVAL_S
 
@@ -139,6 +139,7 @@ class ClusterBackend(UpgradeOperations, Backend):
                 f"backend was given Istio {version}"
             )
         self.options = options
+        self.timeouts = dataclasses.replace(CLUSTER, rollout=options.rollout_timeout)
         self.name = options.mode
         self.version = version
         self.caps = capabilities(version)
@@ -344,12 +345,12 @@ class ClusterBackend(UpgradeOperations, Backend):
                         wait_for_env(
                             self.api,
                             env_waits(plan.manifests),
-                            timeout=self.options.rollout_timeout,
+                            timeout=self.timeouts.rollout,
                         )
                         wait_rollouts(
                             self.api,
                             plan.rollouts,
-                            timeout=self.options.rollout_timeout,
+                            timeout=self.timeouts.rollout,
                             on_failure=partial(self._capture_one, plan),
                         )
                         workloads = tuple(locate(self.api, plan, self.trust_domain))
@@ -395,14 +396,14 @@ class ClusterBackend(UpgradeOperations, Backend):
         wait_rollouts(
             self.api,
             [Rollout(p.kind, p.name, p.namespace) for p in restored if p.kind == "Deployment"],
-            timeout=self.options.rollout_timeout,
+            timeout=self.timeouts.rollout,
         )
         if plan.solo:
             # the scraper restarts with its own template: the next variant needs it running
             wait_rollouts(
                 self.api,
                 [Rollout("Deployment", SCRAPER_DEPLOYMENT, self.scraper.namespace)],
-                timeout=self.options.rollout_timeout,
+                timeout=self.timeouts.rollout,
             )
         outside = [
             m
@@ -454,12 +455,15 @@ class ClusterBackend(UpgradeOperations, Backend):
         path: str = "/stats/prometheus",
         credential: Credential = Credential.SCRAPER,
     ) -> ScrapeResult:
-        return self.prober.scrape(workload, port, path, credential)
+        return self.prober.scrape(
+            workload, port, path, credential, timeout=self.timeouts.scrape_request
+        )
 
     def plaintext(
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
     ) -> PlaintextResult:
-        return self.prober.plaintext(workload, port, origin, path)
+        seconds = self.timeouts.plaintext_request
+        return self.prober.plaintext(workload, port, origin, path, timeout=seconds)
 
     def run_rotation(
         self, workload: Workload, *, rotations: int = 2, timing: Timing | None = None
@@ -512,7 +516,7 @@ class ClusterBackend(UpgradeOperations, Backend):
             wait_rollouts(
                 self.api,
                 [Rollout("Deployment", SCRAPER_DEPLOYMENT, self.scraper.namespace)],
-                timeout=self.options.rollout_timeout,
+                timeout=self.timeouts.rollout,
                 on_failure=lambda message: self._capture([], "scraper", message),
             )
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from securemetrics_e2e.errors import UsageError
+from securemetrics_e2e.timeouts import CLUSTER
+from securemetrics_e2e.timeouts import parse as parse_timeouts
 from securemetrics_e2e.versions import DEFAULT_VERSION, IstioVersion, upgrade_pair
 
 MODES = ("kind", "existing")
@@ -42,7 +44,7 @@ class ClusterOptions:
     plan_only: bool = False
     cache_dir: Path | None = None
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
-    rollout_timeout: float = 300.0
+    rollout_timeout: float = CLUSTER.rollout  # the named timeout "rollout"
     #: an upgrade run: install this older Istio, then upgrade it to ``istio_version``
     upgrade_from: str | None = None
     canary: bool = False  # with upgrade_from: a canary revision instead of in place
@@ -147,8 +149,9 @@ def add_cluster_options(group: Any) -> None:
     group.addoption(
         "--rollout-timeout",
         type=float,
-        default=300.0,
-        help="seconds to wait for a scenario's workloads to roll out (default: 300)",
+        default=None,
+        help="seconds to wait for a scenario's workloads to roll out (default: "
+        f"{CLUSTER.rollout:g}); the same as --timeout rollout=SECONDS, which wins",
     )
     group.addoption(
         "--canary",
@@ -200,7 +203,11 @@ def options_from_pytest(config: Any, version: str | None) -> ClusterOptions:
         revision=opt("--istio-revision"),
         artifacts_dir=Path(opt("--sm-artifacts") or "artifacts"),
         plan_only=bool(opt("--plan")),
-        rollout_timeout=float(opt("--rollout-timeout") or 300.0),
+        rollout_timeout=float(
+            parse_timeouts(opt("--timeout") or ()).get("rollout")
+            or opt("--rollout-timeout")
+            or CLUSTER.rollout
+        ),
         upgrade_from=upgrade_from,
         canary=bool(opt("--canary")),
     ).validated()

@@ -36,9 +36,15 @@ from securemetrics_e2e.errors import SecureMetricsError
 from securemetrics_e2e.istionames import PROXY_CONTAINER
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, atomic_write
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextResult, ScrapeResult, scrape_mtls
+from securemetrics_e2e.timeouts import CLUSTER
 
 _CERT_FILES = ("root-cert.pem", "cert-chain.pem", "key.pem")
 _CERTS_MAX_AGE = 300.0  # re-read the scraper's files: the agent rotates them
+
+
+def _exec(request_timeout: float) -> float:
+    """The bound of the exec that runs curl: the request's, and the exec's own round trip."""
+    return max(30.0, request_timeout + 10.0)
 
 
 class Prober:
@@ -165,6 +171,8 @@ class Prober:
         port: int,
         path: str = "/stats/prometheus",
         credential: Credential = Credential.SCRAPER,
+        *,
+        timeout: float = CLUSTER.scrape_request,
     ) -> ScrapeResult:
         url = workload.url(port, path)
         pod, mesh = self._scraper_certs()
@@ -177,11 +185,12 @@ class Prober:
             url,
             certs_dir=certs_dir,
             client_cert=None if credential is Credential.NONE else ("cert-chain.pem", "key.pem"),
+            timeout=timeout,
         )
         started = time.monotonic()
         try:
             result = self.api.exec(
-                self.scraper.namespace, pod, PROXY_CONTAINER, call.argv, timeout=30
+                self.scraper.namespace, pod, PROXY_CONTAINER, call.argv, timeout=_exec(timeout)
             )
         finally:
             if staged is not None:
@@ -198,7 +207,7 @@ class Prober:
             expected=workload.spiffe_id,
             presented_cert=credential is not Credential.NONE,
         )
-        return self._corroborate(in_cluster, workload, port, path, credential, mesh)
+        return self._corroborate(in_cluster, workload, port, path, credential, mesh, timeout)
 
     def _corroborate(
         self,
@@ -208,6 +217,7 @@ class Prober:
         path: str,
         credential: Credential,
         mesh: OutputCerts,
+        timeout: float,
     ) -> ScrapeResult:
         """Run the project's probe through a verified port-forward as a second opinion.
 
@@ -228,6 +238,7 @@ class Prober:
             client=client,
             mesh_root=mesh.root_cert,
             expected_spiffe=workload.spiffe_id,
+            timeout=timeout,
         )
         if in_cluster.peer_spiffe_id is None and probe.peer_spiffe_id is not None:
             in_cluster = dataclasses.replace(in_cluster, peer_spiffe_id=probe.peer_spiffe_id)
@@ -271,7 +282,13 @@ class Prober:
         return directory
 
     def plaintext(
-        self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
+        self,
+        workload: Workload,
+        port: int,
+        origin: Origin,
+        path: str = "/stats/prometheus",
+        *,
+        timeout: float = CLUSTER.plaintext_request,
     ) -> PlaintextResult:
         if origin is Origin.INSIDE_POD:
             host, namespace, pod = "127.0.0.1", workload.namespace, workload.pod_name
@@ -282,9 +299,9 @@ class Prober:
             if host != "127.0.0.1"
             else f"http://127.0.0.1:{port}{path}"
         )
-        call = plaintext_curl(url)
+        call = plaintext_curl(url, timeout=timeout)
         started = time.monotonic()
-        result = self.api.exec(namespace, pod, PROXY_CONTAINER, call.argv, timeout=30)
+        result = self.api.exec(namespace, pod, PROXY_CONTAINER, call.argv, timeout=_exec(timeout))
         if result.exit_code in (126, 127):
             raise SecureMetricsError(
                 f"curl could not run in {namespace}/{pod} ({PROXY_CONTAINER}): "

@@ -31,6 +31,7 @@ from securemetrics_e2e.cluster.upgrade import (
     upgrade_phase_steps,
 )
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
+from securemetrics_e2e.timeouts import Timeouts
 from securemetrics_e2e.versions import Capabilities, IstioVersion, capabilities
 
 
@@ -38,6 +39,7 @@ class UpgradeOperations:
     """``upgrade_versions`` and ``upgrade`` over the state the backend holds."""
 
     options: ClusterOptions
+    timeouts: Timeouts
     version: IstioVersion
     caps: Capabilities
     api: KubeAPI
@@ -108,7 +110,7 @@ class UpgradeOperations:
                 self.api,
                 tools=tools,
                 run=self.run,
-                rollout_timeout=self.options.rollout_timeout,
+                rollout_timeout=self.timeouts.rollout,
                 progress=self.timer.progress,
                 phases=(phase,),
             )
@@ -138,7 +140,7 @@ class UpgradeOperations:
                     replaced,
                     version=str(self.version),
                     trust_domain=self.trust_domain,
-                    timeout=self.options.rollout_timeout,
+                    timeout=self.timeouts.rollout,
                     canary_hint=hint,
                 )
             )

@@ -64,6 +64,7 @@ from securemetrics_e2e.pki import MeshCA, OutputCerts
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.timeouts import LOCAL
 from securemetrics_e2e.versions import (
     DEFAULT_VERSION,
     IstioVersion,
@@ -106,7 +107,7 @@ class LocalBackend(IdentityOperations, Backend):
         self.istio_version = istio_version
         self._network_choice = network
         self._scrape_interval = scrape_interval
-        self.target_timeout = 15.0
+        self.timeouts = LOCAL
         self._trust_domain = trust_domain
         self._workdir_parent = workdir
         self._started = False
@@ -158,7 +159,7 @@ class LocalBackend(IdentityOperations, Backend):
         prom_dir = self.workdir / "prometheus"
         prom_dir.mkdir()
         self.prometheus_server = PrometheusServer(self.scraper_pod, prom_dir, config)
-        self.prometheus_server.start()
+        self.prometheus_server.start(self.timeouts.scraper_ready)
 
     def close(self) -> None:
         """Stop every process and remove every namespace and file this backend made."""
@@ -387,7 +388,7 @@ class LocalBackend(IdentityOperations, Backend):
             secure_ports=gateway is None or gateway.opens_secure_ports,
             virtual_inbound=virtual_inbound,
         )
-        envoy = Envoy(pod, pod_dir, bootstrap)
+        envoy = Envoy(pod, pod_dir, bootstrap, ready_timeout=self.timeouts.rollout)
         servers: list[PodHTTPServer] = []
         workload = Workload(spec, ns, pod.name, pod.ip, expected)
         record = promconfig.PodRecord(
@@ -459,7 +460,7 @@ class LocalBackend(IdentityOperations, Backend):
         one still serves; the old pod is retired once Prometheus has scraped its
         successor UP in every job (a drain that outlasts discovery), or when the
         successor cannot be scraped (dropped by relabeling, or not UP within
-        ``target_timeout``), as a rollout does not wait for Prometheus. What that costs
+        the named timeout ``target-up``), as a rollout does not wait for Prometheus. What that costs
         is the continuity measurement's to find.
         """
         runtime = self._active.get(deployment.namespace)
@@ -510,7 +511,7 @@ class LocalBackend(IdentityOperations, Backend):
             [w.workload for w in fresh],
             "Prometheus to scrape the restarted pods UP before the old ones retire",
             missing=Missing.SKIP_DROPPED,
-            timeout=self.target_timeout,
+            timeout=self.timeouts.target_up,
         )
 
     def capture_diagnostics(self, deployment: Deployment | None, reason: str) -> Path | None:
@@ -568,16 +569,20 @@ class LocalBackend(IdentityOperations, Backend):
                 client=client,
                 mesh_root=self.ca.root_pem,
                 expected_spiffe=workload.spiffe_id,
+                timeout=self.timeouts.scrape_request,
             )
         )
 
     def plaintext(
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
     ) -> PlaintextResult:
+        seconds = self.timeouts.plaintext_request
         if origin is Origin.INSIDE_POD:
             pod = self.runtime_of(workload).pod
-            return pod.call(lambda: attempt_plaintext(pod.loopback, port, path))
-        return self.scraper_pod.call(lambda: attempt_plaintext(workload.pod_ip, port, path))
+            return pod.call(lambda: attempt_plaintext(pod.loopback, port, path, timeout=seconds))
+        return self.scraper_pod.call(
+            lambda: attempt_plaintext(workload.pod_ip, port, path, timeout=seconds)
+        )
 
     def inbound_path(self, workload: Workload, port: int) -> str:
         """What the pod's virtualInbound access log says about connections to ``port``."""

@@ -13,6 +13,7 @@ from securemetrics_e2e.catalog import ADMIN_PORT
 from securemetrics_e2e.errors import EnvironmentProblem
 from securemetrics_e2e.local.netns import Pod
 from securemetrics_e2e.local.process import ManagedProcess
+from securemetrics_e2e.timeouts import LOCAL
 from securemetrics_e2e.waiting import NotYet, wait_for
 
 
@@ -38,8 +39,16 @@ def envoy_binary() -> str:
 class Envoy:
     """One proxy: bootstrap file, process, admin API."""
 
-    def __init__(self, pod: Pod, workdir: Path, bootstrap: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        pod: Pod,
+        workdir: Path,
+        bootstrap: dict[str, Any],
+        *,
+        ready_timeout: float = LOCAL.rollout,
+    ) -> None:
         self.pod = pod
+        self.ready_timeout = ready_timeout
         self.workdir = workdir
         self.bootstrap_path = workdir / "envoy-bootstrap.json"
         self.bootstrap_path.write_text(json.dumps(bootstrap, indent=1))
@@ -76,8 +85,9 @@ class Envoy:
     def start(self) -> None:
         self.process.start()
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        """Wait for the admin /ready endpoint to say LIVE (all listeners and secrets up)."""
+    def wait_ready(self) -> None:
+        """Wait for the admin /ready endpoint to say LIVE (all listeners and secrets up),
+        at most ``ready_timeout`` (the named timeout ``rollout``)."""
 
         def ready() -> None:
             code = self.process.exited()
@@ -89,7 +99,9 @@ class Envoy:
             if resp.status_code != 200:
                 raise NotYet(f"/ready answered {resp.status_code} {resp.text.strip()}")
 
-        wait_for(f"Envoy in pod {self.pod.name} to report /ready", ready, timeout=timeout)
+        wait_for(
+            f"Envoy in pod {self.pod.name} to report /ready", ready, timeout=self.ready_timeout
+        )
 
     def admin_get(self, path: str) -> requests.Response:
         return self.pod.call(lambda: requests.get(f"{self.admin_url}{path}", timeout=3))

@@ -9,6 +9,7 @@ from securemetrics_e2e.errors import EnvironmentProblem
 from securemetrics_e2e.local.netns import Pod
 from securemetrics_e2e.local.process import ManagedProcess
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.timeouts import LOCAL
 
 PROMETHEUS_PORT = 9090
 
@@ -47,7 +48,7 @@ class PrometheusServer:
         )
         self.api = PrometheusAPI(self.url, runner=pod.call)
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = LOCAL.scraper_ready) -> None:
         self.process.start()
         try:
             self.api.wait_ready(timeout)
