@@ -24,7 +24,7 @@ from securemetrics_e2e.checkbase import Check
 from securemetrics_e2e.configdump import listener_on_port
 from securemetrics_e2e.istionames import SECURE_PORT
 from securemetrics_e2e.probe import MtlsOutcome, PlaintextOutcome
-from securemetrics_e2e.prometheus import PrometheusAPI, Target
+from securemetrics_e2e.prometheus import PrometheusAPI, Target, up_problem
 from securemetrics_e2e.rotation import RotatingBackend, RotationRun, run_rotation
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
@@ -228,11 +228,10 @@ def _target_problem(
         match = [t for t in mine if t.scrape_url == want]
         if not match:
             return mine[0]
-        if match[0].health == "down" and _failed_every_scrape(api, job, w):
+        why = up_problem(match[:1])
+        if why is None or (match[0].health == "down" and _failed_every_scrape(api, job, w)):
             return match[0]
-        if match[0].health != "up":
-            raise NotYet(match[0].describe())
-        return match[0]
+        raise NotYet(why)
 
     try:
         target = wait_for(f"job {job} to scrape {want} successfully", judged, timeout=timeout)
@@ -307,10 +306,9 @@ def servicemonitor_targets_up(check: Check, backend: Backend, dep: Deployment) -
         seen[:] = mine
         if not mine:
             raise NotYet(f"no scrape pool {' or '.join(p + '*' for p in prefixes)} yet")
-        if any(t.health == "unknown" for t in mine):
-            raise NotYet("not scraped yet: " + ", ".join(t.scrape_url for t in mine))
-        if any(t.health != "up" for t in mine):
-            raise NotYet("; ".join(t.describe() for t in mine if t.health != "up"))
+        why = up_problem(mine)
+        if why is not None:
+            raise NotYet(why)
         return mine
 
     try:

@@ -105,6 +105,35 @@ class Target:
         return text
 
 
+def up_problem(
+    targets: Collection[Target],
+    *,
+    urls: Collection[str] | None = None,
+    expected: int | None = None,
+) -> str | None:
+    """Why ``targets`` are not UP, or None: the one "targets UP" rule of the suite.
+
+    Without ``urls``, every target must be UP, and there must be at least one. With
+    ``urls``, each of those scrape URLs must be a target and UP; other targets are not
+    judged. ``expected`` also requires exactly that many targets.
+    """
+    if not targets:
+        return "no targets"
+    if expected is not None and len(targets) != expected:
+        return f"{len(targets)} targets, expected {expected}"
+    by_url = {t.scrape_url: t for t in targets}
+    judged = list(targets)
+    if urls is not None:
+        missing = sorted(set(urls) - by_url.keys())
+        if missing:
+            return f"no target for {', '.join(missing)}"
+        judged = [by_url[u] for u in sorted(urls)]
+    not_up = [t for t in judged if t.health != "up"]
+    if not_up:
+        return "; ".join(t.describe() for t in not_up)
+    return None
+
+
 class PrometheusAPI:
     """Client for one Prometheus server's HTTP API at ``base_url``."""
 
@@ -197,28 +226,9 @@ class PrometheusAPI:
         many targets. On timeout raise :class:`TargetsNotUp`.
         """
         wanted = frozenset(urls) if urls is not None else None
-
-        def problem(targets: list[Target]) -> str | None:
-            if not targets:
-                return "no targets"
-            if expected is not None and len(targets) != expected:
-                return f"{len(targets)} targets, expected {expected}"
-            by_url = {t.scrape_url: t for t in targets}
-            if wanted is not None:
-                missing = sorted(wanted - by_url.keys())
-                if missing:
-                    return f"no target for {', '.join(missing)}"
-                judged = [by_url[u] for u in sorted(wanted)]
-            else:
-                judged = targets
-            not_up = [t for t in judged if t.health != "up"]
-            if not_up:
-                return "; ".join(t.describe() for t in not_up)
-            return None
-
         return self._wait_targets(
             job,
-            problem,
+            lambda targets: up_problem(targets, urls=wanted, expected=expected),
             what="UP",
             expected=expected,
             urls=wanted,

@@ -21,6 +21,7 @@ from securemetrics_e2e.prometheus import (
     PrometheusUnavailable,
     Target,
     TargetsNotUp,
+    up_problem,
 )
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.promproc import PrometheusProcess
@@ -312,3 +313,16 @@ def _eventually(fetch: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any
         return result
 
     return wait_for("a non-empty query result", probe, timeout=10)
+
+
+def test_up_problem_is_the_one_targets_up_rule() -> None:
+    def target(url: str, health: str) -> Target:
+        return Target("job", url, health, "", None)
+
+    up, down = target("https://a:1/m", "up"), target("https://b:2/m", "down")
+    assert up_problem([up]) is None
+    assert up_problem([]) == "no targets"
+    assert up_problem([up, down]) == "https://b:2/m: down, never scraped yet"
+    assert up_problem([up, down], urls=[up.scrape_url]) is None
+    assert up_problem([up], urls=["https://c:3/m"]) == "no target for https://c:3/m"
+    assert up_problem([up], expected=2) == "1 targets, expected 2"
