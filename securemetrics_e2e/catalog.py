@@ -8,6 +8,7 @@ reason, recorded in the report, never silently.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from securemetrics_e2e.errors import UsageError
@@ -399,6 +400,18 @@ def scenario(name: str) -> Scenario:
     except KeyError:
         known = ", ".join(_BY_NAME)
         raise UsageError(f"unknown scenario {name!r}; known scenarios: {known}") from None
+
+
+def scenario_names(values: Iterable[str] | None) -> list[str]:
+    """The scenario names repeatable, comma-separated ``--scenario`` values give, in order,
+    once each (the one parser of a scenario list: the CLI, the plugin, the cluster plan)."""
+    return list(dict.fromkeys(n.strip() for v in values or () for n in v.split(",") if n.strip()))
+
+
+def chosen_scenarios(values: Iterable[str] | None) -> list[Scenario]:
+    """The scenarios ``--scenario`` values name, in order; every scenario when none is."""
+    names = scenario_names(values)
+    return [scenario(n) for n in names] if names else list(SCENARIOS)
 
 
 def upgraded_spec(spec: WorkloadSpec, native_secure_ports: bool) -> WorkloadSpec:

@@ -23,13 +23,12 @@ from securemetrics_e2e import progress, signals, timeouts
 from securemetrics_e2e.applicability import unit_skip_reason
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.backends import BACKENDS, NAMES, backend_entry
-from securemetrics_e2e.catalog import SCENARIOS, RunUnit, Scenario, scenario
+from securemetrics_e2e.catalog import RunUnit, Scenario, chosen_scenarios
 from securemetrics_e2e.checkbase import Check, CheckFailed
 from securemetrics_e2e.checks import CHECKS, CheckSelection
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.results import RunResult, Status
 from securemetrics_e2e.runner import Attempt, attempt, judged
-from securemetrics_e2e.selection import scenario_names
 from securemetrics_e2e.timeouts import TIMEOUTS
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
@@ -241,8 +240,7 @@ class _CheckParam:
 
 
 def _scenarios(config: pytest.Config) -> list[Scenario]:
-    names = scenario_names(config.getoption("--scenario"))
-    return [scenario(n) for n in names] if names else list(SCENARIOS)
+    return chosen_scenarios(config.getoption("--scenario"))
 
 
 class Fleet:

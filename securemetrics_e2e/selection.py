@@ -7,12 +7,11 @@ before anything starts and raises a UsageError naming the input.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from securemetrics_e2e.backends import NAMES
-from securemetrics_e2e.catalog import SCENARIOS, Profile, Scenario, scenario
+from securemetrics_e2e.catalog import SCENARIOS, Profile, Scenario, scenario, scenario_names
 from securemetrics_e2e.errors import UsageError
 
 PROG = "securemetrics-e2e"
@@ -47,12 +46,6 @@ class Selection:
         if self.profile != "all":
             return (self.profile,)
         return tuple(p.value for p in Profile)
-
-
-def scenario_names(values: Iterable[str] | None) -> list[str]:
-    """The scenario names repeatable, comma-separated ``--scenario`` values give, in order,
-    once each (the one parser of a scenario list: the CLI, the plugin, the cluster plan)."""
-    return list(dict.fromkeys(n.strip() for v in values or () for n in v.split(",") if n.strip()))
 
 
 def select(args: argparse.Namespace) -> Selection:

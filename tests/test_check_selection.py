@@ -10,17 +10,18 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from securemetrics_e2e.backends import BACKENDS
-from securemetrics_e2e.catalog import SCENARIOS, Feature
+from securemetrics_e2e.catalog import SCENARIOS, Feature, chosen_scenarios, scenario_names
 from securemetrics_e2e.checks import CHECKS, CheckSelection, check
 from securemetrics_e2e.cli import main
+from securemetrics_e2e.cluster.pytestglue import _chosen_scenarios
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.report import load_report
 from securemetrics_e2e.results import Status, overall
-from securemetrics_e2e.selection import scenario_names
 from tests.localmesh import requires_local_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +122,12 @@ def test_one_scenario_list_parser_and_one_group_status() -> None:
         "hardened",
     ]
     assert scenario_names(None) == []
+    # the cluster's pytest glue reads --scenario through the same parser (it once split
+    # on its own, and " hardened" was an unknown scenario there only)
+    given = {"--scenario": ["native-sidecar, hardened", "native-sidecar"]}
+    config = SimpleNamespace(getoption=given.get)
+    assert [s.name for s in _chosen_scenarios(config)] == ["native-sidecar", "hardened"]
+    assert chosen_scenarios(None) == list(SCENARIOS)
     assert overall([Status.PASS, Status.SKIP, Status.FIXED]) is Status.FIXED
     assert overall([Status.KNOWN_GAP, Status.FAIL]) is Status.FAIL
     assert overall([Status.SKIP, Status.PASS]) is Status.PASS

@@ -9,6 +9,7 @@ from typing import Any
 from securemetrics_e2e.catalog import (
     UPGRADE,
     Scenario,
+    chosen_scenarios,
 )
 from securemetrics_e2e.cluster.backend import ClusterBackend
 from securemetrics_e2e.cluster.bootstrap import make_cluster_backend
@@ -28,10 +29,7 @@ __all__ = ["add_cluster_options", "backend_from_pytest", "plan_from_pytest", "pr
 
 
 def _chosen_scenarios(config: Any) -> list[Scenario]:
-    from securemetrics_e2e.catalog import SCENARIOS, scenario
-
-    names = [n for opt in (config.getoption("--scenario") or []) for n in opt.split(",") if n]
-    return [scenario(n) for n in names] if names else list(SCENARIOS)
+    return chosen_scenarios(config.getoption("--scenario"))
 
 
 def _check_selection(options: ClusterOptions, chosen: Sequence[Scenario]) -> None:
