@@ -132,13 +132,25 @@ def mutation(session: nox.Session) -> None:
     session.run("mutmut", "results")
 
 
+def _backend(session: nox.Session, args: list[str]) -> str:
+    """The backend the package's registry (securemetrics_e2e/backends.py) runs in this
+    session given ``args``, asked in the session's virtualenv, where the package is."""
+    code = (
+        "import sys; from securemetrics_e2e.backends import session_backend; "
+        "print(session_backend(sys.argv[1], sys.argv[2:]))"
+    )
+    out = session.run("python", "-c", code, session.name, *args, silent=True)
+    return str(out).strip()
+
+
 @nox.session(python=PYTHON)
 def conformance(session: nox.Session) -> None:
     """The conformance suite on the local backend: PASS/FAIL/SKIP per scenario and a verdict."""
     _supported_python(session)
     _system_packages(session)
     session.install("-e", ".")
-    session.run("securemetrics-e2e", "run", "--backend", "local", *session.posargs)
+    args = session.posargs or []
+    session.run("securemetrics-e2e", "run", "--backend", _backend(session, args), *args)
 
 
 @nox.session(python=PYTHON)
@@ -147,7 +159,7 @@ def e2e(session: nox.Session) -> None:
     _supported_python(session)
     session.install("-e", ".")
     args = session.posargs or []
-    backend = "existing" if any(a.startswith("--kubeconfig") for a in args) else "kind"
+    backend = _backend(session, args)
     session.run(
         "pytest",
         "-p",

@@ -14,7 +14,7 @@ operations behind each continuity feature a Protocol (``CERT_ROTATION``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,8 @@ class BackendEntry:
     features: Callable[[str], frozenset[Feature]]
     #: the nox session that runs the conformance suite on it
     nox_session: str
+    #: the option that picks it among the backends of its nox session (None: the default)
+    picked_by: str | None = None
 
 
 def _local_options(group: Any) -> None:
@@ -130,6 +132,7 @@ BACKENDS: dict[str, BackendEntry] = {
             _no_options,
             _cluster_features,
             nox_session="e2e",
+            picked_by="--kubeconfig",
         ),
     )
 }
@@ -141,3 +144,17 @@ def backend_entry(name: str) -> BackendEntry:
         return BACKENDS[name]
     except KeyError:
         raise UsageError(f"unknown backend {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def session_backend(session: str, args: Sequence[str]) -> str:
+    """The backend the nox ``session`` runs given its arguments: the one of that session
+    whose ``picked_by`` option ``args`` carry, else the one without ``picked_by``."""
+    entries = [e for e in BACKENDS.values() if e.nox_session == session]
+    if not entries:
+        raise UsageError(f"no backend runs in the nox session {session!r}")
+    for entry in entries:
+        if entry.picked_by and any(
+            a == entry.picked_by or a.startswith(f"{entry.picked_by}=") for a in args
+        ):
+            return entry.name
+    return next(e.name for e in entries if e.picked_by is None)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from securemetrics_e2e.backends import BACKENDS
+from securemetrics_e2e.backends import BACKENDS, session_backend
 from securemetrics_e2e.catalog import SCENARIOS, Feature, chosen_scenarios, scenario_names
 from securemetrics_e2e.checks import CHECKS, CheckSelection, check
 from securemetrics_e2e.cli import main
@@ -138,3 +138,11 @@ def test_every_registered_backend_has_its_nox_session() -> None:
     noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
     for entry in BACKENDS.values():
         assert f"def {entry.nox_session}(session" in noxfile, entry.name
+    # the sessions ask the registry which backend to run, never name one themselves
+    assert not any(f'"{name}"' in noxfile for name in BACKENDS)
+    assert session_backend("conformance", []) == "local"
+    assert session_backend("e2e", ["-k", "smc001"]) == "kind"
+    assert session_backend("e2e", ["--kubeconfig", "kc"]) == "existing"
+    assert session_backend("e2e", ["--kubeconfig=kc"]) == "existing"
+    with pytest.raises(UsageError, match="no backend runs in the nox session 'lint'"):
+        session_backend("lint", [])
