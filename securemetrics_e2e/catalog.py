@@ -242,6 +242,15 @@ def needs_inbound_capture(unit: RunUnit) -> bool:
 HTTPBIN = "httpbin"
 GATEWAY = "istio-ingressgateway"
 
+#: a sidecar scenario's variants where the gap strict-captures-secure-ports lies. Its fixes
+#: run in STRICT only: in PERMISSIVE port-permissive renders the namespace's own mode
+#: again and exclude-capture skips a passthrough chain that hands TLS on untouched, so
+#: both would repeat the as-documented PERMISSIVE unit
+_WITH_CAPTURE_FIXES = (
+    AS_DOCUMENTED,
+    Variant(VariantId.EXCLUDE_CAPTURE, (MtlsMode.STRICT,)),
+    Variant(VariantId.PORT_PERMISSIVE, (MtlsMode.STRICT,)),
+)
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="native-sidecar",
@@ -250,15 +259,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         features=frozenset({Feature.NATIVE_SECURE_PORTS}),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
-        variants=(
-            AS_DOCUMENTED,
-            # the fixes of strict-captures-secure-ports run where the gap is: in PERMISSIVE
-            # port-permissive renders the namespace's own mode again and exclude-capture
-            # skips a passthrough chain that hands TLS on untouched, so both would repeat
-            # the as-documented PERMISSIVE unit
-            Variant(VariantId.EXCLUDE_CAPTURE, (MtlsMode.STRICT,)),
-            Variant(VariantId.PORT_PERMISSIVE, (MtlsMode.STRICT,)),
-        ),
+        variants=_WITH_CAPTURE_FIXES,
     ),
     Scenario(
         name="native-gateway",
@@ -302,15 +303,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         workloads=(WorkloadSpec(HTTPBIN, WorkloadKind.SIDECAR, MetricsMode.HARDENED, "httpbin"),),
         mtls_modes=(MtlsMode.PERMISSIVE, MtlsMode.STRICT),
-        variants=(
-            AS_DOCUMENTED,
-            # the fixes of strict-captures-secure-ports run where the gap is: in PERMISSIVE
-            # port-permissive renders the namespace's own mode again and exclude-capture
-            # skips a passthrough chain that hands TLS on untouched, so both would repeat
-            # the as-documented PERMISSIVE unit
-            Variant(VariantId.EXCLUDE_CAPTURE, (MtlsMode.STRICT,)),
-            Variant(VariantId.PORT_PERMISSIVE, (MtlsMode.STRICT,)),
-        ),
+        variants=_WITH_CAPTURE_FIXES,
     ),
     Scenario(
         name="legacy-sidecar",

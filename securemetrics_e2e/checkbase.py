@@ -7,8 +7,9 @@ shape both share, so neither imports the other's half.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import Feature, Scenario
@@ -33,6 +34,20 @@ class CheckFailed(AssertionError):
         self.observed = tuple(sorted(set(observed)))
 
 
+@dataclass
+class Findings:
+    """What a check body finds wrong across a deployment: each problem, with the
+    ``clause:outcome`` token it observed (None: no token to name)."""
+
+    problems: list[str] = field(default_factory=list)
+    observed: set[str] = field(default_factory=set)
+
+    def add(self, problem: str, observed: str | None = None) -> None:
+        self.problems.append(problem)
+        if observed is not None:
+            self.observed.add(observed)
+
+
 @dataclass(frozen=True)
 class Check:
     id: str
@@ -53,6 +68,14 @@ class Check:
         """The failure, its message ending in this check's hint (what to change)."""
         text = f"{message} — hint: {self.hint}" if self.hint else message
         return CheckFailed(self.id, self.code, text, observed)
+
+    @contextlib.contextmanager
+    def findings(self) -> Iterator[Findings]:
+        """Collect a body's findings; on leaving, fail once with all of them, if any."""
+        found = Findings()
+        yield found
+        if found.problems:
+            raise self.fail("; ".join(found.problems), found.observed)
 
     def run(self, backend: Backend, deployment: Deployment) -> object:
         """Raise :class:`CheckFailed` if ``deployment`` misbehaves; else return what was

@@ -54,112 +54,104 @@ def _expected_prefixes(w: Workload, role: str) -> tuple[str, ...]:
 
 
 def listeners_tls_only(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        listeners = backend.listeners(w)
-        for role, port in _secure_ports(w):
-            lst = listener_on_port(listeners, port)
-            if lst is None:
-                problems.append(f"{w.name}: no listener on the {role} port {port}")
-                seen.add("listener:missing")
-                continue
-            if not lst.tls_only:
-                problems.append(f"{w.name}: listener {lst.name} accepts non-TLS connections")
-                seen.add("listener:not-tls-only")
-            if not lst.client_cert_required:
-                problems.append(
-                    f"{w.name}: listener {lst.name} does not require a client certificate"
-                )
-                seen.add("listener:no-client-cert")
-            expected = _expected_prefixes(w, role)
-            if tuple(sorted(lst.route_prefixes)) != tuple(sorted(expected)):
-                problems.append(
-                    f"{w.name}: {role} port {port} routes {list(lst.route_prefixes)}, "
-                    f"expected {list(expected)}"
-                )
-                seen.add("listener:routes")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            listeners = backend.listeners(w)
+            for role, port in _secure_ports(w):
+                lst = listener_on_port(listeners, port)
+                if lst is None:
+                    found.add(
+                        f"{w.name}: no listener on the {role} port {port}", "listener:missing"
+                    )
+                    continue
+                if not lst.tls_only:
+                    found.add(
+                        f"{w.name}: listener {lst.name} accepts non-TLS connections",
+                        "listener:not-tls-only",
+                    )
+                if not lst.client_cert_required:
+                    found.add(
+                        f"{w.name}: listener {lst.name} does not require a client certificate",
+                        "listener:no-client-cert",
+                    )
+                expected = _expected_prefixes(w, role)
+                if tuple(sorted(lst.route_prefixes)) != tuple(sorted(expected)):
+                    found.add(
+                        f"{w.name}: {role} port {port} routes {list(lst.route_prefixes)}, "
+                        f"expected {list(expected)}",
+                        "listener:routes",
+                    )
 
 
 def mtls_scrape(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        for role, port in _secure_ports(w):
-            result = backend.scrape(w, port, STATS_PATH)
-            if result.outcome is not MtlsOutcome.OK:
-                path = backend.inbound_path(w, port)
-                problems.append(
-                    f"{w.name} {role} port {port}: {result.outcome.value}: {result.detail}"
-                    + (f" [inbound path: {path}]" if path else "")
-                )
-                seen.add(f"scrape:{result.outcome.value}")
-            elif not result.families:
-                problems.append(f"{w.name} {role} port {port}: 200 but no metric families")
-                seen.add("scrape:no-families")
-            elif result.peer_spiffe_id != w.spiffe_id:
-                problems.append(
-                    f"{w.name} {role} port {port}: peer identity {result.peer_spiffe_id}, "
-                    f"expected {w.spiffe_id}"
-                )
-                seen.add("scrape:peer-identity")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            for role, port in _secure_ports(w):
+                result = backend.scrape(w, port, STATS_PATH)
+                where = f"{w.name} {role} port {port}"
+                if result.outcome is not MtlsOutcome.OK:
+                    path = backend.inbound_path(w, port)
+                    found.add(
+                        f"{where}: {result.outcome.value}: {result.detail}"
+                        + (f" [inbound path: {path}]" if path else ""),
+                        f"scrape:{result.outcome.value}",
+                    )
+                elif not result.families:
+                    found.add(f"{where}: 200 but no metric families", "scrape:no-families")
+                elif result.peer_spiffe_id != w.spiffe_id:
+                    found.add(
+                        f"{where}: peer identity {result.peer_spiffe_id}, expected {w.spiffe_id}",
+                        "scrape:peer-identity",
+                    )
 
 
 def envoy_port_stats_only(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        port = w.spec.secure_envoy_port
-        if port is None:
-            continue
-        result = backend.scrape(w, port, "/metrics")
-        if result.status != 404:
-            got = (
-                f"answered HTTP {result.status}"
-                if result.status is not None
-                else f"gave no HTTP answer ({result.outcome.value}: {result.detail})"
-            )
-            problems.append(
-                f"{w.name}: /metrics on the secure Envoy-only port {port} {got}; expected "
-                f"HTTP 404 (only {STATS_PATH} is routed)"
-            )
-            seen.add(f"stats-only:{result.outcome.value}")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            port = w.spec.secure_envoy_port
+            if port is None:
+                continue
+            result = backend.scrape(w, port, "/metrics")
+            if result.status != 404:
+                got = (
+                    f"answered HTTP {result.status}"
+                    if result.status is not None
+                    else f"gave no HTTP answer ({result.outcome.value}: {result.detail})"
+                )
+                found.add(
+                    f"{w.name}: /metrics on the secure Envoy-only port {port} {got}; expected "
+                    f"HTTP 404 (only {STATS_PATH} is routed)",
+                    f"stats-only:{result.outcome.value}",
+                )
 
 
 def plaintext_refused(check: Check, backend: Backend, dep: Deployment) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        for role, port in _secure_ports(w):
-            for origin in (Origin.OTHER_POD, Origin.INSIDE_POD):
-                result = backend.plaintext(w, port, origin)
-                if not result.protected:
-                    problems.append(
-                        f"{w.name}: plain HTTP from {origin.value} to the {role} port {port} "
-                        f"was served ({result.outcome.value}: {result.detail})"
-                    )
-                    seen.add(f"plaintext-{origin.value}:{result.outcome.value}")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            for role, port in _secure_ports(w):
+                for origin in (Origin.OTHER_POD, Origin.INSIDE_POD):
+                    result = backend.plaintext(w, port, origin)
+                    if not result.protected:
+                        found.add(
+                            f"{w.name}: plain HTTP from {origin.value} to the {role} port "
+                            f"{port} was served ({result.outcome.value}: {result.detail})",
+                            f"plaintext-{origin.value}:{result.outcome.value}",
+                        )
 
 
 def credential_refused(
     credential: Credential, check: Check, backend: Backend, dep: Deployment
 ) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        for role, port in _secure_ports(w):
-            result = backend.scrape(w, port, STATS_PATH, credential=credential)
-            if result.outcome in (MtlsOutcome.OK, MtlsOutcome.HTTP_ERROR):
-                problems.append(
-                    f"{w.name}: the {role} port {port} completed a TLS handshake with "
-                    f"{_CREDENTIAL_TEXT[credential]} and answered HTTP {result.status}"
-                )
-                seen.add(f"handshake:{result.outcome.value}")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            for role, port in _secure_ports(w):
+                result = backend.scrape(w, port, STATS_PATH, credential=credential)
+                if result.outcome in (MtlsOutcome.OK, MtlsOutcome.HTTP_ERROR):
+                    found.add(
+                        f"{w.name}: the {role} port {port} completed a TLS handshake with "
+                        f"{_CREDENTIAL_TEXT[credential]} and answered HTTP {result.status}",
+                        f"handshake:{result.outcome.value}",
+                    )
 
 
 #: how failure messages name a credential and a plain-HTTP outcome (not by enum value)
@@ -188,26 +180,21 @@ def hardened_port(
     backend: Backend,
     dep: Deployment,
 ) -> None:
-    problems, seen = [], set()
-    for w in dep.workloads:
-        seen_out = backend.plaintext(w, port, Origin.OTHER_POD)
-        if seen_out.outcome is not outside:
-            problems.append(
-                f"{w.name}: plain HTTP to port {port} from another pod "
-                f"{_PLAINTEXT_TEXT[seen_out.outcome]} ({seen_out.detail}); it must be "
-                f"{_PLAINTEXT_TEXT[outside]}"
-            )
-            seen.add(f"{Origin.OTHER_POD.value}:{seen_out.outcome.value}")
-        seen_in = backend.plaintext(w, port, Origin.INSIDE_POD)
-        if seen_in.outcome is not inside:
-            problems.append(
-                f"{w.name}: plain HTTP to port {port} from inside the pod "
-                f"{_PLAINTEXT_TEXT[seen_in.outcome]} ({seen_in.detail}); it must be "
-                f"{_PLAINTEXT_TEXT[inside]}"
-            )
-            seen.add(f"{Origin.INSIDE_POD.value}:{seen_in.outcome.value}")
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    wanted = (
+        (Origin.OTHER_POD, "from another pod", outside),
+        (Origin.INSIDE_POD, "from inside the pod", inside),
+    )
+    with check.findings() as found:
+        for w in dep.workloads:
+            for origin, where, want in wanted:
+                got = backend.plaintext(w, port, origin)
+                if got.outcome is not want:
+                    found.add(
+                        f"{w.name}: plain HTTP to port {port} {where} "
+                        f"{_PLAINTEXT_TEXT[got.outcome]} ({got.detail}); it must be "
+                        f"{_PLAINTEXT_TEXT[want]}",
+                        f"{origin.value}:{got.outcome.value}",
+                    )
 
 
 def _target_problem(
@@ -267,19 +254,16 @@ def _failed_every_scrape(api: PrometheusAPI, job: str, w: Workload) -> bool:
 
 def targets_up(job: str, check: Check, backend: Backend, dep: Deployment) -> None:
     api = backend.prometheus_for(dep)
-    problems, seen = [], set()
-    for w in dep.workloads:
-        port = w.spec.jobs.get(job)
-        if port is None:
-            continue
-        observed, problem = _target_problem(
-            api, job, w, w.url(port, STATS_PATH), backend.timeouts.target_up
-        )
-        if problem:
-            problems.append(problem)
-            seen.add(observed)
-    if problems:
-        raise check.fail("; ".join(problems), seen)
+    with check.findings() as found:
+        for w in dep.workloads:
+            port = w.spec.jobs.get(job)
+            if port is None:
+                continue
+            observed, problem = _target_problem(
+                api, job, w, w.url(port, STATS_PATH), backend.timeouts.target_up
+            )
+            if problem:
+                found.add(problem, observed)
 
 
 #: the job prefixes the Prometheus Operator gives ServiceMonitor and PodMonitor scrape pools
@@ -378,17 +362,15 @@ def injector_secure_port(check: Check, backend: Backend, dep: Deployment) -> Non
     ``ENVOY_SECURE_MERGED_METRICS_PORT`` unless already set (pkg/kube/inject/webhook.go
     applySecurePrometheusAnnotation); Istio's own test wants the merged port there
     (tests/integration/telemetry/api/metrics_port_test.go, auto-annotation-secure-port)."""
-    problems = []
-    for w in dep.workloads:
-        if not injector_annotated(w.spec):
-            continue
-        seen = backend.pod_annotations(w).get(SECURE_PORT)
-        want = str(w.spec.secure_merged_port)
-        if seen != want:
-            shown = "absent" if seen is None else repr(seen)
-            problems.append(
-                f"{w.name}: pod {w.pod_name} has {SECURE_PORT} {shown}, expected "
-                f"{want!r} set by the sidecar injector from ENVOY_SECURE_MERGED_METRICS_PORT"
-            )
-    if problems:
-        raise check.fail("; ".join(problems))
+    with check.findings() as found:
+        for w in dep.workloads:
+            if not injector_annotated(w.spec):
+                continue
+            seen = backend.pod_annotations(w).get(SECURE_PORT)
+            want = str(w.spec.secure_merged_port)
+            if seen != want:
+                shown = "absent" if seen is None else repr(seen)
+                found.add(
+                    f"{w.name}: pod {w.pod_name} has {SECURE_PORT} {shown}, expected {want!r} "
+                    "set by the sidecar injector from ENVOY_SECURE_MERGED_METRICS_PORT"
+                )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,22 @@ def _md(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _gap_cells(m: Matrix) -> list[tuple[str, int, Cell]]:
+def _cells(m: Matrix, keep: Callable[[Cell], bool]) -> list[tuple[str, int, Cell]]:
+    """(row, column, cell) of every cell ``keep`` keeps, row by row."""
     return [
         (row, i, m.cell(row, i))
         for row, _ in m.rows
         for i in range(len(m.columns))
-        if m.cell(row, i).gaps
+        if keep(m.cell(row, i))
     ]
+
+
+def _gap_cells(m: Matrix) -> list[tuple[str, int, Cell]]:
+    return _cells(m, lambda c: bool(c.gaps))
+
+
+def _failed_cells(m: Matrix) -> list[tuple[str, int, Cell]]:
+    return _cells(m, lambda c: c.status == "FAIL")
 
 
 def render_markdown(m: Matrix) -> str:
@@ -237,12 +246,7 @@ def render_markdown(m: Matrix) -> str:
         out += [
             f"- {_md(row)} in run {i + 1}: {c.status} {', '.join(c.gaps)}" for row, i, c in gaps
         ]
-    failures = [
-        (row, i, m.cell(row, i))
-        for row, _ in m.rows
-        for i in range(len(m.columns))
-        if m.cell(row, i).status == "FAIL"
-    ]
+    failures = _failed_cells(m)
     if failures:
         out += ["", "## Failures"]
         for row, i, cell in failures:
@@ -309,12 +313,7 @@ def render_html(m: Matrix) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     out.append(f"<p>{e(LEGEND)}</p>")
-    failures = [
-        (row, i, m.cell(row, i))
-        for row, _ in m.rows
-        for i in range(len(m.columns))
-        if m.cell(row, i).status == "FAIL"
-    ]
+    failures = _failed_cells(m)
     if failures:
         out.append("<h2>Failures</h2>")
         for row, i, cell in failures:

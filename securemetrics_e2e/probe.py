@@ -269,6 +269,24 @@ def _client_context(
     return ctx
 
 
+def _get(
+    url: str, adapter: HTTPAdapter, timeout: float
+) -> tuple[requests.Response | None, requests.RequestException | None, float]:
+    """One GET of ``url`` through ``adapter``, never via an HTTP(S)_PROXY from the
+    environment: the answer or the error, and the seconds it took."""
+    started = time.monotonic()
+    with requests.Session() as session:
+        session.trust_env = False
+        session.mount(url.split("://", 1)[0] + "://", adapter)
+        try:
+            answer = session.get(
+                url, timeout=timeout, headers={"Accept": ACCEPT}, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            return None, exc, time.monotonic() - started
+    return answer, None, time.monotonic() - started
+
+
 def scrape_mtls(
     url: str,
     *,
@@ -287,19 +305,7 @@ def scrape_mtls(
     root_pem, roots = _load_roots(mesh_root)
     handshake = _Handshake()
     context = _client_context(client, root_pem, handshake)
-    started = time.monotonic()
-    response: requests.Response | None = None
-    error: BaseException | None = None
-    with requests.Session() as session:
-        session.trust_env = False  # never via an HTTP(S)_PROXY from the environment
-        session.mount("https://", _ContextAdapter(context))
-        try:
-            response = session.get(
-                url, timeout=timeout, headers={"Accept": ACCEPT}, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            error = exc
-    elapsed = time.monotonic() - started
+    response, error, elapsed = _get(url, _ContextAdapter(context), timeout)
 
     peer: dict[str, Any] = {"tls_version": handshake.version}
     if handshake.chain:
@@ -475,33 +481,12 @@ def attempt_plaintext(
         raise UsageError(f"path {path!r} must start with '/'")
     host = host.strip("[]")
     url = f"http://{_url_host(host)}:{port}{path}"
-    started = time.monotonic()
-    response: requests.Response | None = None
-    error: requests.RequestException | None = None
-    with requests.Session() as session:
-        session.trust_env = False
-        session.mount("http://", HTTPAdapter(max_retries=0))
-        try:
-            response = session.get(
-                url, timeout=timeout, headers={"Accept": ACCEPT}, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            error = exc
-    elapsed = time.monotonic() - started
+    response, error, elapsed = _get(url, HTTPAdapter(max_retries=0), timeout)
 
     def result(
         outcome: PlaintextOutcome, detail: str, status: int | None = None, body: str = ""
     ) -> PlaintextResult:
-        return PlaintextResult(
-            host=host,
-            port=port,
-            path=path,
-            outcome=outcome,
-            detail=detail,
-            elapsed_s=elapsed,
-            status=status,
-            body_excerpt=_excerpt(body),
-        )
+        return plaintext_result(host, port, path, elapsed, (outcome, detail), status, body)
 
     if response is None:
         assert error is not None
@@ -515,6 +500,29 @@ def attempt_plaintext(
     status, body = response.status_code, response.text
     outcome, detail = classify_http_answer(status, body)
     return result(outcome, detail, status, body)
+
+
+def plaintext_result(
+    host: str,
+    port: int,
+    path: str,
+    elapsed: float,
+    verdict: tuple[PlaintextOutcome, str],
+    status: int | None = None,
+    body: str = "",
+) -> PlaintextResult:
+    """A plain-HTTP attempt's result, as every prober reports it (``verdict``: the outcome
+    and its detail; ``body``: the answer's, when there was one)."""
+    return PlaintextResult(
+        host=host,
+        port=port,
+        path=path,
+        outcome=verdict[0],
+        detail=verdict[1],
+        elapsed_s=elapsed,
+        status=status,
+        body_excerpt=_excerpt(body),
+    )
 
 
 def classify_http_answer(status: int, body: str) -> tuple[PlaintextOutcome, str]:

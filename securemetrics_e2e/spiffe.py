@@ -120,13 +120,9 @@ def _check_trust_domain(text: str, trust_domain: str) -> None:
         raise InvalidSpiffeId(text, "userinfo ('user@') is not allowed before the trust domain")
     if ":" in trust_domain:
         raise InvalidSpiffeId(text, "a port is not allowed in the trust domain")
-    if not _TRUST_DOMAIN_CHARS.fullmatch(trust_domain):
-        bad = _first_bad_char(trust_domain, _TRUST_DOMAIN_CHARS)
-        raise InvalidSpiffeId(
-            text,
-            f"trust domain character {bad!r} is not allowed: use lowercase letters, digits, "
-            "'.', '-' and '_'",
-        )
+    _check_chars(
+        text, trust_domain, _TRUST_DOMAIN_CHARS, "trust domain", "lowercase letters, digits"
+    )
     if len(trust_domain.encode("utf-8")) > MAX_TRUST_DOMAIN_LENGTH:
         raise InvalidSpiffeId(text, f"trust domain longer than {MAX_TRUST_DOMAIN_LENGTH} bytes")
 
@@ -143,13 +139,13 @@ def _check_path(text: str, path: str) -> None:
             raise InvalidSpiffeId(text, f"the path has a dot segment {segment!r}")
         if "%" in segment:
             raise InvalidSpiffeId(text, "percent-encoding is not allowed in the path")
-        if not _SEGMENT_CHARS.fullmatch(segment):
-            bad = _first_bad_char(segment, _SEGMENT_CHARS)
-            raise InvalidSpiffeId(
-                text,
-                f"path character {bad!r} is not allowed: use letters, digits, '.', '-' and '_'",
-            )
+        _check_chars(text, segment, _SEGMENT_CHARS, "path", "letters, digits")
 
 
-def _first_bad_char(value: str, allowed: re.Pattern[str]) -> str:
-    return next(ch for ch in value if not allowed.fullmatch(ch))
+def _check_chars(text: str, value: str, allowed: re.Pattern[str], part: str, use: str) -> None:
+    """InvalidSpiffeId naming the first character of ``value`` that ``allowed`` refuses."""
+    if not allowed.fullmatch(value):
+        bad = next(ch for ch in value if not allowed.fullmatch(ch))
+        raise InvalidSpiffeId(
+            text, f"{part} character {bad!r} is not allowed: use {use}, '.', '-' and '_'"
+        )

@@ -30,6 +30,7 @@ from securemetrics_e2e.probe import (
     classify_http_answer,
     identity_problem,
     peer_outcome,
+    plaintext_result,
     spiffe_id_of,
 )
 from securemetrics_e2e.spiffe import SpiffeId
@@ -223,16 +224,8 @@ def parse_plaintext(
     code, err = result.exit_code, result.stderr.strip()
 
     def done(outcome: PlaintextOutcome, detail: str) -> PlaintextResult:
-        return PlaintextResult(
-            host=host,
-            port=port,
-            path=path,
-            outcome=outcome,
-            detail=detail,
-            elapsed_s=elapsed,
-            status=status,
-            body_excerpt=_excerpt(body) if status else "",
-        )
+        answer = body if status else ""
+        return plaintext_result(host, port, path, elapsed, (outcome, detail), status, answer)
 
     if code == CURL_COULDNT_CONNECT:
         return done(PlaintextOutcome.REFUSED, "connection refused")

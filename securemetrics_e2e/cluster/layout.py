@@ -274,24 +274,14 @@ def variant_plan(
     skip = version_skip_reason(scenario, caps, mode, variant)
     if skip is not None:
         return VariantPlan(scenario, mode, namespace, (), (), (), (), skip, variant=variant)
-    rendered = scenario_manifests(
-        scenario,
-        mode,
-        version,
-        namespace=namespace,
-        scraper_namespace=scraper_namespace(run_id),
-        gateway_namespace=istio_namespace,
-        variant=variant,
-    )
-    patches = scenario_patches(
-        scenario,
-        mode,
-        version,
-        namespace=namespace,
-        scraper_namespace=scraper_namespace(run_id),
-        gateway_namespace=istio_namespace,
-        variant=variant,
-    )
+    # the objects the run owns and the patches to objects it does not, from one placement
+    placed = {
+        "namespace": namespace,
+        "scraper_namespace": scraper_namespace(run_id),
+        "gateway_namespace": istio_namespace,
+    }
+    rendered = scenario_manifests(scenario, mode, version, variant=variant, **placed)
+    patches = scenario_patches(scenario, mode, version, variant=variant, **placed)
     solo = scenario.name == ROTATION_SCENARIO
     if solo:
         # the scraper's OUTPUT_CERTS files must be renewed during the window too

@@ -37,7 +37,7 @@ from securemetrics_e2e.local.inbound import (
     Capture,
     pod_inbound,
 )
-from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.local.netns import Pod, try_in_scratch_netns
 from securemetrics_e2e.local.virtualinbound import inbound_clusters, virtual_inbound_listener
 
 
@@ -74,13 +74,8 @@ def unavailable_reason() -> str | None:
         return "installing iptables rules in a pod namespace needs root (CAP_NET_ADMIN)"
     if shutil.which("iptables-restore") is None or shutil.which("ip") is None:
         return "no iptables-restore on PATH: install the Debian package `iptables`"
-    probe = f"smx-iptprobe-{os.getpid()}"
-    made = subprocess.run(
-        ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
-    )
-    if made.returncode != 0:
-        return f"`ip netns add` failed: {made.stderr.strip()}"
-    try:
+
+    def load_rules(probe: str) -> str | None:
         done = subprocess.run(
             ["ip", "netns", "exec", probe, "iptables-restore", "--noflush"],
             input=restore_input(Capture("*", ())),
@@ -88,11 +83,11 @@ def unavailable_reason() -> str | None:
             text=True,
             check=False,
         )
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    if done.returncode != 0:
-        return f"iptables-restore cannot load nat rules here: {done.stderr.strip()}"
-    return None
+        if done.returncode != 0:
+            return f"iptables-restore cannot load nat rules here: {done.stderr.strip()}"
+        return None
+
+    return try_in_scratch_netns("smx-iptprobe", load_rules)
 
 
 def install(pod: Pod, capture: Capture) -> None:

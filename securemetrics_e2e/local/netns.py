@@ -102,18 +102,26 @@ class Pod:
         return ["ip", "netns", "exec", self.netns, *argv]
 
 
-@functools.cache
-def _netns_unavailable_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root (CAP_SYS_ADMIN)"
-    probe = f"smx-probe-{os.getpid()}"
+def try_in_scratch_netns(prefix: str, then: Callable[[str], str | None]) -> str | None:
+    """Add a throwaway network namespace, run ``then`` with its name, delete it: None when
+    both went, else why not (the machine's answer, for an "unavailable" reason)."""
+    probe = f"{prefix}-{os.getpid()}"
     proc = subprocess.run(
         ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         return f"`ip netns add` failed: {proc.stderr.strip() or 'no ip command'}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    return None
+    try:
+        return then(probe)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+
+
+@functools.cache
+def _netns_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root (CAP_SYS_ADMIN)"
+    return try_in_scratch_netns("smx-probe", lambda _: None)
 
 
 _loopback_networks = itertools.count()
