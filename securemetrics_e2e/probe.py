@@ -287,6 +287,18 @@ def _get(
     return answer, None, time.monotonic() - started
 
 
+def leaf_facts(leaf: x509.Certificate | None) -> dict[str, Any]:
+    """The ``peer_*`` fields of a :class:`ScrapeResult` from the server's leaf certificate
+    (None: the server showed none)."""
+    if leaf is None:
+        return {}
+    return {
+        "peer_spiffe_id": spiffe_id_of(leaf),
+        "peer_serial": leaf.serial_number,
+        "peer_not_before": leaf.not_valid_before_utc,
+    }
+
+
 def scrape_mtls(
     url: str,
     *,
@@ -307,14 +319,10 @@ def scrape_mtls(
     context = _client_context(client, root_pem, handshake)
     response, error, elapsed = _get(url, _ContextAdapter(context), timeout)
 
-    peer: dict[str, Any] = {"tls_version": handshake.version}
-    if handshake.chain:
-        leaf = handshake.chain[0]
-        peer.update(
-            peer_spiffe_id=spiffe_id_of(leaf),
-            peer_serial=leaf.serial_number,
-            peer_not_before=leaf.not_valid_before_utc,
-        )
+    peer = {
+        "tls_version": handshake.version,
+        **leaf_facts(handshake.chain[0] if handshake.chain else None),
+    }
     status = response.status_code if response is not None else None
 
     def result(outcome: MtlsOutcome, detail: str, **extra: Any) -> ScrapeResult:

@@ -29,9 +29,9 @@ from securemetrics_e2e.probe import (
     ScrapeResult,
     classify_http_answer,
     identity_problem,
+    leaf_facts,
     peer_outcome,
     plaintext_result,
-    spiffe_id_of,
 )
 from securemetrics_e2e.spiffe import SpiffeId
 
@@ -162,9 +162,7 @@ def parse_mtls(
             elapsed_s=elapsed,
             status=status,
             families=families or [],
-            peer_spiffe_id=spiffe_id_of(leaf) if leaf is not None else None,
-            peer_serial=leaf.serial_number if leaf is not None else None,
-            peer_not_before=leaf.not_valid_before_utc if leaf is not None else None,
+            **leaf_facts(leaf),
         )
 
     if chain and expected is not None and roots:
