@@ -137,6 +137,9 @@ class Backend(abc.ABC):
     name: str = "abstract"
     #: how long to wait for Prometheus to scrape a new target (a few scrape intervals)
     target_timeout: float = 60.0
+    #: continuity windows may run in the background from deployment on, beside the other
+    #: units' checks (:mod:`securemetrics_e2e.windows`); False: each in its check's turn
+    windows_beside_checks: bool = False
 
     @property
     @abc.abstractmethod

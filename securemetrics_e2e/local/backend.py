@@ -6,13 +6,19 @@ scenario (what a namespace holds on a cluster): one pod per workload with a real
 configured as pilot-agent configures it, the agent's status port, and for sidecars the
 application. Deploying or removing a scenario rewrites the file_sd file, as pods
 appearing and disappearing would change Kubernetes discovery.
+
+Continuity windows run in threads beside the other units' checks
+(:mod:`securemetrics_e2e.windows`): the deployed units and the file_sd file change under
+one lock, and probes present a consistent copy of the scraper's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +88,9 @@ class LocalBackend(IdentityOperations, Backend):
     """Scenarios on this machine: network namespaces, Envoy, Prometheus, a mesh CA."""
 
     name = "local"
+    #: windows overlap here: one Prometheus scrapes all, and what a window changes (its
+    #: unit's pods, the scraper's files) is renewed atomically for everyone else
+    windows_beside_checks = True
 
     def __init__(
         self,
@@ -111,6 +120,10 @@ class LocalBackend(IdentityOperations, Backend):
         self._workdir_parent = workdir
         self._started = False
         self._active: dict[str, DeploymentRuntime] = {}
+        #: guards ``_active`` and the file_sd file: an upgrade window replaces pods while
+        #: pytest tears other units down
+        self._lock = threading.RLock()
+        self._scraper_lock = threading.Lock()
         self.unavailable_reason: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -292,10 +305,11 @@ class LocalBackend(IdentityOperations, Backend):
             namespace += f"-{variant.id}"
         if fault is not None and fault is not self.fault:
             namespace += f"-{fault}"
-        if namespace in self._active:
-            raise UsageError(f"run unit {unit.id} is already deployed on this backend")
         runtime = DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
-        self._active[namespace] = runtime
+        with self._lock:
+            if namespace in self._active:
+                raise UsageError(f"run unit {unit.id} is already deployed on this backend")
+            self._active[namespace] = runtime
         try:
             objects = unit_manifests(
                 unit,
@@ -421,12 +435,13 @@ class LocalBackend(IdentityOperations, Backend):
         return runtime
 
     def _publish_pods(self) -> None:
-        records = [
-            w.record
-            for runtime in self._active.values()
-            for w in [*runtime.workloads.values(), *runtime.retiring]
-        ]
-        promconfig.write_sd_file(self.sd_file, records)
+        with self._lock:
+            records = [
+                w.record
+                for runtime in self._active.values()
+                for w in [*runtime.workloads.values(), *runtime.retiring]
+            ]
+            promconfig.write_sd_file(self.sd_file, records)
 
     def _stop_workload(self, w: WorkloadRuntime) -> None:
         for server in w.servers:
@@ -435,7 +450,8 @@ class LocalBackend(IdentityOperations, Backend):
         self.network.remove_pod(w.pod.name)
 
     def teardown(self, deployment: Deployment) -> None:
-        runtime = self._active.pop(deployment.namespace, None)
+        with self._lock:
+            runtime = self._active.pop(deployment.namespace, None)
         if runtime is None:
             return
         for w in [*runtime.workloads.values(), *runtime.retiring]:
@@ -480,18 +496,21 @@ class LocalBackend(IdentityOperations, Backend):
                 )
                 spec = upgraded_spec(w.workload.spec, native)
                 fresh[name] = self._start_workload(spec, deployment.namespace, fault)
-            runtime.workloads, runtime.retiring = fresh, list(old.values())
-            self._publish_pods()
+            with self._lock:
+                runtime.workloads, runtime.retiring = fresh, list(old.values())
+                self._publish_pods()
             for w in fresh.values():
                 w.envoy.wait_ready()
         except BaseException:
             for w in fresh.values():
                 self._stop_workload(w)
-            runtime.workloads, runtime.retiring = old, []
-            self._publish_pods()
+            with self._lock:
+                runtime.workloads, runtime.retiring = old, []
+                self._publish_pods()
             raise
         self._wait_successors_scraped(list(fresh.values()))
-        retired, runtime.retiring = runtime.retiring, []
+        with self._lock:
+            retired, runtime.retiring = runtime.retiring, []
         for w in retired:
             self._stop_workload(w)
         self._publish_pods()
@@ -535,8 +554,8 @@ class LocalBackend(IdentityOperations, Backend):
 
     def runtime_of(self, workload: Workload) -> WorkloadRuntime:
         """The processes and files behind ``workload`` (for diagnostics and rotation)."""
-        for runtime in self._active.values():
-            for w in runtime.workloads.values():
+        for runtime in list(self._active.values()):  # a window's thread may change it
+            for w in list(runtime.workloads.values()):
                 if w.workload == workload:
                     return w
         raise UsageError(f"workload {workload.name} is not deployed on this backend")
@@ -556,20 +575,22 @@ class LocalBackend(IdentityOperations, Backend):
         path: str = "/stats/prometheus",
         credential: Credential = Credential.SCRAPER,
     ) -> ScrapeResult:
-        client = {
-            Credential.SCRAPER: self.scraper_certs,
-            Credential.FOREIGN_CA: self.foreign_certs,
-            Credential.NONE: None,
-        }[credential]
         url = workload.url(port, path)
-        return self.scraper_pod.call(
-            lambda: scrape_mtls(
-                url,
-                client=client,
-                mesh_root=self.ca.root_pem,
-                expected_spiffe=workload.spiffe_id,
+        with contextlib.ExitStack() as files:
+            client: OutputCerts | None = None
+            if credential is Credential.SCRAPER:
+                # a copy: a rotation window may be renewing the files right now
+                client = files.enter_context(self.scraper_snapshot())
+            elif credential is Credential.FOREIGN_CA:
+                client = self.foreign_certs
+            return self.scraper_pod.call(
+                lambda: scrape_mtls(
+                    url,
+                    client=client,
+                    mesh_root=self.ca.root_pem,
+                    expected_spiffe=workload.spiffe_id,
+                )
             )
-        )
 
     def plaintext(
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"
