@@ -6,7 +6,9 @@ the selected scenarios and check of the registry (:mod:`securemetrics_e2e.checks
 applies to it, deploys each unit once on the chosen backend, runs the check through the
 one runner (:mod:`securemetrics_e2e.runner`) and records its outcome, mapped through the
 known-gap table (KNOWN-GAP, FIXED). At the end it prints the status of every unit with
-the reason and one closing verdict line.
+the reason and one closing verdict line. Continuity windows (rotation, upgrade) open in
+the background when the fleet is deployed, where the backend allows it, and their items
+read the result (:mod:`securemetrics_e2e.windows`).
 """
 
 from __future__ import annotations
