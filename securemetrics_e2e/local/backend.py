@@ -6,15 +6,12 @@ scenario (what a namespace holds on a cluster): one pod per workload with a real
 configured as pilot-agent configures it, the agent's status port, and for sidecars the
 application. Deploying or removing a scenario rewrites the file_sd file, as pods
 appearing and disappearing would change Kubernetes discovery.
-
-Continuity windows run in threads beside the other units' checks
-(:mod:`securemetrics_e2e.windows`): the deployed units and the file_sd file change under
-one lock, and probes present a consistent copy of the scraper's files.
+Continuity windows run beside other checks (:mod:`securemetrics_e2e.windows`): units
+and file_sd change under one lock; probes present a copy of the scraper's files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import shutil
 import tempfile
@@ -88,9 +85,7 @@ class LocalBackend(IdentityOperations, Backend):
     """Scenarios on this machine: network namespaces, Envoy, Prometheus, a mesh CA."""
 
     name = "local"
-    #: windows overlap here: one Prometheus scrapes all, and what a window changes (its
-    #: unit's pods, the scraper's files) is renewed atomically for everyone else
-    windows_beside_checks = True
+    windows_beside_checks = True  # what a window changes is renewed atomically for others
 
     def __init__(
         self,
@@ -120,9 +115,7 @@ class LocalBackend(IdentityOperations, Backend):
         self._workdir_parent = workdir
         self._started = False
         self._active: dict[str, DeploymentRuntime] = {}
-        #: guards ``_active`` and the file_sd file: an upgrade window replaces pods while
-        #: pytest tears other units down
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # ``_active`` and file_sd: windows run in threads
         self._scraper_lock = threading.Lock()
         self.unavailable_reason: str | None = None
 
@@ -436,12 +429,8 @@ class LocalBackend(IdentityOperations, Backend):
 
     def _publish_pods(self) -> None:
         with self._lock:
-            records = [
-                w.record
-                for runtime in self._active.values()
-                for w in [*runtime.workloads.values(), *runtime.retiring]
-            ]
-            promconfig.write_sd_file(self.sd_file, records)
+            pods = [[*r.workloads.values(), *r.retiring] for r in self._active.values()]
+            promconfig.write_sd_file(self.sd_file, [w.record for ws in pods for w in ws])
 
     def _stop_workload(self, w: WorkloadRuntime) -> None:
         for server in w.servers:
@@ -450,13 +439,15 @@ class LocalBackend(IdentityOperations, Backend):
         self.network.remove_pod(w.pod.name)
 
     def teardown(self, deployment: Deployment) -> None:
-        with self._lock:
-            runtime = self._active.pop(deployment.namespace, None)
+        runtime = self._active.get(deployment.namespace)
         if runtime is None:
             return
+        # forgotten once stopped: a teardown cut short (a stop signal) is finished by close()
         for w in [*runtime.workloads.values(), *runtime.retiring]:
             self._stop_workload(w)
-        self._publish_pods()
+        with self._lock:
+            self._active.pop(deployment.namespace, None)
+            self._publish_pods()
 
     # -- upgrade -----------------------------------------------------------------------
 
@@ -576,13 +567,7 @@ class LocalBackend(IdentityOperations, Backend):
         credential: Credential = Credential.SCRAPER,
     ) -> ScrapeResult:
         url = workload.url(port, path)
-        with contextlib.ExitStack() as files:
-            client: OutputCerts | None = None
-            if credential is Credential.SCRAPER:
-                # a copy: a rotation window may be renewing the files right now
-                client = files.enter_context(self.scraper_snapshot())
-            elif credential is Credential.FOREIGN_CA:
-                client = self.foreign_certs
+        with self.client_certs(credential) as client:
             return self.scraper_pod.call(
                 lambda: scrape_mtls(
                     url,

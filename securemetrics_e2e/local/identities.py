@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from securemetrics_e2e.backend import Workload
+from securemetrics_e2e.backend import Credential, Workload
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.local.bootstrap import (
     SdsFiles,
@@ -59,6 +59,7 @@ class IdentityOperations:
     fault: Fault | None
     scraper_pod: Pod
     scraper_certs: OutputCerts
+    foreign_certs: OutputCerts
     workdir: Path
     _started: bool
     #: held while the scraper's files are replaced or copied for a probe
@@ -108,6 +109,16 @@ class IdentityOperations:
         files = self._scraper_files()
         with self._scraper_lock:
             return _identity_from_files(files)
+
+    @contextlib.contextmanager
+    def client_certs(self, credential: Credential) -> Iterator[OutputCerts | None]:
+        """The files a probe with ``credential`` presents; the scraper's as a private copy,
+        as a rotation window may be renewing them right now."""
+        if credential is Credential.SCRAPER:
+            with self.scraper_snapshot() as copy:
+                yield copy
+        else:
+            yield self.foreign_certs if credential is Credential.FOREIGN_CA else None
 
     @contextlib.contextmanager
     def scraper_snapshot(self) -> Iterator[OutputCerts]:
