@@ -138,6 +138,9 @@ class Backend(abc.ABC):
     name: str = "abstract"
     #: the named waits (securemetrics_e2e.timeouts), at this backend's scale
     timeouts: Timeouts = Timeouts()
+    #: continuity windows may run in the background from deployment on, beside the other
+    #: units' checks (:mod:`securemetrics_e2e.windows`); False: each in its check's turn
+    windows_beside_checks: bool = False
 
     @property
     @abc.abstractmethod

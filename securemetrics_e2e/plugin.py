@@ -6,7 +6,9 @@ the selected scenarios and check of the registry (:mod:`securemetrics_e2e.checks
 applies to it, deploys each unit once on the chosen backend, runs the check through the
 one runner (:mod:`securemetrics_e2e.runner`) and records its outcome, mapped through the
 known-gap table (KNOWN-GAP, FIXED). At the end it prints the status of every unit with
-the reason and one closing verdict line.
+the reason and one closing verdict line. Continuity windows (rotation, upgrade) open in
+the background when the fleet is deployed, where the backend allows it, and their items
+read the result (:mod:`securemetrics_e2e.windows`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,14 @@ from securemetrics_e2e.checkbase import Check, CheckFailed
 from securemetrics_e2e.checks import CHECKS, CheckSelection
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.results import RunResult, Status
-from securemetrics_e2e.runner import Attempt, attempt, judged
+from securemetrics_e2e.runner import (
+    Attempt,
+    AttemptWindows,
+    attempt,
+    close_windows,
+    judged,
+    open_windows,
+)
 from securemetrics_e2e.timeouts import TIMEOUTS
 
 _RESULT_KEY = pytest.StashKey[RunResult]()
@@ -252,12 +261,25 @@ class Fleet:
     units' namespaces out side by side. A unit the backend defers (it would
     change what another holds, e.g. the classic ingress gateway) is deployed when its
     tests come, after pytest has released the other.
+
+    The continuity windows among ``windowed`` (run unit, check id: the items that will
+    run) open as soon as their unit is deployed (:mod:`securemetrics_e2e.windows`), so
+    they overlap each other and the other units' checks; their items read the result.
+    A window is stopped and joined before its unit is torn down, read or not.
     """
 
-    def __init__(self, backend: Backend, units: list[RunUnit], version: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        units: list[RunUnit],
+        version: str,
+        windowed: Collection[tuple[RunUnit, str]] = (),
+    ) -> None:
         self.backend = backend
         self.units = units
         self.version = version
+        self.windowed = frozenset(windowed)
+        self.windows = AttemptWindows()
         self._state: dict[RunUnit, Deployment | SecureMetricsError | str] | None = None
 
     def _deploy(self, units: list[RunUnit]) -> None:
@@ -278,6 +300,14 @@ class Fleet:
             outcome = results.get(u.key)
             if outcome is not None:
                 self._state[u] = outcome
+        deployed = [d for u in runnable if isinstance(d := self._state.get(u), Deployment)]
+        cases = [
+            (c, d)
+            for d in deployed
+            for c in CHECKS
+            if c.applies_to(d.scenario) and (d.unit, c.id) in self.windowed
+        ]
+        open_windows(self.windows, self.backend, cases)
 
     def get(self, unit: RunUnit) -> Deployment:
         if self._state is None:
@@ -300,19 +330,44 @@ class Fleet:
         """Tear ``unit`` down: pytest is done with its tests."""
         state = (self._state or {}).pop(unit, None)
         if isinstance(state, Deployment):
-            self.backend.teardown(state)
+            try:
+                close_windows(self.windows, state)
+            finally:
+                self.backend.teardown(state)
         if self._state is not None and state is not None:
             self._state[unit] = "already torn down"
 
     def close(self) -> None:
-        for state in (self._state or {}).values():
-            if isinstance(state, Deployment):
-                self.backend.teardown(state)
+        try:
+            close_windows(self.windows)
+        finally:
+            for state in (self._state or {}).values():
+                if isinstance(state, Deployment):
+                    self.backend.teardown(state)
+
+
+def _will_run(items: list[pytest.Item]) -> set[tuple[RunUnit, str]]:
+    """(run unit, check id) of the collected conformance items not marked to skip."""
+    found = set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        unit, param = params.get("deployment"), params.get("sm_check")
+        runs = item.get_closest_marker("skip") is None
+        if runs and isinstance(unit, RunUnit) and isinstance(param, _CheckParam):
+            found.add((unit, param.check.id))
+    return found
 
 
 @pytest.fixture(scope="session")
-def sm_fleet(pytestconfig: pytest.Config, sm_backend: Backend) -> Iterator[Fleet]:
-    fleet = Fleet(sm_backend, selected_units(pytestconfig), istio_version(pytestconfig))
+def sm_fleet(request: pytest.FixtureRequest, sm_backend: Backend) -> Iterator[Fleet]:
+    config = request.config
+    fleet = Fleet(
+        sm_backend,
+        selected_units(config),
+        istio_version(config),
+        windowed=_will_run(request.session.items),
+    )
     try:
         yield fleet
     finally:
@@ -344,6 +399,7 @@ def sm_check(request: pytest.FixtureRequest) -> Check:
 def run_check(
     request: pytest.FixtureRequest,
     sm_backend: Backend,
+    sm_fleet: Fleet,
     deployment: Deployment,
     sm_check: Check,
 ) -> Callable[[], None]:
@@ -355,7 +411,7 @@ def run_check(
 
     def run() -> None:
         with progress.heartbeat(deployment.unit.id):  # a rotation or upgrade window runs long
-            seen = attempt(sm_check, sm_backend, deployment)
+            seen = attempt(sm_check, sm_backend, deployment, sm_fleet.windows)
         request.node.stash[_ATTEMPT_KEY] = seen
         if seen.status is Status.SKIP:
             pytest.skip(seen.message)

@@ -6,12 +6,14 @@ maps what it saw through the known-gap table (:mod:`securemetrics_e2e.knowngaps`
 the :class:`~securemetrics_e2e.results.CheckOutcome` reports are made of. The pytest
 plugin calls both from the generated items of ``scenarios/test_conformance.py``;
 :func:`run_checks` calls them for every check of a deployment, for negative controls.
+Both open continuity windows early with :func:`open_windows` (:mod:`.windows`), and
+:func:`attempt` then reads a window's result instead of running its check again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from securemetrics_e2e.applicability import lacking_reason
@@ -21,6 +23,7 @@ from securemetrics_e2e.checkbase import Check, CheckFailed
 from securemetrics_e2e.checks import CHECKS
 from securemetrics_e2e.knowngaps import fix_of, judge
 from securemetrics_e2e.results import CheckOutcome, Status
+from securemetrics_e2e.windows import Windows
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,47 @@ def skip_reason(chk: Check, backend: Backend) -> str | None:
     return lacking_reason(chk.needs, backend=backend.name, backend_features=backend.features)
 
 
-def attempt(chk: Check, backend: Backend, dep: Deployment) -> Attempt:
+#: the background windows of a run: each an :class:`Attempt` of one check on one unit
+AttemptWindows = Windows[Attempt]
+
+
+def _window_key(chk: Check, dep: Deployment) -> tuple[str, str]:
+    return chk.id, dep.namespace
+
+
+def open_windows(
+    windows: AttemptWindows, backend: Backend, cases: Iterable[tuple[Check, Deployment]]
+) -> None:
+    """Start the continuity checks among ``cases`` in the background now, where the
+    backend lets them run beside other checks (:attr:`Backend.windows_beside_checks`);
+    the others run in their turn."""
+    if not backend.windows_beside_checks:
+        return
+    for chk, dep in cases:
+        key = _window_key(chk, dep)
+        if chk.continuity and skip_reason(chk, backend) is None and not windows.started(key):
+            windows.start(key, f"{chk.id}[{dep.namespace}]", _run(chk, backend, dep))
+
+
+def close_windows(windows: AttemptWindows, dep: Deployment | None = None) -> None:
+    """Stop and join the windows of ``dep`` (default: every one), read or not."""
+    keys = None if dep is None else [(c.id, dep.namespace) for c in CHECKS if c.continuity]
+    windows.stop(keys)
+
+
+def _run(chk: Check, backend: Backend, dep: Deployment) -> Callable[[], Attempt]:
+    return lambda: attempt(chk, backend, dep)
+
+
+def attempt(
+    chk: Check, backend: Backend, dep: Deployment, windows: AttemptWindows | None = None
+) -> Attempt:
     """Run ``chk`` on ``dep``, or skip it with the reason; exceptions other than
-    :class:`CheckFailed` (the environment broke, not the mesh) propagate."""
+    :class:`CheckFailed` (the environment broke, not the mesh) propagate. A window
+    opened for it in ``windows`` is awaited instead (its duration counted from its
+    start)."""
+    if windows is not None and windows.started(_window_key(chk, dep)):
+        return windows.result(_window_key(chk, dep))
     started = time.monotonic()
     reason = skip_reason(chk, backend)
     if reason is not None:
@@ -106,20 +147,24 @@ def run_checks(
     outcomes mapped through the known-gap table at Istio ``version`` (default: the
     backend's)."""
     version = version or backend.describe().get("istio_version", "")
+    chosen = [c for c in CHECKS if c.applies_to(dep.scenario) and (not only or c.id in only)]
     outcomes = []
-    for chk in CHECKS:
-        if not chk.applies_to(dep.scenario) or (only and chk.id not in only):
-            continue
-        seen = attempt(chk, backend, dep)
-        outcomes.append(
-            judged(
-                dep.unit,
-                chk,
-                version,
-                seen.status,
-                seen.message,
-                seen.observed,
-                duration_s=seen.duration_s,
+    windows = AttemptWindows()
+    try:
+        open_windows(windows, backend, [(chk, dep) for chk in chosen])
+        for chk in chosen:
+            seen = attempt(chk, backend, dep, windows)
+            outcomes.append(
+                judged(
+                    dep.unit,
+                    chk,
+                    version,
+                    seen.status,
+                    seen.message,
+                    seen.observed,
+                    duration_s=seen.duration_s,
+                )
             )
-        )
+    finally:
+        close_windows(windows)
     return outcomes

@@ -6,8 +6,9 @@ so that a timeout says exactly which signal never arrived and what was seen last
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import tenacity
@@ -33,7 +34,30 @@ _WAITING: dict[int, str] = {}
 
 def waiting_on() -> str | None:
     """What the most recently started, still running wait is waiting for, if any."""
-    return next(reversed(_WAITING.values()), None)
+    waits = list(_WAITING.values())  # one step under the GIL: other threads add and remove
+    return waits[-1] if waits else None
+
+
+class Cancelled(BaseException):
+    """A wait ended because its thread was told to stop (a background window whose run
+    is ending). A BaseException, as KeyboardInterrupt is: handlers of failures
+    (``except Exception``) let it through, ``finally`` blocks still clean up."""
+
+
+#: per thread: the event that cancels its waits (set by :func:`cancelled_by`)
+_CANCEL = threading.local()
+
+
+@contextlib.contextmanager
+def cancelled_by(event: threading.Event) -> Iterator[None]:
+    """Within this block, waits in this thread raise :class:`Cancelled` once ``event``
+    is set, waking at once from the pause between two polls."""
+    outer = getattr(_CANCEL, "event", None)
+    _CANCEL.event = event
+    try:
+        yield
+    finally:
+        _CANCEL.event = outer
 
 
 class NotYet(Exception):
@@ -61,12 +85,21 @@ def wait_for(
             exc = state.outcome.exception()
             last[0] = f"{type(exc).__name__}: {exc}"
 
+    cancel: threading.Event | None = getattr(_CANCEL, "event", None)
+    stop: tenacity.stop.stop_base = tenacity.stop_after_delay(timeout)
+    pause: dict[str, Callable[[float], object]] = {}
+    if cancel is not None:
+        if cancel.is_set():
+            raise Cancelled(f"stopped before waiting for {what}")
+        stop = stop | tenacity.stop_when_event_set(cancel)
+        pause["sleep"] = cancel.wait  # a stop wakes the pause, not only the next poll
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type((NotYet, OSError)),
-        stop=tenacity.stop_after_delay(timeout),
+        stop=stop,
         wait=tenacity.wait_exponential(multiplier=interval, max=max_interval),
         after=remember,
         reraise=False,
+        **pause,  # type: ignore[arg-type]
     )
     thread = threading.get_ident()
     outer = _WAITING.pop(thread, None)
@@ -74,6 +107,8 @@ def wait_for(
     try:
         return retrying(probe)
     except tenacity.RetryError:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"stopped while waiting for {what}; last seen: {last[0]}") from None
         raise WaitTimeout(what, timeout, last[0]) from None
     finally:
         del _WAITING[thread]

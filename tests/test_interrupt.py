@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from securemetrics_e2e.local.owner import NETNS_DIR, RUN_ENV, new_run_id, run_processes, sweep
+from securemetrics_e2e.local.owner import (
+    NETNS_DIR,
+    RUN_ENV,
+    new_run_id,
+    run_processes,
+    stop_own,
+    sweep,
+)
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import requires_local_mesh
 
@@ -167,6 +174,23 @@ def test_sweep_removes_a_dead_owners_resources_and_never_a_live_ones(tmp_path: P
         assert live_dir.exists()
     finally:
         for proc in (dead_proc, live_proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_run_stops_its_own_orphans_and_never_another_runs(tmp_path: Path) -> None:
+    # a stop signal between fork and the PID being recorded leaves a process only its run
+    # id names: close() stops those, and only those (another live run's stay)
+    mine, other = new_run_id(), new_run_id()
+    mine_proc, _ = _plant(mine, tmp_path)
+    other_proc, _ = _plant(other, tmp_path)
+    try:
+        assert stop_own(mine) == [mine_proc.pid]
+        assert mine_proc.wait(timeout=10) == -signal.SIGTERM
+        assert other_proc.poll() is None
+    finally:
+        for proc in (mine_proc, other_proc):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -6,6 +6,8 @@ scenario (what a namespace holds on a cluster): one pod per workload with a real
 configured as pilot-agent configures it, the agent's status port, and for sidecars the
 application. Deploying or removing a scenario rewrites the file_sd file, as pods
 appearing and disappearing would change Kubernetes discovery.
+Continuity windows run beside other checks (:mod:`securemetrics_e2e.windows`): units
+and file_sd change under one lock; probes present a copy of the scraper's files.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,17 +40,14 @@ from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, Usa
 from securemetrics_e2e.local import capture, promconfig
 from securemetrics_e2e.local.agent import start_agent
 from securemetrics_e2e.local.app import start_app
-from securemetrics_e2e.local.bootstrap import (
-    SdsFiles,
-    build_bootstrap,
-)
+from securemetrics_e2e.local.bootstrap import SdsFiles, build_bootstrap
 from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.local.gatewaymodel import GeneratedGateway, unit_gateway
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.identities import IdentityOperations
 from securemetrics_e2e.local.netns import LoopbackNetwork, PodNetwork
-from securemetrics_e2e.local.owner import new_run_id, sweep
+from securemetrics_e2e.local.owner import new_run_id, stop_own, sweep
 from securemetrics_e2e.local.pods import (
     SCRAPER_NAMESPACE,
     SCRAPER_SERVICE_ACCOUNT,
@@ -83,6 +83,7 @@ class LocalBackend(IdentityOperations, Backend):
     """Scenarios on this machine: network namespaces, Envoy, Prometheus, a mesh CA."""
 
     name = "local"
+    windows_beside_checks = True  # what a window changes is renewed atomically for others
 
     def __init__(
         self,
@@ -112,6 +113,8 @@ class LocalBackend(IdentityOperations, Backend):
         self._workdir_parent = workdir
         self._started = False
         self._active: dict[str, DeploymentRuntime] = {}
+        self._lock = threading.RLock()  # ``_active`` and file_sd: windows run in threads
+        self._scraper_lock = threading.Lock()
         self.unavailable_reason: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -175,6 +178,7 @@ class LocalBackend(IdentityOperations, Backend):
         server = getattr(self, "prometheus_server", None)
         if server is not None:
             server.stop()
+        stop_own(self.run_id)  # one a stop signal orphaned before its PID was recorded
         network = getattr(self, "network", None)
         if network is not None:
             try:
@@ -293,10 +297,11 @@ class LocalBackend(IdentityOperations, Backend):
             namespace += f"-{variant.id}"
         if fault is not None and fault is not self.fault:
             namespace += f"-{fault}"
-        if namespace in self._active:
-            raise UsageError(f"run unit {unit.id} is already deployed on this backend")
         runtime = DeploymentRuntime(Deployment(scenario, mtls_mode, namespace, (), variant))
-        self._active[namespace] = runtime
+        with self._lock:
+            if namespace in self._active:
+                raise UsageError(f"run unit {unit.id} is already deployed on this backend")
+            self._active[namespace] = runtime
         try:
             objects = unit_manifests(
                 unit,
@@ -422,12 +427,9 @@ class LocalBackend(IdentityOperations, Backend):
         return runtime
 
     def _publish_pods(self) -> None:
-        records = [
-            w.record
-            for runtime in self._active.values()
-            for w in [*runtime.workloads.values(), *runtime.retiring]
-        ]
-        promconfig.write_sd_file(self.sd_file, records)
+        with self._lock:
+            pods = [[*r.workloads.values(), *r.retiring] for r in self._active.values()]
+            promconfig.write_sd_file(self.sd_file, [w.record for ws in pods for w in ws])
 
     def _stop_workload(self, w: WorkloadRuntime) -> None:
         for server in w.servers:
@@ -436,12 +438,15 @@ class LocalBackend(IdentityOperations, Backend):
         self.network.remove_pod(w.pod.name)
 
     def teardown(self, deployment: Deployment) -> None:
-        runtime = self._active.pop(deployment.namespace, None)
+        runtime = self._active.get(deployment.namespace)
         if runtime is None:
             return
+        # forgotten once stopped: a teardown cut short (a stop signal) is finished by close()
         for w in [*runtime.workloads.values(), *runtime.retiring]:
             self._stop_workload(w)
-        self._publish_pods()
+        with self._lock:
+            self._active.pop(deployment.namespace, None)
+            self._publish_pods()
 
     # -- upgrade -----------------------------------------------------------------------
 
@@ -481,18 +486,21 @@ class LocalBackend(IdentityOperations, Backend):
                 )
                 spec = upgraded_spec(w.workload.spec, native)
                 fresh[name] = self._start_workload(spec, deployment.namespace, fault)
-            runtime.workloads, runtime.retiring = fresh, list(old.values())
-            self._publish_pods()
+            with self._lock:
+                runtime.workloads, runtime.retiring = fresh, list(old.values())
+                self._publish_pods()
             for w in fresh.values():
                 w.envoy.wait_ready()
         except BaseException:
             for w in fresh.values():
                 self._stop_workload(w)
-            runtime.workloads, runtime.retiring = old, []
-            self._publish_pods()
+            with self._lock:
+                runtime.workloads, runtime.retiring = old, []
+                self._publish_pods()
             raise
         self._wait_successors_scraped(list(fresh.values()))
-        retired, runtime.retiring = runtime.retiring, []
+        with self._lock:
+            retired, runtime.retiring = runtime.retiring, []
         for w in retired:
             self._stop_workload(w)
         self._publish_pods()
@@ -536,8 +544,8 @@ class LocalBackend(IdentityOperations, Backend):
 
     def runtime_of(self, workload: Workload) -> WorkloadRuntime:
         """The processes and files behind ``workload`` (for diagnostics and rotation)."""
-        for runtime in self._active.values():
-            for w in runtime.workloads.values():
+        for runtime in list(self._active.values()):  # a window's thread may change it
+            for w in list(runtime.workloads.values()):
                 if w.workload == workload:
                     return w
         raise UsageError(f"workload {workload.name} is not deployed on this backend")
@@ -557,21 +565,17 @@ class LocalBackend(IdentityOperations, Backend):
         path: str = "/stats/prometheus",
         credential: Credential = Credential.SCRAPER,
     ) -> ScrapeResult:
-        client = {
-            Credential.SCRAPER: self.scraper_certs,
-            Credential.FOREIGN_CA: self.foreign_certs,
-            Credential.NONE: None,
-        }[credential]
         url = workload.url(port, path)
-        return self.scraper_pod.call(
-            lambda: scrape_mtls(
-                url,
-                client=client,
-                mesh_root=self.ca.root_pem,
-                expected_spiffe=workload.spiffe_id,
-                timeout=self.timeouts.scrape_request,
+        with self.client_certs(credential) as client:
+            return self.scraper_pod.call(
+                lambda: scrape_mtls(
+                    url,
+                    client=client,
+                    mesh_root=self.ca.root_pem,
+                    expected_spiffe=workload.spiffe_id,
+                    timeout=self.timeouts.scrape_request,
+                )
             )
-        )
 
     def plaintext(
         self, workload: Workload, port: int, origin: Origin, path: str = "/stats/prometheus"

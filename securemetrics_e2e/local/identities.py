@@ -4,13 +4,23 @@ What :class:`~securemetrics_e2e.rotation.RotatingBackend` asks of a backend, ove
 state :class:`.backend.LocalBackend` holds: issue and rotate a workload's certificate
 (published through SDS) and the scraper's OUTPUT_CERTS files, and drop the scraper's
 kept-alive connections so the next scrape handshakes anew.
+
+The suite's own probes present the scraper's files too, and a rotation window may
+renew them while other units are probed (:mod:`securemetrics_e2e.windows`): each probe
+presents a private copy taken under the lock the renewals hold
+(:meth:`IdentityOperations.scraper_snapshot`), never a chain and a key of two renewals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from securemetrics_e2e.backend import Workload
+from securemetrics_e2e.backend import Credential, Workload
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.local.bootstrap import (
     SdsFiles,
@@ -30,6 +40,15 @@ from securemetrics_e2e.local.netns import Pod
 from securemetrics_e2e.local.pods import SCRAPER_NAMESPACE, SCRAPER_SERVICE_ACCOUNT, WorkloadRuntime
 from securemetrics_e2e.pki import KEY_MODE, MeshCA, OutputCerts, WorkloadIdentity, atomic_write
 from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
+
+#: a probe does not start with a scraper certificate this close to expiry while a
+#: renewal may be on its way: a probe (connect and read, 3 s each) must not see its
+#: own client certificate expire in the middle (the rotation window's first, aged
+#: certificate lives 4 s and is renewed within milliseconds)
+SNAPSHOT_MIN_LIFETIME = timedelta(seconds=10)
+#: how long a probe waits for that renewal before presenting what the files hold
+SNAPSHOT_RENEWAL_WAIT_S = 1.0
 
 
 class IdentityOperations:
@@ -40,7 +59,11 @@ class IdentityOperations:
     fault: Fault | None
     scraper_pod: Pod
     scraper_certs: OutputCerts
+    foreign_certs: OutputCerts
+    workdir: Path
     _started: bool
+    #: held while the scraper's files are replaced or copied for a probe
+    _scraper_lock: threading.Lock
 
     def runtime_of(self, workload: Workload) -> WorkloadRuntime:
         raise NotImplementedError
@@ -83,7 +106,61 @@ class IdentityOperations:
 
     def scraper_identity(self) -> WorkloadIdentity:
         """What the scraper's OUTPUT_CERTS files hold now: what Prometheus presents."""
-        return _identity_from_files(self._scraper_files())
+        files = self._scraper_files()
+        with self._scraper_lock:
+            return _identity_from_files(files)
+
+    @contextlib.contextmanager
+    def client_certs(self, credential: Credential) -> Iterator[OutputCerts | None]:
+        """The files a probe with ``credential`` presents; the scraper's as a private copy,
+        as a rotation window may be renewing them right now."""
+        if credential is Credential.SCRAPER:
+            with self.scraper_snapshot() as copy:
+                yield copy
+        else:
+            yield self.foreign_certs if credential is Credential.FOREIGN_CA else None
+
+    @contextlib.contextmanager
+    def scraper_snapshot(self) -> Iterator[OutputCerts]:
+        """A private copy of the scraper's OUTPUT_CERTS files for one probe, removed after.
+
+        Copied under the lock renewals hold, so chain and key belong together; a
+        certificate about to expire is first given :data:`SNAPSHOT_RENEWAL_WAIT_S` to
+        be renewed (a rotation window renews it within milliseconds; a scraper whose
+        files are never refreshed keeps it, and the probe then meets the expiry).
+        """
+        files = self._scraper_files()
+
+        def lasting() -> None:
+            with self._scraper_lock:
+                left = files.chain()[0].not_valid_after_utc - datetime.now(UTC)
+            if left < SNAPSHOT_MIN_LIFETIME:
+                raise NotYet(f"the scraper's certificate expires in {left}")
+
+        with contextlib.suppress(WaitTimeout):
+            wait_for("a renewal of the scraper's certificate", lasting,
+                     timeout=SNAPSHOT_RENEWAL_WAIT_S)  # fmt: skip
+        directory = Path(tempfile.mkdtemp(prefix=".probe-certs-", dir=self.workdir))  # 0700
+        try:
+            copy = OutputCerts(
+                directory,
+                directory / files.root_cert.name,
+                directory / files.cert_chain.name,
+                directory / files.key.name,
+            )
+            with self._scraper_lock:
+                contents = [
+                    (copy.root_cert, files.root_cert.read_bytes(), 0o644),
+                    (copy.cert_chain, files.cert_chain.read_bytes(), 0o644),
+                    (copy.key, files.key.read_bytes(), KEY_MODE),
+                ]
+            for target, data, mode in contents:  # the key is private from its creation
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            yield copy
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def issue_scraper(
         self, lifetime: timedelta, *, expires_in: timedelta | None = None
@@ -159,8 +236,9 @@ class IdentityOperations:
             ):
                 staging = files.directory / f".{target.name}.staged"
                 staged.append((atomic_write(staging, data, mode), target))
-            for staging, target in staged:
-                os.replace(staging, target)
+            with self._scraper_lock:  # a probe's snapshot sees all three or none
+                for staging, target in staged:
+                    os.replace(staging, target)
         finally:
             for staging, _ in staged:
                 staging.unlink(missing_ok=True)

@@ -120,6 +120,15 @@ def _stop(pids: list[int], timeout: float = 5.0) -> None:
                     os.kill(pid, signal.SIGKILL)
 
 
+def stop_own(run_id: str) -> list[int]:
+    """Stop what still carries ``run_id`` (this run's own, the owner alive): a process a
+    stop signal orphaned between its fork and the run recording its PID. Run ids are
+    unique per run (:func:`new_run_id`), so nothing another run started is touched."""
+    mine = sorted(pid for pid, run in run_processes().items() if run == run_id)
+    _stop(mine)
+    return mine
+
+
 def _gone(pid: int) -> bool:
     """Exited (a zombie counts: it holds nothing but its pid) or not there at all."""
     try:
