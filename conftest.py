@@ -33,10 +33,19 @@ _LONGEST_FIRST = (
 )
 
 
+#: test files that read what another file's session fixture made (tests/conftest.py),
+#: and that file: on one worker, the fixture runs once
+_SHARING = {
+    # the walk-through's local run is the run the golden report is compared with
+    "tests/test_golden.py": "tests/test_walkthrough.py",
+}
+
+
 def xdist_scope(nodeid: str) -> str:
-    """The unit of work a worker takes whole: ``scenarios`` or one test file."""
+    """The unit of work a worker takes whole: ``scenarios``, or one test file with the
+    files sharing its session fixtures."""
     path = nodeid.split("::", 1)[0]
-    return "scenarios" if path.startswith("scenarios/") else path
+    return "scenarios" if path.startswith("scenarios/") else _SHARING.get(path, path)
 
 
 @pytest.hookimpl(optionalhook=True)
