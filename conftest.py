@@ -38,6 +38,8 @@ _LONGEST_FIRST = (
 _SHARING = {
     # the walk-through's local run is the run the golden report is compared with
     "tests/test_golden.py": "tests/test_walkthrough.py",
+    # the CLI's clean run is the run whose report's provenance is checked
+    "tests/test_provenance.py": "tests/test_cli.py",
 }
 
 
