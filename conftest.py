@@ -2,9 +2,11 @@
 
 Under pytest-xdist (``nox -s tests`` runs with it) this file decides which tests share a
 worker: a test file's tests stay together (their module fixtures, e.g. a mesh, are built
-once), and every conformance scenario (``scenarios/``) runs on one worker, because the
-plugin deploys all selected run units at once as one session-scoped fleet with one
-Prometheus: split across workers, each would deploy the whole fleet again.
+once; files sharing a session fixture, e.g. one local run, go together), a file of
+independent long tests is split test by test, and every conformance scenario
+(``scenarios/``) runs on one worker, because the plugin deploys all selected run units at
+once as one session-scoped fleet with one Prometheus: split across workers, each would
+deploy the whole fleet again.
 """
 
 from __future__ import annotations
@@ -13,30 +15,62 @@ from typing import Any
 
 import pytest
 
-#: the units of work that take longest (measured with --durations, longest first): a
-#: worker takes them first, so that none picks one up at the end while the others idle
+#: the units of work that take longest (measured per file: CPU and wall time with
+#: --durations, longest first): a worker takes them first, so that none picks one up at
+#: the end while the others idle
 _LONGEST_FIRST = (
-    "tests/test_walkthrough.py",
-    "tests/test_interrupt.py",
-    "tests/test_packaging.py",
-    "tests/test_cli.py",
+    "tests/test_walkthrough.py",  # with tests/test_golden.py
+    "tests/test_cli.py",  # with tests/test_provenance.py
     "scenarios",
+    "tests/test_interrupt.py",
     "tests/test_negative_controls.py",
+    "tests/test_packaging.py",
+    "tests/test_manifests.py",
+    "tests/test_cli_inputs.py",
+    "tests/test_cluster_backend.py",
     "tests/test_plugin_plan.py",
+    "tests/test_check_selection.py",
     "tests/test_cluster_upgrade_run.py",
     "tests/test_local_lifecycle.py",
-    "tests/test_provenance.py",
     "tests/test_rotation.py",
-    "tests/test_cluster_backend.py",
     "tests/test_inbound.py",
-    "tests/test_manifests.py",
+)
+
+#: test files that read what another file's session fixture made (tests/conftest.py),
+#: and that file: on one worker, the fixture runs once
+_SHARING = {
+    # the walk-through's local run is the run the golden report is compared with
+    "tests/test_golden.py": "tests/test_walkthrough.py",
+    # the CLI's clean run is the run whose report's provenance is checked
+    "tests/test_provenance.py": "tests/test_cli.py",
+}
+
+#: files whose tests share no module fixture and each start a run or a pytest of their
+#: own: each test is a unit of its own, so that one worker does not run them all one
+#: after another (test_interrupt's nine runs took two minutes of one worker's time)
+_SPLIT = frozenset(
+    {
+        "tests/test_interrupt.py",
+        "tests/test_cli_inputs.py",
+        "tests/test_cluster_backend.py",
+        "tests/test_plugin_plan.py",
+        "tests/test_check_selection.py",
+        "tests/test_cluster_upgrade_run.py",
+    }
 )
 
 
-def xdist_scope(nodeid: str) -> str:
-    """The unit of work a worker takes whole: ``scenarios`` or one test file."""
+def _unit_file(nodeid: str) -> str:
+    """The file a test's unit is named after: ``scenarios``, or a test file."""
     path = nodeid.split("::", 1)[0]
-    return "scenarios" if path.startswith("scenarios/") else path
+    return "scenarios" if path.startswith("scenarios/") else _SHARING.get(path, path)
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a worker takes whole: ``scenarios``, one test file with the files
+    sharing its session fixtures, or one test of a file in ``_SPLIT``."""
+    unit = _unit_file(nodeid)
+    return nodeid if unit in _SPLIT else unit
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -58,4 +92,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not hasattr(config, "workerinput"):
         return
     rank = {scope: i for i, scope in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(xdist_scope(item.nodeid), len(rank)))
+    items.sort(key=lambda item: rank.get(_unit_file(item.nodeid), len(rank)))

@@ -1,7 +1,8 @@
 """The `securemetrics-e2e` command: run (exit codes, progress, report, JUnit), plan, list.
 
 Two real local runs, started side by side in subprocesses exactly as a user starts the
-command: a clean mesh (exit 0) and one with a seeded fault (exit 1). Usage and
+command: a clean mesh (exit 0) and one with a seeded fault (exit 1), once per session
+(tests/cliruns.py; tests/test_provenance.py reads the clean one too). Usage and
 environment errors (exit 2) are checked in-process: they must stop before anything runs.
 """
 
@@ -12,9 +13,7 @@ import json
 import os
 import re
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,78 +27,16 @@ from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.progress import Phase, Progress, emit, timed, verdict_line
 from securemetrics_e2e.report import load_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
-from tests.localmesh import netns_names, requires_local_mesh
+from tests.cliruns import SCENARIOS, Run, command, ours
+from tests.localmesh import requires_local_mesh
 
-PHASE_LINE = re.compile(
-    r"^\[\s*[\d.]+s\] (?P<variant>.+?)\s+(?P<phase>deploy|wait|probe|verify|-)\s+"
-    r"(?P<status>PASS|FAIL|SKIP)\b"
-)
-SCENARIOS = "native-sidecar,hardened"
 #: whether this machine captures sidecars' inbound traffic (pod namespaces and iptables)
 CAPTURED = LocalBackend().capture_unavailable_reason() is None
 
 
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "securemetrics_e2e", *args]
-
-
-class Run:
-    def __init__(self, cwd: Path, *args: str) -> None:
-        self.cwd = cwd
-        env = {**os.environ, "NO_COLOR": "1"}
-        self.process = subprocess.Popen(
-            _command(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        self.stdout = self.stderr = ""
-        self.code: int | None = None
-
-    def wait(self) -> Run:
-        self.stdout, self.stderr = self.process.communicate(timeout=120)
-        self.code = self.process.returncode
-        return self
-
-    def phases(self) -> list[tuple[str, str, str]]:
-        return [
-            (m["variant"], m["phase"], m["status"])
-            for line in self.stdout.splitlines()
-            if (m := PHASE_LINE.match(line))
-        ]
-
-
-def _ours(pid: int) -> set[str]:
-    """Network namespaces and work directories of the local backend run in process ``pid``.
-
-    Other test sessions may run local meshes on this machine at the same time: only names
-    carrying this process's run id prefix are this test's business.
-    """
-    prefix = f"smx-{pid:x}"
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return {n for n in netns_names() if n.startswith(prefix)} | {
-        p.name for p in tmp.glob(f"{prefix}*")
-    }
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
-    good_dir = tmp_path_factory.mktemp("good")
-    bad_dir = tmp_path_factory.mktemp("bad")
-    meta = ["--org", "Example Corp.", "--project", "Example Mesh", "--dist-version", "2.4.1",
-            "--contact", "mesh@example.com", "--url", "https://mesh.example"]  # fmt: skip
-    started = {
-        "good": Run(good_dir, "run", "--scenario", SCENARIOS, "--report", "out/report.yaml",
-                    "--junit", "out/junit.xml", *meta),
-        "bad": Run(bad_dir, "run", "--scenario", SCENARIOS, "--local-fault",
-                   "foreign-root-trusted", "--report", "report.json", "--junit", "junit.xml"),
-    }  # fmt: skip
-    yield {name: run.wait() for name, run in started.items()}
-    for run in started.values():
-        assert _ours(run.process.pid) == set(), "a run left namespaces or directories behind"
-
-
 @requires_local_mesh
-def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) -> None:
-    run = runs["good"]
+def test_conformant_run_exits_0_with_progress_and_verdict(cli_runs: dict[str, Run]) -> None:
+    run = cli_runs["good"]
     assert run.code == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"securemetrics-e2e {__version__}: backend local, Istio 1.31.1")
@@ -131,8 +68,8 @@ def test_conformant_run_exits_0_with_progress_and_verdict(runs: dict[str, Run]) 
 
 
 @requires_local_mesh
-def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
-    run = runs["good"]
+def test_conformant_run_report_and_junit(cli_runs: dict[str, Run]) -> None:
+    run = cli_runs["good"]
     doc = load_report(run.cwd / "out" / "report.yaml")  # schema-validated
     assert doc["verdict"]["conformant"] is True
     # without inbound capture the STRICT variants skip on this backend
@@ -161,8 +98,8 @@ def test_conformant_run_report_and_junit(runs: dict[str, Run]) -> None:
 
 
 @requires_local_mesh
-def test_fault_makes_the_run_exit_1_naming_the_check(runs: dict[str, Run]) -> None:
-    run = runs["bad"]
+def test_fault_makes_the_run_exit_1_naming_the_check(cli_runs: dict[str, Run]) -> None:
+    run = cli_runs["bad"]
     assert run.code == 1, run.stdout + run.stderr
     assert ("native-sidecar[PERMISSIVE/as-documented]", "probe", "FAIL") in run.phases()
     verdict = next(line for line in run.stdout.splitlines() if "verdict:" in line)
@@ -231,7 +168,7 @@ def test_missing_prometheus_is_an_environment_error(
 
 
 def test_plan_local_touches_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    before = _ours(os.getpid())
+    before = ours(os.getpid())
     args = ["plan", "--scenario", SCENARIOS, "--local-network", "loopback"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -246,7 +183,7 @@ def test_plan_local_touches_nothing(capsys: pytest.CaptureFixture[str]) -> None:
         "SKIP hardened[PERMISSIVE/as-documented]: backend local cannot provide pod-isolation" in out
     )
     assert re.search(r"^\s+foreign-ca-refused\s+SMC006$", out, re.MULTILINE)
-    assert _ours(os.getpid()) == before
+    assert ours(os.getpid()) == before
 
 
 def test_plan_cluster_uses_the_cluster_planner(capsys: pytest.CaptureFixture[str]) -> None:
@@ -312,7 +249,7 @@ def test_list_says_where_each_variant_applies_and_why_not(
 
 
 def test_version_flag_and_module_entry_point() -> None:
-    done = subprocess.run(_command("--version"), capture_output=True, text=True, check=False)
+    done = subprocess.run(command("--version"), capture_output=True, text=True, check=False)
     assert done.returncode == 0
     assert done.stdout.strip() == f"securemetrics-e2e {__version__}"
 

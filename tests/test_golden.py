@@ -10,8 +10,6 @@ the same; a change of behaviour updates the golden in the same commit, on purpos
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.report import load_report
 from tests.golden.stable import stable
 from tests.localmesh import requires_local_mesh
+from tests.walkthrough import Walk
 
 GOLDEN = Path(__file__).parent / "golden" / "local-conformance.json"
 
@@ -29,14 +28,13 @@ GOLDEN = Path(__file__).parent / "golden" / "local-conformance.json"
     LocalBackend().capture_unavailable_reason() is not None,
     reason="the golden was made where the local backend captures inbound traffic (iptables)",
 )
-def test_local_conformance_run_matches_the_golden_report(tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "securemetrics_e2e", "run", "--backend", "local",
-         "--report", str(report)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_local_conformance_run_matches_the_golden_report(walkthrough: Walk) -> None:
+    # the walk-through's `securemetrics-e2e run --backend local --report reports/local.yaml`,
+    # run from the package it installed (tests/walkthrough.py): one whole local run serves
+    # both this comparison and the walk-through's test
+    ran = [c for c in walkthrough.ran if c.startswith("securemetrics-e2e run --backend local ")]
+    assert ran, walkthrough.failed  # the run itself exited 0
+    report = walkthrough.local_report
     want = json.loads(GOLDEN.read_text(encoding="utf-8"))
     got = stable(load_report(report))
     assert got["units"] == want["units"]

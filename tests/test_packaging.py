@@ -1,7 +1,8 @@
 """The built wheel carries everything a vendor needs, and works outside the repository.
 
-Builds the wheel, installs it into a fresh virtual environment (dependencies are taken
-from this interpreter's site-packages through a .pth file, so no network is needed), and
+Builds the wheel, installs it into a fresh virtual environment (its declared dependencies
+are lent from this interpreter's site-packages through a .pth file, so no network is
+needed: tests/installed.py), and
 from an empty directory runs ``securemetrics-e2e run`` on the local backend and collects
 the packaged scenarios with ``pytest --pyargs``.
 """
@@ -12,12 +13,12 @@ import importlib.util
 import os
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.installed import lend_dependencies
 from tests.localmesh import requires_local_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +47,9 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = _run([sys.executable, "-m", "venv", "--without-pip", str(home)])
     assert done.returncode == 0, done.stderr
     python = home / "bin" / "python"
-    purelib = Path(
-        _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-        ).stdout.strip()
-    )
-    # The dependencies, not the package: a path added by a .pth file has its own .pth
-    # files (the editable install's among them) ignored.
-    (purelib / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The declared dependencies, not the package: lent from this interpreter
+    # (tests/installed.py), so a module the package imports without declaring it fails
+    lend_dependencies(python, home.parent / "dependencies")
     done = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                  "-q", str(wheel)])  # fmt: skip
     assert done.returncode == 0, done.stderr

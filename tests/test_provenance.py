@@ -1,15 +1,13 @@
 """A report says what actually ran, and a local run cannot pass for a distribution's result.
 
-The local report here comes from a real local run (the CLI in a subprocess); the cluster
+The local report here comes from a real local run (the CLI in a subprocess, shared with
+tests/test_cli.py: tests/cliruns.py); the cluster
 report is a plan-only report (nothing runs). Both are validated against the shipped schema.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +17,17 @@ from securemetrics_e2e.junit import build_junit
 from securemetrics_e2e.matrix import REFERENCE, build_matrix, load_reports, render_markdown
 from securemetrics_e2e.report import LOCAL_STATEMENT, ReportMeta, load_report, write_report
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
+from tests.cliruns import DIST, Run
 from tests.localmesh import requires_local_mesh
 
-DIST = ["--org", "Example Corp.", "--project", "Example Mesh", "--dist-version", "2.4.1"]
 
-
-@pytest.fixture(scope="module")
-def local_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("local") / "local.yaml"
-    argv = ["run", "--scenario", "native-sidecar", "--report", str(out), *DIST]
-    done = subprocess.run(
-        [sys.executable, "-m", "securemetrics_e2e", *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "NO_COLOR": "1"},
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out, done.stdout
+@pytest.fixture
+def local_report(cli_runs: dict[str, Run]) -> tuple[Path, str]:
+    """The report and output of tests/test_cli.py's clean run (tests/cliruns.py): a real
+    local run of the CLI in a subprocess, naming a distribution."""
+    run = cli_runs["good"]
+    assert run.code == 0, run.stdout + run.stderr
+    return run.cwd / "out" / "report.yaml", run.stdout
 
 
 @requires_local_mesh
