@@ -154,9 +154,7 @@ def _measure_job(
     good = [ts for ts, up, _ in inside if up]
     covered = None
     if cover:
-        # a success just before the window still vouches for its first moments
-        vouching = [ts for ts, up, _ in points if up and lo - COVER_SLACK * interval_s < ts <= hi]
-        covered = _covered(vouching, lo, hi, COVER_SLACK * interval_s) if hi > lo else 0.0
+        covered = _covered(points, lo, hi, interval_s) if hi > lo else 0.0
     targets = mine(api.active_targets(job))
     return JobContinuity(
         job=job,
@@ -216,14 +214,36 @@ def measure_continuity(
     )
 
 
-def _covered(successes: Sequence[float], lo: float, hi: float, cover_s: float) -> float:
-    """The fraction of ``[lo, hi]`` within ``cover_s`` after some successful scrape."""
+def _covered(
+    points: Sequence[tuple[float, bool, str]], lo: float, hi: float, interval_s: float
+) -> float:
+    """The fraction of ``[lo, hi]`` for which a successful scrape vouches.
+
+    Counted in scrapes, not seconds, so that a late scraper is not taken for a late
+    workload: a success vouches until the same pod's next scrape, whatever that found, up
+    to the longest allowed gap (longer gaps fail :attr:`Continuity.max_gap_s` anyway); a
+    pod's last success (it was retired, or the window ends) vouches for one interval and
+    the slack Prometheus starts scrapes late by. A success just before ``lo`` vouches for
+    the window's first moments.
+    """
+    by_pod: dict[str, list[tuple[float, bool]]] = {}
+    for ts, up, pod in sorted(points):
+        by_pod.setdefault(pod, []).append((ts, up))
+    spans = []
+    for samples in by_pod.values():
+        for (ts, up), following in itertools.zip_longest(samples, samples[1:]):
+            if not up:
+                continue
+            if following is None:
+                spans.append((ts, ts + COVER_SLACK * interval_s))
+            else:
+                spans.append((ts, min(following[0], ts + MAX_GAP_INTERVALS * interval_s)))
     covered, reach = 0.0, lo
-    for ts in sorted(successes):
-        begin, finish = max(ts, reach), min(ts + cover_s, hi)
-        if finish > begin:
-            covered += finish - begin
-            reach = finish
+    for begin, finish in sorted(spans):
+        start, stop = max(begin, reach), min(finish, hi)
+        if stop > start:
+            covered += stop - start
+            reach = stop
     return covered / (hi - lo)
 
 

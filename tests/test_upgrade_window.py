@@ -27,7 +27,7 @@ from securemetrics_e2e.catalog import (
     upgraded_spec,
 )
 from securemetrics_e2e.checks import verify
-from securemetrics_e2e.continuity import COVER_SLACK, Continuity, _covered
+from securemetrics_e2e.continuity import COVER_SLACK, MAX_GAP_INTERVALS, Continuity, _covered
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.results import JobContinuity
@@ -36,30 +36,48 @@ from securemetrics_e2e.versions import resolve
 from tests.localmesh import requires_local_mesh
 
 INTERVAL = 1.0
-COVER = COVER_SLACK * INTERVAL
+
+
+def _cov(times: list[float], pod: str = "a") -> float:
+    """Coverage of [0, 10] by successful scrapes of one pod at ``times``."""
+    return _covered([(t, True, pod) for t in times], 0.0, 10.0, INTERVAL)
 
 
 # -- coverage: what "never without a successful scrape" means -----------------------------
 
 
 def test_regular_scrapes_cover_the_window() -> None:
-    assert _covered([0.3 + i for i in range(10)], 0.0, 10.0, COVER) == pytest.approx(
+    assert _cov([0.3 + i for i in range(10)]) == pytest.approx(
         1.0 - 0.3 / 10
     )  # nothing vouches for the moment before the first scrape
-    assert _covered([-0.7 + i for i in range(12)], 0.0, 10.0, COVER) == 1.0
+    assert _cov([-0.7 + i for i in range(12)]) == 1.0
 
 
-def test_one_missing_scrape_leaves_most_of_an_interval_uncovered() -> None:
-    times = [float(i) for i in range(11) if i != 5]
-    assert _covered(times, 0.0, 10.0, COVER) == pytest.approx(1 - (1 - 0.1) / 10)
+def test_a_late_scrape_of_the_same_pod_is_the_scrapers_delay_not_a_hole() -> None:
+    # counted in scrapes: the pod was UP at 4 and again at its next scrape, 5.9 (a loaded
+    # scraper started it late); nothing says it was not UP in between
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.9, 6.9, 7.9, 8.9, 9.9]
+    assert _cov(times) == 1.0
+    # but a scrape in between that failed ends what the success before it vouched for
+    failed = [(t, True, "a") for t in times] + [(5.0, False, "a")]
+    assert _covered(failed, 0.0, 10.0, INTERVAL) == pytest.approx(1 - (5.9 - 5.0) / 10)
+
+
+def test_a_missing_scrape_beyond_the_longest_gap_leaves_a_hole() -> None:
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 10.0]  # 3 intervals without a scrape
+    assert _cov(times) == pytest.approx(1 - (7.0 - 4.0 - MAX_GAP_INTERVALS * INTERVAL) / 10)
 
 
 def test_a_successor_covers_for_the_pod_it_replaces() -> None:
-    old = [0.0, 1.0, 2.0, 3.0]  # then it stops
-    new = [3.6, 4.6, 5.6, 6.6, 7.6, 8.6, 9.6]  # discovered before the old one went
-    assert _covered(old + new, 0.0, 10.0, COVER) == 1.0
-    late = [5.0, 6.0, 7.0, 8.0, 9.0]  # discovered a scrape late
-    assert _covered(old + late, 0.0, 10.0, COVER) < 1.0
+    old = [(t, True, "old") for t in (0.0, 1.0, 2.0, 3.0)]  # then it stops
+    new = [(t, True, "new") for t in (3.6, 4.6, 5.6, 6.6, 7.6, 8.6, 9.6)]
+    assert _covered(old + new, 0.0, 10.0, INTERVAL) == 1.0
+    # discovered a scrape late: the retired pod's last success vouches for one interval
+    # only (no later scrape of it says more), so the successor leaves a hole
+    late = [(t, True, "new") for t in (5.0, 6.0, 7.0, 8.0, 9.0)]
+    assert _covered(old + late, 0.0, 10.0, INTERVAL) == pytest.approx(
+        1 - (5.0 - 3.0 - COVER_SLACK * INTERVAL) / 10
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -70,9 +88,9 @@ def test_a_successor_covers_for_the_pod_it_replaces() -> None:
 def test_coverage_is_a_fraction_that_more_scrapes_never_lower(
     times: list[float], extra: float
 ) -> None:
-    before = _covered(times, 0.0, 10.0, COVER)
+    before = _cov(times)
     assert 0.0 <= before <= 1.0 + 1e-9
-    assert _covered([*times, extra], 0.0, 10.0, COVER) >= before - 1e-9
+    assert _cov([*times, extra]) >= before - 1e-9
 
 
 def _continuity(job: JobContinuity) -> Continuity:
