@@ -14,6 +14,9 @@ from securemetrics_e2e.cli import main
 from securemetrics_e2e.cluster.options import options_from_pytest
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.local.backend import LocalBackend
+from securemetrics_e2e.local.envoy import Envoy
+from securemetrics_e2e.local.netns import LoopbackNetwork
+from securemetrics_e2e.local.owner import new_run_id
 from securemetrics_e2e.spiffe import SpiffeId
 from securemetrics_e2e.timeouts import CLUSTER, LOCAL, TIMEOUTS, apply, effective, parse
 from securemetrics_e2e.waiting import WaitTimeout
@@ -44,13 +47,30 @@ def test_an_override_reaches_the_backend() -> None:
 
 @requires_local_mesh
 def test_a_rollout_override_bounds_the_local_proxy_wait(tmp_path: Path) -> None:
+    # What bounds each pod's Envoy /ready wait is read back from the running pods, not
+    # inferred from a deploy failing: an Envoy is sometimes ready at the very first poll
+    # on a loaded machine, so "rollout=0.001 fails the deploy" held only by luck.
     backend = LocalBackend(network="loopback", workdir=tmp_path)
-    apply(backend, parse(["rollout=0.001"]))  # no Envoy is ready within a millisecond
+    apply(backend, parse(["rollout=37.5"]))
     try:
-        with pytest.raises(WaitTimeout, match=r"after 0\.001s waiting for Envoy in pod .* /ready"):
-            backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+        deployment = backend.deploy(scenario("native-sidecar"), MtlsMode.PERMISSIVE)
+        bounds = {backend.runtime_of(w).envoy.ready_timeout for w in deployment.workloads}
+        assert bounds == {37.5}
     finally:
         backend.close()
+
+
+@requires_local_mesh
+def test_envoy_ready_wait_ends_at_its_bound(tmp_path: Path) -> None:
+    # the other half: the bound ends the wait (no Envoy runs here, so it is never ready)
+    network = LoopbackNetwork(new_run_id())
+    try:
+        pod = network.add_pod("nobody")
+        envoy = Envoy(pod, tmp_path, {}, ready_timeout=0.2)
+        with pytest.raises(WaitTimeout, match=r"after 0\.2s waiting for Envoy in pod .* /ready"):
+            envoy.wait_ready()
+    finally:
+        network.close()
 
 
 def test_a_rollout_override_reaches_the_cluster_options() -> None:
