@@ -39,6 +39,8 @@ LONG_LIVED = timedelta(hours=24)
 #: a successful scrape vouches for the workload until the next one is due; Prometheus
 #: starts scrapes a few milliseconds late, so it vouches for a tenth of an interval more
 COVER_SLACK = 1.1
+#: a failed scrape that lasted this share of the interval or more ran to its timeout
+STARVED_FRACTION = 0.9
 #: coverage at or above this is the whole window (float rounding, not tolerance)
 FULLY_COVERED = 1 - 1e-9
 
@@ -143,7 +145,7 @@ def _measure_job(
     ``since`` is None. ``cover``: judge by coverage (any pod of the workload counts),
     not by every scrape succeeding.
     """
-    points = _series_points(api, series, start, interval_s)
+    points, starved = _series_points(api, series, start, interval_s)
     hi = end.timestamp()
     if since is None:
         first = [ts for ts, _, _ in points if ts >= start.timestamp()]
@@ -166,6 +168,7 @@ def _measure_job(
         last_error=next((t.last_error for t in targets if t.last_error), ""),
         covered=covered,
         pods=len({pod for _, _, pod in inside}),
+        starved=starved,
     )
 
 
@@ -306,16 +309,47 @@ def measure_namespace_continuity(
 
 def _series_points(
     api: PrometheusAPI, selector: str, start: datetime, interval_s: float
-) -> list[tuple[float, bool, str]]:
-    """Raw ``up`` samples since a little before ``start``: (time, up, pod), by time."""
+) -> tuple[list[tuple[float, bool, str]], int]:
+    """Raw ``up`` samples since a little before ``start``: (time, up, pod), by time; and
+    how many failed scrapes were left out as starved (:func:`judged_points`)."""
     seconds = math.ceil((datetime.now(UTC) - start).total_seconds() + 2 * interval_s) + 2
-    series = api.query(f"{selector}[{seconds}s]")
-    points = [
-        (float(ts), value == "1", str((s.get("metric") or {}).get("pod", "")))
-        for s in series
-        for ts, value in s.get("values", [])
-    ]
-    return sorted(points)
+    metric = selector.split("{", 1)[0]
+
+    def raw(name: str) -> list[tuple[float, str, str]]:
+        series = api.query(f"{name}{selector.removeprefix(metric)}[{seconds}s]")
+        return [
+            (float(ts), value, str((s.get("metric") or {}).get("pod", "")))
+            for s in series
+            for ts, value in s.get("values", [])
+        ]
+
+    ups = [(ts, value == "1", pod) for ts, value, pod in raw(metric)]
+    durations = {(ts, pod): float(value) for ts, value, pod in raw("scrape_duration_seconds")}
+    return judged_points(ups, durations, interval_s)
+
+
+def judged_points(
+    ups: Sequence[tuple[float, bool, str]],
+    durations: Mapping[tuple[float, str], float],
+    interval_s: float,
+) -> tuple[list[tuple[float, bool, str]], int]:
+    """The scrapes that say something about the workload, by time, and how many did not.
+
+    A failed scrape that ran to the scrape timeout (Prometheus records its
+    ``scrape_duration_seconds`` beside ``up``; the suite's jobs time out at the interval)
+    says the scraper or the machine was starved, not that the workload's TLS failed: a
+    certificate problem ends a scrape at once with a TLS alert, a closed port with a
+    reset. Such a scrape is left out, neither a success nor a failure; the successes on
+    either side of it must still lie within the longest allowed gap, so an outage made of
+    timeouts still fails. Counted in scrapes, as a loaded machine needs.
+    """
+    kept, starved = [], 0
+    for ts, up, pod in ups:
+        if not up and durations.get((ts, pod), 0.0) >= STARVED_FRACTION * interval_s:
+            starved += 1
+            continue
+        kept.append((ts, up, pod))
+    return sorted(kept), starved
 
 
 # --------------------------------------------------------------------------- waiting

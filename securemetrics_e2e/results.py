@@ -83,6 +83,9 @@ class JobContinuity:
     #: any of the workload's pods (a pod being replaced may fail while its successor serves)
     covered: float | None = None
     pods: int = 1
+    #: failed scrapes that ran to the scrape timeout, left out of the judgement (a
+    #: starved scraper, continuity.judged_points); reported, never hidden
+    starved: int = 0
 
     @property
     def scope(self) -> str:
@@ -103,7 +106,8 @@ class JobContinuity:
             )
         else:
             measured = f"{self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes)"
-        return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s"
+        starved = f", {self.starved} timed out (not judged)" if self.starved else ""
+        return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s{starved}"
 
 
 @dataclass(frozen=True)

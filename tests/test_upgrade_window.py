@@ -27,7 +27,13 @@ from securemetrics_e2e.catalog import (
     upgraded_spec,
 )
 from securemetrics_e2e.checks import verify
-from securemetrics_e2e.continuity import COVER_SLACK, MAX_GAP_INTERVALS, Continuity, _covered
+from securemetrics_e2e.continuity import (
+    COVER_SLACK,
+    MAX_GAP_INTERVALS,
+    Continuity,
+    _covered,
+    judged_points,
+)
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.results import JobContinuity
@@ -207,3 +213,25 @@ def test_upgrading_what_is_not_deployed_is_refused(
     gone = type(dep)(dep.scenario, dep.mtls_mode, "smx-nowhere", dep.workloads)
     with pytest.raises(UsageError, match="smx-nowhere is not deployed"):
         backend.upgrade(gone)
+
+
+def test_a_scrape_that_ran_to_its_timeout_is_left_out_and_counted() -> None:
+    ups = [(1.0, True, "a"), (2.0, False, "a"), (3.0, False, "a"), (4.0, True, "a")]
+    # 2.0 ran to the 1 s timeout (a starved scraper); 3.0 ended at once (a TLS alert)
+    durations = {(1.0, "a"): 0.05, (2.0, "a"): 1.0, (3.0, "a"): 0.01, (4.0, "a"): 0.05}
+    kept, starved = judged_points(ups, durations, INTERVAL)
+    assert kept == [(1.0, True, "a"), (3.0, False, "a"), (4.0, True, "a")]
+    assert starved == 1
+    # left out, the timed-out scrape no longer ends what the success before it vouched
+    # for; the failure that ended at once still does
+    assert _covered(kept, 1.0, 4.0, INTERVAL) == pytest.approx(2 / 3)
+    assert _covered(ups, 1.0, 4.0, INTERVAL) == pytest.approx(1 / 3)
+
+
+def test_an_outage_of_timeouts_still_fails_the_gap_rule() -> None:
+    ups = [(0.0, True, "a"), *((float(t), False, "a") for t in range(1, 5)), (5.0, True, "a")]
+    durations = {(float(t), "a"): 1.0 for t in range(1, 5)}
+    kept, starved = judged_points(ups, durations, INTERVAL)
+    assert starved == 4
+    # no success for 5 intervals: the coverage has a hole beyond the longest allowed gap
+    assert _covered(kept, 0.0, 5.0, INTERVAL) == pytest.approx(MAX_GAP_INTERVALS / 5)
