@@ -41,6 +41,8 @@ LONG_LIVED = timedelta(hours=24)
 COVER_SLACK = 1.1
 #: a failed scrape that lasted this share of the interval or more ran to its timeout
 STARVED_FRACTION = 0.9
+#: a scrape's recorded end may trail the moment its connection was cut by this much
+CUT_SLACK_S = 0.05
 #: coverage at or above this is the whole window (float rounding, not tolerance)
 FULLY_COVERED = 1 - 1e-9
 
@@ -138,6 +140,7 @@ def _measure_job(
     *,
     interval_s: float,
     cover: bool,
+    cut: Sequence[tuple[datetime, datetime]] = (),
 ) -> JobContinuity:
     """One job's continuity from the raw ``up`` samples of ``series`` (PromQL).
 
@@ -145,7 +148,7 @@ def _measure_job(
     ``since`` is None. ``cover``: judge by coverage (any pod of the workload counts),
     not by every scrape succeeding.
     """
-    points, starved = _series_points(api, series, start, interval_s)
+    points, unjudged = _series_points(api, series, start, interval_s, cut)
     hi = end.timestamp()
     if since is None:
         first = [ts for ts, _, _ in points if ts >= start.timestamp()]
@@ -168,7 +171,7 @@ def _measure_job(
         last_error=next((t.last_error for t in targets if t.last_error), ""),
         covered=covered,
         pods=len({pod for _, _, pod in inside}),
-        starved=starved,
+        unjudged=unjudged,
     )
 
 
@@ -182,12 +185,13 @@ def measure_continuity(
     interval_s: float,
     certificates: Mapping[str, x509.Certificate] | None = None,
     expiry_checked_at: datetime | None = None,
+    cut: Sequence[tuple[datetime, datetime]] = (),
 ) -> Continuity:
     """Continuity of ``workload``'s scrapes by ``jobs`` over ``[start, end]``.
 
     ``certificates`` (described by name, e.g. "scraper client certificate") are checked
     for expiry at ``expiry_checked_at`` (default: now), so that a failure caused by one
-    names it.
+    names it. ``cut``: when the suite itself dropped the scraper's connections (from, to).
     """
     if end <= start:
         raise UsageError(f"continuity window ends ({end}) before it starts ({start})")
@@ -204,6 +208,7 @@ def measure_continuity(
             end,
             interval_s=interval_s,
             cover=False,
+            cut=cut,
         )
         for job in jobs
     )
@@ -308,10 +313,14 @@ def measure_namespace_continuity(
 
 
 def _series_points(
-    api: PrometheusAPI, selector: str, start: datetime, interval_s: float
+    api: PrometheusAPI,
+    selector: str,
+    start: datetime,
+    interval_s: float,
+    cut: Sequence[tuple[datetime, datetime]] = (),
 ) -> tuple[list[tuple[float, bool, str]], int]:
     """Raw ``up`` samples since a little before ``start``: (time, up, pod), by time; and
-    how many failed scrapes were left out as starved (:func:`judged_points`)."""
+    how many failed scrapes were left out (:func:`judged_points`)."""
     seconds = math.ceil((datetime.now(UTC) - start).total_seconds() + 2 * interval_s) + 2
     metric = selector.split("{", 1)[0]
 
@@ -325,13 +334,15 @@ def _series_points(
 
     ups = [(ts, value == "1", pod) for ts, value, pod in raw(metric)]
     durations = {(ts, pod): float(value) for ts, value, pod in raw("scrape_duration_seconds")}
-    return judged_points(ups, durations, interval_s)
+    cuts = [(a.timestamp(), b.timestamp()) for a, b in cut]
+    return judged_points(ups, durations, interval_s, cuts)
 
 
 def judged_points(
     ups: Sequence[tuple[float, bool, str]],
     durations: Mapping[tuple[float, str], float],
     interval_s: float,
+    cuts: Sequence[tuple[float, float]] = (),
 ) -> tuple[list[tuple[float, bool, str]], int]:
     """The scrapes that say something about the workload, by time, and how many did not.
 
@@ -342,14 +353,22 @@ def judged_points(
     reset. Such a scrape is left out, neither a success nor a failure; the successes on
     either side of it must still lie within the longest allowed gap, so an outage made of
     timeouts still fails. Counted in scrapes, as a loaded machine needs.
+
+    So is a failed scrape that was in flight while the suite itself dropped the
+    scraper's connections (``cuts``: from, to; the rotation makes the scraper handshake
+    again): the suite cut it, not the workload. A scrape that starts after the cut and
+    fails (an expired certificate) is judged.
     """
-    kept, starved = [], 0
+    kept, left_out = [], 0
     for ts, up, pod in ups:
-        if not up and durations.get((ts, pod), 0.0) >= STARVED_FRACTION * interval_s:
-            starved += 1
+        took = durations.get((ts, pod), 0.0)
+        starved = took >= STARVED_FRACTION * interval_s
+        was_cut = any(ts <= done and begun <= ts + took + CUT_SLACK_S for begun, done in cuts)
+        if not up and (starved or was_cut):
+            left_out += 1
             continue
         kept.append((ts, up, pod))
-    return sorted(kept), starved
+    return sorted(kept), left_out
 
 
 # --------------------------------------------------------------------------- waiting

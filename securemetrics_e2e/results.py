@@ -83,9 +83,9 @@ class JobContinuity:
     #: any of the workload's pods (a pod being replaced may fail while its successor serves)
     covered: float | None = None
     pods: int = 1
-    #: failed scrapes that ran to the scrape timeout, left out of the judgement (a
-    #: starved scraper, continuity.judged_points); reported, never hidden
-    starved: int = 0
+    #: failed scrapes left out of the judgement (continuity.judged_points): they ran to
+    #: the scrape timeout (a starved scraper) or the suite cut their connection; reported
+    unjudged: int = 0
 
     @property
     def scope(self) -> str:
@@ -106,8 +106,12 @@ class JobContinuity:
             )
         else:
             measured = f"{self.fraction:.1%} up ({self.successes}/{self.scrapes} scrapes)"
-        starved = f", {self.starved} timed out (not judged)" if self.starved else ""
-        return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s{starved}"
+        unjudged = (
+            f", {self.unjudged} failed scrape(s) not judged (timed out, or cut by the suite)"
+            if self.unjudged
+            else ""
+        )
+        return f"{self.job}: {measured}, longest gap {self.longest_gap_s:.1f}s{unjudged}"
 
 
 @dataclass(frozen=True)

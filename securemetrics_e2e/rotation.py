@@ -191,6 +191,9 @@ def _rotate_and_measure(
     backend.issue_scraper(renewed, expires_in=lifetime)
     outlive = first.not_after + timedelta(seconds=MAX_GAP_INTERVALS * interval_s)
     steps: list[RotationStep] = []
+    # when the suite cut the scraper's connections: a scrape in flight then was cut by the
+    # suite, not by the workload (continuity.judged_points leaves it out)
+    resets: list[tuple[datetime, datetime]] = []
     failed_at: datetime | None = None
     while len(steps) < rotations or datetime.now(UTC) < outlive:
         identity = backend.rotate_workload(workload)
@@ -212,6 +215,7 @@ def _rotate_and_measure(
         _wait_quiet(api, workload, jobs, interval_s)
         reset_at = datetime.now(UTC)
         backend.reset_scraper_connections(workload)
+        resets.append((reset_at, datetime.now(UTC)))
         scraped = wait_scraped(
             api,
             [workload],
@@ -238,7 +242,9 @@ def _rotate_and_measure(
             # A job that reconnected just before a certificate expired keeps that
             # connection: make every job handshake again with what the files hold now.
             _wait_quiet(api, workload, jobs, interval_s)
+            cut = datetime.now(UTC)
             backend.reset_scraper_connections(workload)
+            resets.append((cut, datetime.now(UTC)))
             _wait_failed_scrapes(api, workload, jobs, interval_s)
             break
     end = datetime.now(UTC)
@@ -250,6 +256,7 @@ def _rotate_and_measure(
         end,
         interval_s=interval_s,
         expiry_checked_at=failed_at,
+        cut=tuple(resets),
         certificates={
             "scraper client certificate (OUTPUT_CERTS cert-chain.pem)": (
                 backend.scraper_identity().cert

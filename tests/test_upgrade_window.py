@@ -235,3 +235,16 @@ def test_an_outage_of_timeouts_still_fails_the_gap_rule() -> None:
     assert starved == 4
     # no success for 5 intervals: the coverage has a hole beyond the longest allowed gap
     assert _covered(kept, 0.0, 5.0, INTERVAL) == pytest.approx(MAX_GAP_INTERVALS / 5)
+
+
+def test_a_scrape_in_flight_when_the_suite_cut_its_connection_is_left_out() -> None:
+    # the rotation drops the scraper's connections at 2.5-2.52: the scrape begun at 2.4
+    # was cut by the suite; the one begun at 3.0, after the cut, failed on its own (an
+    # expired certificate) and is judged
+    ups = [(1.0, True, "a"), (2.4, False, "a"), (3.0, False, "a"), (4.0, True, "a")]
+    durations = {(2.4, "a"): 0.11, (3.0, "a"): 0.01}
+    kept, left_out = judged_points(ups, durations, INTERVAL, [(2.5, 2.52)])
+    assert kept == [(1.0, True, "a"), (3.0, False, "a"), (4.0, True, "a")]
+    assert left_out == 1
+    # without the cut recorded, both failures are judged
+    assert judged_points(ups, durations, INTERVAL)[1] == 0
