@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from securemetrics_e2e.local.netns import PodNetwork
 from securemetrics_e2e.local.owner import (
     NETNS_DIR,
     RUN_ENV,
@@ -228,3 +229,19 @@ def test_a_report_unwritable_after_the_run_is_exit_2_after_the_verdict(
     assert f"securemetrics-e2e: error: could not write report {report}: " in shown
     assert "Traceback" not in shown
     assert _leftovers(proc.pid) == {"namespaces": [], "processes": [], "directories": []}
+
+
+@requires_local_mesh
+def test_a_network_deletes_a_namespace_it_made_but_never_recorded() -> None:
+    # a stop signal between `ip netns add` and the name being recorded: close() still
+    # finds it by the run's prefix, and leaves another run's namespace alone
+    network, other = PodNetwork(new_run_id()), PodNetwork(new_run_id())
+    stray = f"smx-{network.run_id}-httpbin-9"
+    subprocess.run(["ip", "netns", "add", stray], check=True)
+    try:
+        network.close()
+        assert stray not in os.listdir(NETNS_DIR)
+        assert other.node in os.listdir(NETNS_DIR)
+    finally:
+        other.close()
+        subprocess.run(["ip", "netns", "del", stray], capture_output=True, check=False)

@@ -201,7 +201,20 @@ class PodNetwork:
             self._namespaces.remove(pod.netns)
 
     def close(self) -> None:
-        """Delete every namespace this network made (pods first, then the node)."""
+        """Delete every namespace this network made (pods first, then the node), including
+        one a stop signal cut off between `ip netns add` and its name being recorded:
+        every name of this run starts with ``smx-<run id>-`` and run ids are unique."""
+        try:
+            present = os.listdir(_NETNS_DIR)
+        except OSError:
+            present = []
+        prefix = f"smx-{self.run_id}-"
+        mine = dict.fromkeys(
+            [*self._namespaces, *sorted(n for n in present if n.startswith(prefix))]
+        )
+        # the node goes last: the pods' veth peers live in it
+        self._namespaces = [self.node] if self.node in mine else []
+        self._namespaces += [n for n in mine if n != self.node]
         for name in reversed(self._namespaces):
             proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
             if proc.returncode != 0 and os.path.exists(os.path.join(_NETNS_DIR, name)):
