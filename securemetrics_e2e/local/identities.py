@@ -14,6 +14,7 @@ presents a private copy taken under the lock the renewals hold
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -225,6 +226,9 @@ class IdentityOperations:
         public key") and lose that scrape. Staging all three first (written and
         fsynced) shrinks that window from the fsyncs' milliseconds to microseconds;
         no set of separate files can close it (istio-agent writes them one by one).
+        The renames keep the GIL (:func:`_renames_holding_the_gil`): os.replace gives
+        it up in each call, and a probe thread running beside a continuity window then
+        held it for up to a switch interval (5 ms) between two renames.
         """
         files = self._scraper_files()
         staged: list[tuple[Path, Path]] = []
@@ -237,11 +241,23 @@ class IdentityOperations:
                 staging = files.directory / f".{target.name}.staged"
                 staged.append((atomic_write(staging, data, mode), target))
             with self._scraper_lock:  # a probe's snapshot sees all three or none
-                for staging, target in staged:
-                    os.replace(staging, target)
+                _renames_holding_the_gil(staged)
         finally:
             for staging, _ in staged:
                 staging.unlink(missing_ok=True)
+
+
+#: libc through ctypes.PyDLL: unlike CDLL, its calls do not release the GIL
+_LIBC = ctypes.PyDLL(None, use_errno=True)
+
+
+def _renames_holding_the_gil(pairs: list[tuple[Path, Path]]) -> None:
+    """rename(2) each (source, target), back to back, without letting another Python
+    thread run in between."""
+    for source, target in pairs:
+        if _LIBC.rename(os.fsencode(source), os.fsencode(target)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(source))
 
 
 def _identity_from_files(files: OutputCerts) -> WorkloadIdentity:
