@@ -40,7 +40,10 @@ class PrometheusServer:
                     f"--config.file={self.config_path}",
                     f"--storage.tsdb.path={storage}",
                     f"--web.listen-address={pod.ip}:{PROMETHEUS_PORT}",
-                    "--log.level=warn",
+                    # debug: Prometheus logs every failed scrape with its error ("Scrape
+                    # failed"), while its targets API keeps only the last one; the
+                    # diagnostics of a failed continuity window keep this log
+                    "--log.level=debug",
                 ]
             ),
             workdir / "prometheus.log",
