@@ -6,6 +6,7 @@ server answering the Prometheus API paths the driver reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -271,6 +272,17 @@ def test_two_rotations_each_served_to_a_fresh_handshake(proxy: str) -> None:
     assert fake.curls[-1] == mesh.scraper.serial
     assert {j.job for j in run.continuity.jobs} == {MERGED_JOB, ENVOY_JOB}
     assert run.continuity.ok
+
+
+def test_the_handshake_is_bounded_by_the_named_scrape_request_timeout(proxy: str) -> None:
+    fake, _, driver, workload = _setup(proxy, renew_every=3)
+    driver.timing = dataclasses.replace(driver.timing, scrape_request=7)
+    assert driver.run(workload).ok
+    curls = [c[3] for c in fake.calls if c[0] == "exec" and c[3].startswith("curl")]
+    assert curls
+    assert all("--max-time 7 " in c for c in curls)
+    # what the cluster backend builds from `--timeout scrape-request=...`
+    assert Timing.for_ttl(timedelta(minutes=4), scrape_request=9).scrape_request == 9
 
 
 def test_a_serial_that_never_changes_fails_with_a_clear_message(proxy: str) -> None:

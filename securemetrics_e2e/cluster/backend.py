@@ -481,7 +481,7 @@ class ClusterBackend(UpgradeOperations, Backend):
             scraper_namespace=self.scraper.namespace,
             scraper_pod=self.prober.scraper_pod,
             prometheus=self.prometheus,
-            timing=timing or Timing.for_ttl(ttl),
+            timing=timing or Timing.for_ttl(ttl, scrape_request=self.timeouts.scrape_request),
             rotations=rotations,
             progress=self.timer.progress,
         )

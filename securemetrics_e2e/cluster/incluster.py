@@ -34,6 +34,7 @@ from securemetrics_e2e.probe import (
     plaintext_result,
 )
 from securemetrics_e2e.spiffe import SpiffeId
+from securemetrics_e2e.timeouts import CLUSTER
 
 SCRAPER_CERTS = "/etc/istio-certs"
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -61,12 +62,17 @@ def _marker() -> str:
     return f"@@securemetrics-{secrets.token_hex(6)}@@"
 
 
+def exec_timeout(request_timeout: float) -> float:
+    """The bound of the exec that runs curl: the request's, and the exec's own round trip."""
+    return max(30.0, request_timeout + 10.0)
+
+
 def mtls_curl(
     url: str,
     *,
     certs_dir: str = SCRAPER_CERTS,
     client_cert: tuple[str, str] | None = ("cert-chain.pem", "key.pem"),
-    timeout: float = 5.0,
+    timeout: float = CLUSTER.scrape_request,
 ) -> CurlCall:
     """GET ``url`` as the docs do: mesh root as CA, the scraper's cert, --insecure."""
     marker = _marker()
@@ -92,7 +98,7 @@ def mtls_curl(
     return CurlCall(argv, marker)
 
 
-def plaintext_curl(url: str, *, timeout: float = 3.0) -> CurlCall:
+def plaintext_curl(url: str, *, timeout: float = CLUSTER.plaintext_request) -> CurlCall:
     marker = _marker()
     argv = ["curl", "-sS", "--max-time", f"{timeout:g}", "-H", f"Accept: {ACCEPT}"]
     argv += ["-o", "-", "-w", f"\n{marker}%{{http_code}}", url]

@@ -22,6 +22,7 @@ from securemetrics_e2e.backend import Credential, Origin, Workload
 from securemetrics_e2e.cluster.forward import PortForward
 from securemetrics_e2e.cluster.incluster import (
     SCRAPER_CERTS,
+    exec_timeout,
     mtls_curl,
     parse_mtls,
     parse_plaintext,
@@ -40,11 +41,6 @@ from securemetrics_e2e.timeouts import CLUSTER
 
 _CERT_FILES = ("root-cert.pem", "cert-chain.pem", "key.pem")
 _CERTS_MAX_AGE = 300.0  # re-read the scraper's files: the agent rotates them
-
-
-def _exec(request_timeout: float) -> float:
-    """The bound of the exec that runs curl: the request's, and the exec's own round trip."""
-    return max(30.0, request_timeout + 10.0)
 
 
 class Prober:
@@ -190,7 +186,11 @@ class Prober:
         started = time.monotonic()
         try:
             result = self.api.exec(
-                self.scraper.namespace, pod, PROXY_CONTAINER, call.argv, timeout=_exec(timeout)
+                self.scraper.namespace,
+                pod,
+                PROXY_CONTAINER,
+                call.argv,
+                timeout=exec_timeout(timeout),
             )
         finally:
             if staged is not None:
@@ -301,7 +301,9 @@ class Prober:
         )
         call = plaintext_curl(url, timeout=timeout)
         started = time.monotonic()
-        result = self.api.exec(namespace, pod, PROXY_CONTAINER, call.argv, timeout=_exec(timeout))
+        result = self.api.exec(
+            namespace, pod, PROXY_CONTAINER, call.argv, timeout=exec_timeout(timeout)
+        )
         if result.exit_code in (126, 127):
             raise SecureMetricsError(
                 f"curl could not run in {namespace}/{pod} ({PROXY_CONTAINER}): "

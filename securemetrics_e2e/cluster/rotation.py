@@ -40,7 +40,13 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 
 from securemetrics_e2e.backend import Workload
-from securemetrics_e2e.cluster.incluster import SCRAPER_CERTS, mtls_curl, parse_mtls, peer_chain
+from securemetrics_e2e.cluster.incluster import (
+    SCRAPER_CERTS,
+    exec_timeout,
+    mtls_curl,
+    parse_mtls,
+    peer_chain,
+)
 from securemetrics_e2e.cluster.kube import KubeAPI, Obj
 from securemetrics_e2e.continuity import STATS_PATH, Continuity, measure_continuity, wait_scraped
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
@@ -49,6 +55,7 @@ from securemetrics_e2e.manifests import SECRET_TTL_ENV
 from securemetrics_e2e.probe import MtlsOutcome, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.rotation import RotationRun, RotationStep
+from securemetrics_e2e.timeouts import CLUSTER
 from securemetrics_e2e.waiting import NotYet, WaitTimeout, wait_for
 
 CERT_CHAIN = f"{SCRAPER_CERTS}/cert-chain.pem"
@@ -92,9 +99,17 @@ class Timing:
     settle_timeout: float  # for the workload to be scraped UP before the window
     scrape_interval_s: float = SCRAPE_INTERVAL_S
     poll_interval: float = 5.0
+    #: curl's --max-time for one handshake from the scraper pod: the named timeout
+    #: ``scrape-request`` (timeouts.py), as for every other probe of the cluster
+    scrape_request: float = CLUSTER.scrape_request
 
     @classmethod
-    def for_ttl(cls, ttl: timedelta, scrape_interval_s: float = SCRAPE_INTERVAL_S) -> Timing:
+    def for_ttl(
+        cls,
+        ttl: timedelta,
+        scrape_interval_s: float = SCRAPE_INTERVAL_S,
+        scrape_request: float = CLUSTER.scrape_request,
+    ) -> Timing:
         if ttl.total_seconds() < 8 * scrape_interval_s:
             raise UsageError(
                 f"{SECRET_TTL_ENV} {ttl} is shorter than eight scrape intervals "
@@ -107,6 +122,7 @@ class Timing:
             rotation_timeout=renewal_interval(ttl).total_seconds() + slack,
             settle_timeout=8 * scrape_interval_s,
             scrape_interval_s=scrape_interval_s,
+            scrape_request=scrape_request,
         )
 
 
@@ -187,9 +203,15 @@ class ClusterRotation:
         pod = self.scraper_pod()
         root = leaf_certificate(self._exec(pod, ["cat", ROOT_CERT]), f"{pod}:{ROOT_CERT}")
         url = workload.url(port, STATS_PATH)
-        call = mtls_curl(url)
+        call = mtls_curl(url, timeout=self.timing.scrape_request)
         started = time.monotonic()
-        got = self.api.exec(self.scraper_namespace, pod, PROXY_CONTAINER, call.argv, timeout=30)
+        got = self.api.exec(
+            self.scraper_namespace,
+            pod,
+            PROXY_CONTAINER,
+            call.argv,
+            timeout=exec_timeout(self.timing.scrape_request),
+        )
         result = parse_mtls(
             got,
             call,
