@@ -103,7 +103,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the conformance report here (.json or .yaml)",
     )
     # the distribution under test, as `securemetrics-e2e run` takes it (--org, ...)
-    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+    from securemetrics_e2e.selection import DISTRIBUTION_OPTIONS
 
     for flag, what in DISTRIBUTION_OPTIONS.items():
         group.addoption(
