@@ -283,11 +283,13 @@ def build_bootstrap(
     }
 
 
-#: the stats a pilot-agent bootstrap keeps (envoy_bootstrap.json's stats_matcher, with
-#: istio/istio pkg/bootstrap/config.go's defaults: the v2Prefixes "reporter=", the
-#: requiredEnvoyStatsMatcherInclusionPrefixes, the rbac suffixes plus downstream_cx_active,
-#: requiredEnvoyStatsMatcherInclusionRegexes, and the template's "component" and "istio");
-#: an Envoy without it renders every stat it has, ten times the samples per scrape
+#: the stats a pilot-agent bootstrap keeps: envoy_bootstrap.json's stats_matcher inclusion
+#: list as istio/istio pkg/bootstrap/config.go fills it by default (getStatsOptions: the
+#: v2Prefixes "reporter=", requiredEnvoyStatsMatcherInclusionPrefixes, the v2Suffix
+#: prefixes "component" and "istio", rbacEnvoyStatsMatcherInclusionSuffix, and
+#: requiredEnvoyStatsMatcherInclusionRegexes; "downstream_cx_active" only with
+#: EXIT_ON_ZERO_ACTIVE_CONNECTIONS). An Envoy without it renders every stat it has: ten
+#: times the samples per scrape for Prometheus to ingest and the probes to parse.
 _STATS_INCLUSION: list[dict[str, Any]] = [
     *(
         {"prefix": p}
@@ -302,17 +304,8 @@ _STATS_INCLUSION: list[dict[str, Any]] = [
             "istio",
         )
     ),
-    *(
-        {"suffix": s}
-        for s in (
-            "rbac.allowed",
-            "rbac.denied",
-            "shadow_allowed",
-            "shadow_denied",
-            "downstream_cx_active",
-        )
-    ),
-    {"safe_regex": {"regex": r"vhost\..*\.route\..*"}},
+    *({"suffix": s} for s in ("rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied")),
+    {"safe_regex": {"regex": r"vhost\.*\.route\.*"}},
 ]
 
 
