@@ -21,11 +21,12 @@ import pytest
 _LONGEST_FIRST = (
     "tests/test_walkthrough.py",  # with tests/test_golden.py
     "tests/test_cli.py",  # with tests/test_provenance.py
+    # CPU-bound in one process (the Istio and Prometheus Operator models load first)
+    "tests/test_manifests.py",
     "scenarios",
     "tests/test_interrupt.py",
     "tests/test_negative_controls.py",
     "tests/test_packaging.py",
-    "tests/test_manifests.py",
     "tests/test_cli_inputs.py",
     "tests/test_cluster_backend.py",
     "tests/test_plugin_plan.py",

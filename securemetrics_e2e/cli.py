@@ -27,6 +27,7 @@ from securemetrics_e2e.errors import EnvironmentProblem, SecureMetricsError, Usa
 from securemetrics_e2e.selection import (
     BACKENDS,
     CLUSTER_FLAGS,
+    DISTRIBUTION_OPTIONS,
     EXIT_NOT_CONFORMANT,
     EXIT_OK,
     EXIT_USAGE,
@@ -329,8 +330,6 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
 
 
 def _distribution_options(p: argparse.ArgumentParser) -> None:
-    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
-
     dist = p.add_argument_group("distribution under test (recorded in the report)")
     for flag, what in DISTRIBUTION_OPTIONS.items():
         action = "append" if flag == "contact" else "store"

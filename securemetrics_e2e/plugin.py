@@ -103,7 +103,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the conformance report here (.json or .yaml)",
     )
     # the distribution under test, as `securemetrics-e2e run` takes it (--org, ...)
-    from securemetrics_e2e.report import DISTRIBUTION_OPTIONS
+    from securemetrics_e2e.selection import DISTRIBUTION_OPTIONS
 
     for flag, what in DISTRIBUTION_OPTIONS.items():
         group.addoption(
@@ -430,6 +430,21 @@ def _record_continuity(config: pytest.Config, deployment: Deployment, measured: 
             deployment.scenario.name, deployment.mtls_mode.value, deployment.variant.id
         )
         run_result(config).continuity.extend(records)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """A check's finding (CheckFailed) leaves the test body without its traceback:
+    pytest_runtest_makereport below replaces the report of a finding with the finding
+    itself, so pytest need not render the source of frames nobody reads (this frame is
+    hidden, pytest's and pluggy's are filtered). Rendering them parsed every module on
+    the way and scanned every loaded module's path, a good part of a second of CPU per
+    run with failed or known-gap checks. Other exceptions keep their traceback."""
+    __tracebackhide__ = True  # read by pytest from this frame
+    try:
+        return (yield)
+    except CheckFailed as exc:
+        raise exc.with_traceback(None) from None
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)  # inner: progress reads its sm_status

@@ -49,16 +49,6 @@ class ProfileResult(enum.StrEnum):
     SKIPPED = "skipped"  # nothing ran: every check skipped, which proves nothing
 
 
-#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest)
-DISTRIBUTION_OPTIONS = {
-    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
-    "project": "distribution name, e.g. 'Example Mesh'",
-    "url": "distribution URL",
-    "dist-version": "distribution version",
-    "contact": "contact (repeatable)",
-}
-
-
 @dataclass(frozen=True)
 class Distribution:
     """The mesh distribution under test (Gateway API calls it the implementation)."""

@@ -93,6 +93,17 @@ def check_backend_flags(args: argparse.Namespace) -> None:
         raise UsageError("--canary chooses how --upgrade-from upgrades: add --upgrade-from")
 
 
+#: the report's distribution options (``--org`` for `run`, ``--sm-org`` for pytest): here,
+#: not in report.py, so that building the command line imports no report machinery
+DISTRIBUTION_OPTIONS = {
+    "org": "organization of the distribution under test, e.g. 'Example Corp.'",
+    "project": "distribution name, e.g. 'Example Mesh'",
+    "url": "distribution URL",
+    "dist-version": "distribution version",
+    "contact": "contact (repeatable)",
+}
+
+
 def distribution(args: argparse.Namespace) -> Any:
     from securemetrics_e2e.report import Distribution
 

@@ -279,7 +279,34 @@ def build_bootstrap(
             "address": socket_address(loopback, ADMIN_PORT),
         },
         "static_resources": {"clusters": clusters, "listeners": listeners},
+        "stats_config": {"stats_matcher": {"inclusion_list": {"patterns": _STATS_INCLUSION}}},
     }
+
+
+#: the stats a pilot-agent bootstrap keeps: envoy_bootstrap.json's stats_matcher inclusion
+#: list as istio/istio pkg/bootstrap/config.go fills it by default (getStatsOptions: the
+#: v2Prefixes "reporter=", requiredEnvoyStatsMatcherInclusionPrefixes, the v2Suffix
+#: prefixes "component" and "istio", rbacEnvoyStatsMatcherInclusionSuffix, and
+#: requiredEnvoyStatsMatcherInclusionRegexes; "downstream_cx_active" only with
+#: EXIT_ON_ZERO_ACTIVE_CONNECTIONS). An Envoy without it renders every stat it has: ten
+#: times the samples per scrape for Prometheus to ingest and the probes to parse.
+_STATS_INCLUSION: list[dict[str, Any]] = [
+    *(
+        {"prefix": p}
+        for p in (
+            "reporter=",
+            "cluster_manager",
+            "listener_manager",
+            "server",
+            "cluster.xds-grpc",
+            "wasm",
+            "component",
+            "istio",
+        )
+    ),
+    *({"suffix": s} for s in ("rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied")),
+    {"safe_regex": {"regex": r"vhost\.*\.route\.*"}},
+]
 
 
 def sds_secret_default(cert_chain_pem: bytes, key_pem: bytes) -> dict[str, Any]:
