@@ -42,8 +42,6 @@ def test_diagnostics_of_a_failing_variant(tmp_path: Path) -> None:
     log = (where / "prometheus.log").read_text()
     assert 'msg="Scrape failed"' in log
     assert "404" in log
-    # Envoy's counters: the 404s the missing route gave
-    assert "downstream_rq_4xx" in (pod / "stats.txt").read_text()
     for path in where.rglob("*"):
         if path.is_file():
             assert "PRIVATE KEY" not in path.read_text(errors="replace"), path

@@ -1,7 +1,7 @@
 """What explains a local failure, saved before teardown removes it.
 
 For each workload of the failing variant: the proxy's config_dump and the listeners
-parsed from it, its counters (stats), the bootstrap and Envoy's log; for the scraper:
+parsed from it, the bootstrap and Envoy's log; for the scraper:
 Prometheus' active and dropped targets, the configuration it really loaded, the
 discovery file and its log (every failed scrape with its error).
 Private keys are never copied.
@@ -47,8 +47,6 @@ def _capture_proxy(envoy: Envoy, pod_dir: Path) -> None:
         pod_dir / "listeners.json",
         lambda: [asdict(lst) for lst in listeners_from_config_dump(dump)],
     )
-    # the counters tell a failure's kind: TLS handshake errors, 5xx, upstream resets
-    _write(pod_dir / "stats.txt", lambda: envoy.admin_get("/stats").text)
     for name in ("envoy-bootstrap.json", "envoy.log", "inbound-access.log"):
         source = envoy.workdir / name
         if source.exists():
