@@ -71,6 +71,38 @@ def _system_packages(session: nox.Session) -> None:
     )
 
 
+#: inotify instances a user may hold (fs.inotify.max_user_instances): each local Envoy
+#: holds two (its watched SDS files) and aborts when none is left; the full tier runs up
+#: to about sixty Envoys side by side (108 instances were seen in use), and a second
+#: suite beside it doubles that, past the kernel's default of 128
+INOTIFY_INSTANCES = 1024
+
+
+def _inotify_instances(session: nox.Session) -> None:
+    """Raise fs.inotify.max_user_instances to :data:`INOTIFY_INSTANCES` when it is lower
+    and we may (root), as the packages above are installed; otherwise say how."""
+    limit = Path("/proc/sys/fs/inotify/max_user_instances")
+    try:
+        current = int(limit.read_text())
+    except (OSError, ValueError):
+        return  # not Linux, or not readable: the local backend says so itself
+    if current >= INOTIFY_INSTANCES:
+        return
+    try:
+        limit.write_text(f"{INOTIFY_INSTANCES}\n")
+    except OSError:
+        session.warn(
+            f"fs.inotify.max_user_instances is {current}: local Envoys abort when none is "
+            f"left; raise it with `sysctl -w fs.inotify.max_user_instances="
+            f"{INOTIFY_INSTANCES}` (as root)"
+        )
+        return
+    session.log(
+        f"raised fs.inotify.max_user_instances from {current} to {INOTIFY_INSTANCES} "
+        "(each local Envoy watches its SDS files with two)"
+    )
+
+
 #: pytest-xdist workers: the real-process tests mostly wait (for Prometheus' discovery
 #: cycle, a TLS handshake, a subprocess), so four workers keep two cores busy; which
 #: tests share a worker is decided in conftest.py (a file's tests together, the
@@ -97,6 +129,7 @@ def tests(session: nox.Session) -> None:
     conformance scenarios on the local backend, side by side on pytest-xdist workers."""
     _supported_python(session)
     _system_packages(session)
+    _inotify_instances(session)
     session.install("-e", ".[dev]")
     args = session.posargs or ["tests", "scenarios", "--benchmark-skip"]
     session.run("pytest", "-p", "no:cacheprovider", "-n", WORKERS, *args, env=_bytecode(session))
@@ -108,6 +141,7 @@ def quick(session: nox.Session) -> None:
     without the tests marked slow (wheel builds, the vendor walk-through)."""
     _supported_python(session)
     _system_packages(session)
+    _inotify_instances(session)
     session.install("-e", ".[dev]")
     args = session.posargs or ["tests", "-m", "not slow", "--benchmark-skip"]
     session.run("pytest", "-p", "no:cacheprovider", "-n", WORKERS, *args, env=_bytecode(session))
@@ -139,6 +173,7 @@ def mutation(session: nox.Session) -> None:
     CONTRIBUTING.md ("Mutation testing") lists the equivalent ones and why."""
     _supported_python(session)
     _system_packages(session)
+    _inotify_instances(session)
     session.install("-e", ".[dev]", "mutmut>=3.3")
     jobs = os.environ.get("MUTATION_JOBS", "1")
     session.run("mutmut", "run", "--max-children", jobs, *session.posargs)
@@ -161,6 +196,7 @@ def conformance(session: nox.Session) -> None:
     """The conformance suite on the local backend: PASS/FAIL/SKIP per scenario and a verdict."""
     _supported_python(session)
     _system_packages(session)
+    _inotify_instances(session)
     session.install("-e", ".")
     args = session.posargs or []
     session.run("securemetrics-e2e", "run", "--backend", _backend(session, args), *args)
@@ -190,6 +226,7 @@ def bench(session: nox.Session) -> None:
     """Phase timings of the local backend (Envoy ready, first UP per job, total)."""
     _supported_python(session)
     _system_packages(session)
+    _inotify_instances(session)
     session.install("-e", ".[dev]")
     session.run(
         "pytest",

@@ -36,6 +36,39 @@ def envoy_binary() -> str:
     )
 
 
+#: how many inotify instances each local Envoy holds: one per watched SDS file (the
+#: workload certificate and the root), as ``path_config_source`` watches its directory
+INOTIFY_PER_ENVOY = 2
+
+
+def exit_problem(pod_name: str, code: int, log: str) -> EnvironmentProblem:
+    """Why an Envoy that exited before it was ready did so, from its whole log.
+
+    An abort prints the reason first and a stack trace of thirty lines after it, so the
+    log's tail alone would lose it. The one this machine can fix is named with its fix:
+    Envoy aborts when it cannot create the inotify instance that watches its SDS files
+    (source/common/filesystem/inotify/watcher_impl.cc: ``assert failure: inotify_fd_ >=
+    0``), which happens when this user's ``fs.inotify.max_user_instances`` are all in use.
+    """
+    lines = log.splitlines()
+    why = next((ln for ln in lines if "assert failure" in ln or "[critical]" in ln), "")
+    if "inotify" in why:
+        try:
+            limit = Path("/proc/sys/fs/inotify/max_user_instances").read_text().strip()
+        except OSError:
+            limit = "unknown"
+        return EnvironmentProblem(
+            f"Envoy in pod {pod_name} aborted: no inotify instance left to watch its SDS "
+            f"files (fs.inotify.max_user_instances is {limit}; each local Envoy holds "
+            f"{INOTIFY_PER_ENVOY}, and runs side by side add up): raise it, e.g. "
+            "`sysctl -w fs.inotify.max_user_instances=1024`, and run again"
+        )
+    tail = "\n".join(lines[-20:])
+    return EnvironmentProblem(
+        f"Envoy in pod {pod_name} exited with {code}: {why.strip() or '(no reason logged)'}\n{tail}"
+    )
+
+
 class Envoy:
     """One proxy: bootstrap file, process, admin API."""
 
@@ -92,9 +125,7 @@ class Envoy:
         def ready() -> None:
             code = self.process.exited()
             if code is not None:
-                raise EnvironmentProblem(
-                    f"Envoy in pod {self.pod.name} exited with {code}:\n{self.process.log_tail()}"
-                )
+                raise exit_problem(self.pod.name, code, self.process.log_text())
             resp = self.pod.call(lambda: requests.get(f"{self.admin_url}/ready", timeout=1))
             if resp.status_code != 200:
                 raise NotYet(f"/ready answered {resp.status_code} {resp.text.strip()}")

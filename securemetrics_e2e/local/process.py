@@ -70,12 +70,15 @@ class ManagedProcess:
         """The exit code if the process has ended, else None."""
         return None if self._proc is None else self._proc.poll()
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_text(self) -> str:
+        """The whole log ("" when it cannot be read)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; reaps the child. Safe to call twice."""
