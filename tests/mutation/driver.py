@@ -17,9 +17,12 @@ unmutated outcome against those expectations, then judges each mutant
 module (UNIT_TESTS) in a pytest of its own, as ``mutmut run`` would. Verdicts go into
 mutmut's own files, so ``mutmut results`` and ``mutmut show NAME`` read them.
 
-Not run here, and why: the clean ``upgrade`` unit and the UPGRADE_DROPS_TARGETS control
-(an upgrade window changes the deployment for good: it cannot be re-run on it), so the
-mutants only upgrade-continuity reaches are reported "not run".
+Left out of the shared targets, and why: the clean ``upgrade`` unit and the
+UPGRADE_DROPS_TARGETS control (an upgrade window changes the deployment for good: it cannot
+be re-run on it). The mutants only the upgrade window reaches (``verify``,
+``_upgrade_continuity``) run its tests instead (UNIT_TESTS), each in a mesh of its own.
+The rotation window (``rotation-continuity`` on the clean ``rotation`` unit) can be re-run,
+and is, for every mutant that reaches it (about 12 s each).
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ FILES = (
 #: the unit tests (no mesh) a mutant runs when no live check kills it: the first pattern
 #: matching its name (fnmatch) wins
 UNIT_TESTS = (
+    # reached only by the upgrade window, which no shared target can run twice: the
+    # window's own tests and the upgrade control, each in a mesh of its own (a minute)
+    ("securemetrics_e2e.checks.x_verify__*", ["tests/test_upgrade_window.py"]),
+    (
+        "securemetrics_e2e.checks.x__upgrade_continuity__*",
+        [
+            "tests/test_negative_controls.py::test_fault_makes_the_verdict_fail_naming_its_checks",
+            "tests/test_negative_controls.py::test_targets_dropped_by_an_upgrade_are_named",
+        ],
+    ),
     ("securemetrics_e2e.checks.x_named__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.x__split__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.xǁCheckSelectionǁ*", ["tests/test_check_selection.py"]),
