@@ -48,6 +48,8 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
     Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
+    # SMC002's "200 but no metric families" clause: Prometheus scrapes an empty page UP
+    Fault.STATS_ALL_REJECTED: ("native-sidecar", {"mtls-scrape"}),
     Fault.SECURE_PORT_ANNOTATION_MISSING: (
         "native-sidecar",
         TARGETS | {"injector-secure-port-annotation"},

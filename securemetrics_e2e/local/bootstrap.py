@@ -264,7 +264,9 @@ def build_bootstrap(
             "secure_merged_stats",
         )
 
+    rejected = {"stats_config": {"stats_matcher": {"reject_all": True}}}
     return {
+        **(rejected if fault is Fault.STATS_ALL_REJECTED else {}),
         "node": {"id": node_id, "cluster": spec.name},
         "admin": {
             "access_log": [

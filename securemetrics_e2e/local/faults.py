@@ -24,6 +24,10 @@ class Fault(enum.StrEnum):
     # that checks the SPIFFE ID notices (Prometheus runs with insecure_skip_verify)
     WRONG_IDENTITY = "wrong-identity"
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
+    # the bootstrap's stats_config matcher rejects every stat (a bootstrap override in
+    # place of the inclusion list Istio renders: tools/packaging/common/envoy_bootstrap.json
+    # "stats_matcher"): the Envoy-only port answers 200 with no metric at all
+    STATS_ALL_REJECTED = "stats-all-rejected"
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
     # the injector does not auto-annotate native sidecars with secure-port (pre-PR #60430)
     INJECTOR_NO_SECURE_PORT = "injector-no-secure-port"
