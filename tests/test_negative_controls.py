@@ -50,6 +50,11 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
     # SMC002's "200 but no metric families" clause: Prometheus scrapes an empty page UP
     Fault.STATS_ALL_REJECTED: ("native-sidecar", {"mtls-scrape"}),
+    # SMC003's clause itself: /metrics on the Envoy-only port is served, not 404
+    Fault.ENVOY_PORT_ROUTES_ALL: (
+        "native-sidecar",
+        {"listeners-tls-only", "envoy-port-stats-only"},
+    ),
     Fault.SECURE_PORT_ANNOTATION_MISSING: (
         "native-sidecar",
         TARGETS | {"injector-secure-port-annotation"},

@@ -257,7 +257,10 @@ def build_bootstrap(
         secure(spec.secure_merged_port, [("/stats/prometheus", outbound)], "outbound_0.0.0.0_15091")
     else:
         assert spec.secure_envoy_port is not None
-        secure(spec.secure_envoy_port, [("/stats/prometheus", "prometheus_stats")], "secure_stats")
+        envoy_routes = [("/stats/prometheus", "prometheus_stats")]
+        if fault is Fault.ENVOY_PORT_ROUTES_ALL:
+            envoy_routes.append(("/", "agent"))
+        secure(spec.secure_envoy_port, envoy_routes, "secure_stats")
         secure(
             spec.secure_merged_port,
             [("/stats/prometheus", "agent"), ("/metrics", "agent")],

@@ -28,6 +28,9 @@ class Fault(enum.StrEnum):
     # place of the inclusion list Istio renders: tools/packaging/common/envoy_bootstrap.json
     # "stats_matcher"): the Envoy-only port answers 200 with no metric at all
     STATS_ALL_REJECTED = "stats-all-rejected"
+    # the Envoy-only secure port forwards every other path to the agent (a catch-all route
+    # or EnvoyFilter), exposing the merged metrics on it: /metrics answers 200
+    ENVOY_PORT_ROUTES_ALL = "envoy-port-routes-all"
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
     # the injector does not auto-annotate native sidecars with secure-port (pre-PR #60430)
     INJECTOR_NO_SECURE_PORT = "injector-no-secure-port"
