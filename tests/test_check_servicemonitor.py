@@ -17,6 +17,7 @@ import pytest
 
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.checkbodies import _port_of
 from securemetrics_e2e.checks import SERVICE_MONITOR_UP, CheckFailed
 from securemetrics_e2e.pki import MeshCA
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -97,3 +98,19 @@ def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
 def test_namespace_without_servicemonitors_fails(api: PrometheusAPI) -> None:
     with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/"):
         _run(api, "ns-none")
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("https://10.244.0.7:15091/stats/prometheus", "15091"),
+        ("https://[fd00::7]:15020/metrics", "15020"),
+        ("http://10.244.0.7:8080", "8080"),
+        ("10.244.0.7:15092", "15092"),
+        ("https://10.244.0.7:15091/a:b/c", "15091"),
+        ("https://10.244.0.7:15091/stats?next=http://x:1/", "15091"),
+    ],
+)
+def test_the_port_a_down_token_names_is_read_from_the_scrape_url(url: str, port: str) -> None:
+    # `down:<port>` tells a known gap about one port from another (the known-gap table)
+    assert _port_of(url) == port
