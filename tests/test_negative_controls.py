@@ -49,7 +49,7 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
     # SMC002's "200 but no metric families" clause: Prometheus scrapes an empty page UP
-    Fault.STATS_ALL_REJECTED: ("native-sidecar", {"mtls-scrape"}),
+    Fault.STATS_ROUTE_EMPTY: ("native-sidecar", {"mtls-scrape"}),
     # SMC003's clause itself: /metrics on the Envoy-only port is served, not 404
     Fault.ENVOY_PORT_ROUTES_ALL: (
         "native-sidecar",

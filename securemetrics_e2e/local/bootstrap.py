@@ -138,6 +138,12 @@ def _secure_listener(
     if fault is Fault.STATS_ROUTE_MISSING:
         routes = [(p, c) for p, c in routes if p != "/stats/prometheus"]
     chain: dict[str, Any] = {"filters": [http_manager(stat_prefix, routes)]}
+    if fault is Fault.STATS_ROUTE_EMPTY:
+        hcm = chain["filters"][0]["typed_config"]
+        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+            if route["route"]["cluster"] == "prometheus_stats":
+                route.pop("route")
+                route["direct_response"] = {"status": 200}
     listener: dict[str, Any] = {
         "name": f"{wildcard}_{port}",
         "address": socket_address(wildcard, port),
@@ -267,9 +273,7 @@ def build_bootstrap(
             "secure_merged_stats",
         )
 
-    rejected = {"stats_config": {"stats_matcher": {"reject_all": True}}}
     return {
-        **(rejected if fault is Fault.STATS_ALL_REJECTED else {}),
         "node": {"id": node_id, "cluster": spec.name},
         "admin": {
             "access_log": [

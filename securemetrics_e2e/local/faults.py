@@ -24,10 +24,9 @@ class Fault(enum.StrEnum):
     # that checks the SPIFFE ID notices (Prometheus runs with insecure_skip_verify)
     WRONG_IDENTITY = "wrong-identity"
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
-    # the bootstrap's stats_config matcher rejects every stat (a bootstrap override in
-    # place of the inclusion list Istio renders: tools/packaging/common/envoy_bootstrap.json
-    # "stats_matcher"): the Envoy-only port answers 200 with no metric at all
-    STATS_ALL_REJECTED = "stats-all-rejected"
+    # the Envoy-only port's stats route answers 200 itself with an empty page (a route or
+    # EnvoyFilter with a direct response in place of the forward to Envoy's stats)
+    STATS_ROUTE_EMPTY = "stats-route-empty"
     # the Envoy-only secure port forwards every other path to the agent (a catch-all route
     # or EnvoyFilter), exposing the merged metrics on it: /metrics answers 200
     ENVOY_PORT_ROUTES_ALL = "envoy-port-routes-all"
