@@ -9,6 +9,7 @@ the operator.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any, cast
@@ -91,13 +92,17 @@ def test_plaintext_servicemonitor_fails(api: PrometheusAPI) -> None:
 
 
 def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match=r"SMC012.*https://127\.0\.0\.1:\d+/metrics: down"):
+    with pytest.raises(CheckFailed, match=r"SMC012.*https://127\.0\.0\.1:\d+/metrics: down") as bad:
         _run(api, "ns-down")
+    # the known-gap table tells one port's gap from another's by this token
+    ((token,),) = [bad.value.observed]
+    assert re.fullmatch(r"down:\d+", token), token
 
 
 def test_namespace_without_servicemonitors_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/"):
+    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/") as bad:
         _run(api, "ns-none")
+    assert bad.value.observed == ("target:timeout",)
 
 
 @pytest.mark.parametrize(
