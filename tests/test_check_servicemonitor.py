@@ -87,8 +87,9 @@ def test_https_targets_up_pass(api: PrometheusAPI) -> None:
 
 
 def test_plaintext_servicemonitor_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1"):
+    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1") as bad:
         _run(api, "ns-plain")
+    assert bad.value.observed == ("target:plaintext",)
 
 
 def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
