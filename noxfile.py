@@ -166,18 +166,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def mutation(session: nox.Session) -> None:
-    """Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]): every clause
-    of the check bodies and the probe classification must make a negative control or a
-    probe test fail. CPU-heavy, not in CI: `-- 'securemetrics_e2e.probe*'` narrows it,
-    MUTATION_JOBS sets the parallel workers (default 1). Prints the surviving mutants;
-    CONTRIBUTING.md ("Mutation testing") lists the equivalent ones and why."""
+    """Mutation testing of the check bodies (checkbase, checks, checkbodies) and the probe
+    (tests/mutation/driver.py): mutmut writes and switches the mutants, the driver deploys
+    the negative controls and the clean conformance units once and re-runs, per mutant,
+    the checks that reach it; one worker. CPU-heavy, not in CI: `-- 'PATTERN'` narrows it
+    to mutant names, `-- --budget-minutes N` stops starting mutants after N minutes.
+    Fails on a survivor CONTRIBUTING.md ("Mutation testing") does not list as equivalent;
+    `mutmut results` and `mutmut show NAME` read its verdicts."""
     _supported_python(session)
     _system_packages(session)
     _inotify_instances(session)
-    session.install("-e", ".[dev]", "mutmut>=3.3")
-    jobs = os.environ.get("MUTATION_JOBS", "1")
-    session.run("mutmut", "run", "--max-children", jobs, *session.posargs)
-    session.run("mutmut", "results")
+    # the driver uses mutmut's mutant writer and trampoline switch: pinned to the minor
+    session.install("-e", ".[dev]", "mutmut>=3.8.1,<3.9")
+    session.run("python", "-m", "tests.mutation.driver", *session.posargs)
 
 
 def _backend(session: nox.Session, args: list[str]) -> str:

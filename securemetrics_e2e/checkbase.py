@@ -28,7 +28,6 @@ class CheckFailed(AssertionError):
         self, check_id: str, code: str, message: str, observed: Collection[str] = ()
     ) -> None:
         super().__init__(f"[{code} {check_id}] {message}")
-        self.check_id = check_id
         self.code = code
         self.message = message
         self.observed = tuple(sorted(set(observed)))

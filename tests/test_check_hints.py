@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from securemetrics_e2e.backend import Credential
@@ -16,6 +18,15 @@ def test_each_check_has_a_hint_and_its_failures_end_in_it(chk: Check) -> None:
     failure = chk.fail("httpbin: something went wrong")
     assert failure.message == f"httpbin: something went wrong — hint: {chk.hint}"
     assert failure.code == chk.code
+
+
+def test_a_failure_reads_code_id_and_message_and_a_check_without_hint_adds_none() -> None:
+    # what pytest prints for a failed conformance item (the plugin raises the failure)
+    chk = CHECKS[0]
+    failure = chk.fail("httpbin: broken", ["b:x", "a:y", "a:y"])
+    assert str(failure) == f"[{chk.code} {chk.id}] httpbin: broken — hint: {chk.hint}"
+    assert failure.observed == ("a:y", "b:x")
+    assert dataclasses.replace(chk, hint="").fail("httpbin: broken").message == "httpbin: broken"
 
 
 def test_hints_are_distinct() -> None:

@@ -37,8 +37,19 @@ def test_a_check_is_named_by_id_or_code_and_a_left_out_one_says_why() -> None:
         "not selected by --check mtls-scrape,listeners-tls-only"
     )
     assert CheckSelection().reason(check("foreign-ca-refused")) is None
-    with pytest.raises(UsageError, match=r"^--skip-check 'SMC099': no such check; known"):
+    with pytest.raises(UsageError, match=r"^--skip-check 'SMC099': no such check; known") as bad:
         CheckSelection((), ["SMC099"])
+    # the fix is in the message: every check, id and code
+    assert str(bad.value).endswith(
+        "known checks: " + ", ".join(f"{c.id} ({c.code})" for c in CHECKS)
+    )
+    assert "listeners-tls-only (SMC001), mtls-scrape (SMC002), " in str(bad.value)
+    # what the CLI hands the pytest plugin
+    assert chosen.as_args() == [
+        "--check=mtls-scrape",
+        "--check=listeners-tls-only",
+        "--skip-check=plaintext-refused",
+    ]
 
 
 def test_registry_ids_and_codes_are_unique() -> None:

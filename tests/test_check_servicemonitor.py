@@ -9,6 +9,7 @@ the operator.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any, cast
@@ -17,6 +18,7 @@ import pytest
 
 from securemetrics_e2e.backend import Backend, Deployment
 from securemetrics_e2e.catalog import MtlsMode, scenario
+from securemetrics_e2e.checkbodies import _port_of
 from securemetrics_e2e.checks import SERVICE_MONITOR_UP, CheckFailed
 from securemetrics_e2e.pki import MeshCA
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -85,15 +87,36 @@ def test_https_targets_up_pass(api: PrometheusAPI) -> None:
 
 
 def test_plaintext_servicemonitor_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1"):
+    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1") as bad:
         _run(api, "ns-plain")
+    assert bad.value.observed == ("target:plaintext",)
 
 
 def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match=r"SMC012.*https://127\.0\.0\.1:\d+/metrics: down"):
+    with pytest.raises(CheckFailed, match=r"SMC012.*https://127\.0\.0\.1:\d+/metrics: down") as bad:
         _run(api, "ns-down")
+    # the known-gap table tells one port's gap from another's by this token
+    ((token,),) = [bad.value.observed]
+    assert re.fullmatch(r"down:\d+", token), token
 
 
 def test_namespace_without_servicemonitors_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/"):
+    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/") as bad:
         _run(api, "ns-none")
+    assert bad.value.observed == ("target:timeout",)
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("https://10.244.0.7:15091/stats/prometheus", "15091"),
+        ("https://[fd00::7]:15020/metrics", "15020"),
+        ("http://10.244.0.7:8080", "8080"),
+        ("10.244.0.7:15092", "15092"),
+        ("https://10.244.0.7:15091/a:b/c", "15091"),
+        ("https://10.244.0.7:15091/stats?next=http://x:1/", "15091"),
+    ],
+)
+def test_the_port_a_down_token_names_is_read_from_the_scrape_url(url: str, port: str) -> None:
+    # `down:<port>` tells a known gap about one port from another (the known-gap table)
+    assert _port_of(url) == port

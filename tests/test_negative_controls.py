@@ -8,10 +8,15 @@ by the scenario suite itself (scenarios/).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
 
 import pytest
 
+from securemetrics_e2e.backend import Deployment
 from securemetrics_e2e.catalog import Feature, MtlsMode, RunUnit, VariantId, scenario
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.local.backend import LocalBackend
@@ -43,6 +48,13 @@ EXPECTED: dict[Fault, tuple[str, set[str]]] = {
     # SMC002's identity clause: Prometheus (insecure_skip_verify) still scrapes it UP
     Fault.WRONG_IDENTITY: ("native-sidecar", {"mtls-scrape"}),
     Fault.STATS_ROUTE_MISSING: ("native-sidecar", {"listeners-tls-only", "mtls-scrape"} | TARGETS),
+    # SMC002's "200 but no metric families" clause: Prometheus scrapes an empty page UP
+    Fault.STATS_ROUTE_EMPTY: ("native-sidecar", {"mtls-scrape"}),
+    # SMC003's clause itself: /metrics on the Envoy-only port is served, not 404
+    Fault.ENVOY_PORT_ROUTES_ALL: (
+        "native-sidecar",
+        {"listeners-tls-only", "envoy-port-stats-only"},
+    ),
     Fault.SECURE_PORT_ANNOTATION_MISSING: (
         "native-sidecar",
         TARGETS | {"injector-secure-port-annotation"},
@@ -92,45 +104,64 @@ def _mode(fault: Fault) -> MtlsMode:
     return MtlsMode.STRICT if fault in STRICT_FAULTS else MtlsMode.PERMISSIVE
 
 
-def _scraper_fault_controls() -> dict[Fault, list[CheckOutcome]]:
-    """Faults of the scraper need a mesh (and a Prometheus) of their own."""
-    results = {}
+@dataclass(frozen=True)
+class Control:
+    """One negative control, deployed: the fault and where it runs."""
+
+    fault: Fault
+    backend: LocalBackend
+    deployment: Deployment
+
+
+def deploy_scraper_fault_controls(stack: ExitStack) -> list[Control]:
+    """Faults of the scraper need a mesh (and a Prometheus) of their own; ``stack`` tears
+    them down."""
+    controls = []
     for fault in (f for f in EXPECTED if f in SCRAPER_FAULTS):
         backend = LocalBackend(fault=fault)
-        try:
-            with backend.deployed(scenario(EXPECTED[fault][0]), MtlsMode.PERMISSIVE) as dep:
-                results[fault] = run_checks(backend, dep)
-        finally:
-            backend.close()
-    return results
+        stack.callback(backend.close)
+        dep = stack.enter_context(
+            backend.deployed(scenario(EXPECTED[fault][0]), MtlsMode.PERMISSIVE)
+        )
+        controls.append(Control(fault, backend, dep))
+    return controls
 
 
 #: faults whose control runs an upgrade window (15 s): in a mesh of their own, in parallel
 UPGRADE_FAULTS = frozenset({Fault.UPGRADE_DROPS_TARGETS})
 
 
-def _data_plane_fault_controls(
-    faults: frozenset[Fault] | None = None,
-) -> dict[Fault, list[CheckOutcome]]:
+def deploy_data_plane_fault_controls(
+    stack: ExitStack, faults: frozenset[Fault] | None = None, backend: LocalBackend | None = None
+) -> list[Control]:
     """Data-plane faults side by side in one mesh, as broken namespaces of one cluster
-    would be: one Prometheus discovers them all in one discovery cycle (up to 5 s)."""
-    backend = LocalBackend()
-    try:
-        chosen = sorted(faults or frozenset(EXPECTED) - SCRAPER_FAULTS - UPGRADE_FAULTS)
-        if Feature.INBOUND_CAPTURE not in backend.features:
-            chosen = [f for f in chosen if f not in INBOUND_FAULTS]
-        deployments = backend.deploy_with_faults([(_unit(f), f) for f in chosen])
-        return {f: run_checks(backend, dep) for f, dep in zip(chosen, deployments, strict=True)}
-    finally:
-        backend.close()
+    would be: one Prometheus discovers them all in one discovery cycle (up to 5 s).
+    ``backend``: a mesh of the caller's (which closes it); default: a new one ``stack``
+    closes."""
+    if backend is None:
+        backend = LocalBackend()
+        stack.callback(backend.close)
+    chosen = sorted(faults or frozenset(EXPECTED) - SCRAPER_FAULTS - UPGRADE_FAULTS)
+    if Feature.INBOUND_CAPTURE not in backend.features:
+        chosen = [f for f in chosen if f not in INBOUND_FAULTS]
+    deployments = backend.deploy_with_faults([(_unit(f), f) for f in chosen])
+    return [Control(f, backend, d) for f, d in zip(chosen, deployments, strict=True)]
+
+
+def _checked(deploy: Callable[[ExitStack], list[Control]]) -> dict[Fault, list[CheckOutcome]]:
+    """Every check of every control ``deploy`` brings up, its meshes closed after."""
+    with ExitStack() as stack:
+        return {c.fault: run_checks(c.backend, c.deployment) for c in deploy(stack)}
 
 
 @pytest.fixture(scope="module")
 def control_results() -> dict[Fault, list[CheckOutcome]]:
     with ThreadPoolExecutor(max_workers=3) as pool:
-        scraper = pool.submit(_scraper_fault_controls)
-        data_plane = pool.submit(_data_plane_fault_controls)
-        upgrade = pool.submit(_data_plane_fault_controls, UPGRADE_FAULTS)
+        scraper = pool.submit(_checked, deploy_scraper_fault_controls)
+        data_plane = pool.submit(_checked, deploy_data_plane_fault_controls)
+        upgrade = pool.submit(
+            _checked, partial(deploy_data_plane_fault_controls, faults=UPGRADE_FAULTS)
+        )
         return {**data_plane.result(), **scraper.result(), **upgrade.result()}
 
 

@@ -26,6 +26,8 @@ from securemetrics_e2e.probe import (
     PlaintextOutcome,
     PlaintextResult,
     ScrapeResult,
+    _classify_mtls_error,
+    _Handshake,
     attempt_plaintext,
     classify_http_answer,
     identity_problem,
@@ -635,3 +637,14 @@ def test_identity_problem_builds_the_path_with_the_given_intermediates() -> None
     leaf, *intermediates = svid_chain(ca)
     assert identity_problem([leaf], [ca.root_cert], intermediates, EXPECTED) is None
     assert identity_problem([leaf], [ca.root_cert], [], EXPECTED) is not None
+
+
+def test_an_alert_says_which_certificate_we_presented() -> None:
+    # which TLS 1.3 timing brings the alert to the client is the server's (before or
+    # after our Finished), so the wording is pinned on the classification itself
+    alert = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
+    for presented, words in ((True, "our client certificate"), (False, "no client certificate")):
+        outcome, detail = _classify_mtls_error(alert, _Handshake(), presented)
+        assert outcome is MtlsOutcome.HANDSHAKE_REJECTED
+        assert detail.endswith(f"alert TLSV1_ALERT_UNKNOWN_CA (we presented {words})")

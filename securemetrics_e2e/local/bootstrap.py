@@ -138,6 +138,12 @@ def _secure_listener(
     if fault is Fault.STATS_ROUTE_MISSING:
         routes = [(p, c) for p, c in routes if p != "/stats/prometheus"]
     chain: dict[str, Any] = {"filters": [http_manager(stat_prefix, routes)]}
+    if fault is Fault.STATS_ROUTE_EMPTY:
+        hcm = chain["filters"][0]["typed_config"]
+        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+            if route["route"]["cluster"] == "prometheus_stats":
+                route.pop("route")
+                route["direct_response"] = {"status": 200}
     listener: dict[str, Any] = {
         "name": f"{wildcard}_{port}",
         "address": socket_address(wildcard, port),
@@ -257,7 +263,10 @@ def build_bootstrap(
         secure(spec.secure_merged_port, [("/stats/prometheus", outbound)], "outbound_0.0.0.0_15091")
     else:
         assert spec.secure_envoy_port is not None
-        secure(spec.secure_envoy_port, [("/stats/prometheus", "prometheus_stats")], "secure_stats")
+        envoy_routes = [("/stats/prometheus", "prometheus_stats")]
+        if fault is Fault.ENVOY_PORT_ROUTES_ALL:
+            envoy_routes.append(("/", "agent"))
+        secure(spec.secure_envoy_port, envoy_routes, "secure_stats")
         secure(
             spec.secure_merged_port,
             [("/stats/prometheus", "agent"), ("/metrics", "agent")],

@@ -24,6 +24,12 @@ class Fault(enum.StrEnum):
     # that checks the SPIFFE ID notices (Prometheus runs with insecure_skip_verify)
     WRONG_IDENTITY = "wrong-identity"
     STATS_ROUTE_MISSING = "stats-route-missing"  # no /stats/prometheus route on the secure ports
+    # the Envoy-only port's stats route answers 200 itself with an empty page (a route or
+    # EnvoyFilter with a direct response in place of the forward to Envoy's stats)
+    STATS_ROUTE_EMPTY = "stats-route-empty"
+    # the Envoy-only secure port forwards every other path to the agent (a catch-all route
+    # or EnvoyFilter), exposing the merged metrics on it: /metrics answers 200
+    ENVOY_PORT_ROUTES_ALL = "envoy-port-routes-all"
     SECURE_PORT_ANNOTATION_MISSING = "secure-port-annotation-missing"  # job finds zero targets
     # the injector does not auto-annotate native sidecars with secure-port (pre-PR #60430)
     INJECTOR_NO_SECURE_PORT = "injector-no-secure-port"
