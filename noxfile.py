@@ -138,7 +138,8 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def quick(session: nox.Session) -> None:
     """The fast tier, for each edit: the library's own tests without the scenarios and
-    without the tests marked slow (wheel builds, the vendor walk-through)."""
+    without the tests marked slow (wheel builds, the vendor walk-through, the files that
+    run real meshes, Prometheus or the CLI)."""
     _supported_python(session)
     _system_packages(session)
     _inotify_instances(session)

@@ -14,6 +14,9 @@ from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.versions import DEFAULT_VERSION
 from tests.localmesh import netns_names, requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 
 def test_loopback_network_has_no_capture_and_says_why() -> None:
     backend = LocalBackend(network="loopback")

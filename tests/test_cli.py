@@ -30,6 +30,9 @@ from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 from tests.cliruns import SCENARIOS, Run, command, ours
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 #: whether this machine captures sidecars' inbound traffic (pod namespaces and iptables)
 CAPTURED = LocalBackend().capture_unavailable_reason() is None
 

@@ -20,6 +20,9 @@ from tests.golden.stable import stable
 from tests.localmesh import requires_local_mesh
 from tests.walkthrough import Walk
 
+#: the walk-through's real run: the full tier's, not the quick one's (nox -s quick)
+pytestmark = pytest.mark.slow
+
 GOLDEN = Path(__file__).parent / "golden" / "local-conformance.json"
 
 

@@ -32,6 +32,9 @@ from securemetrics_e2e.local.owner import (
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from securemetrics_e2e.catalog import MtlsMode, scenario
 from securemetrics_e2e.checks import MTLS_SCRAPE, CheckFailed
 from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import Fault
 from tests.localmesh import requires_local_mesh
+
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
 
 
 @requires_local_mesh

@@ -23,6 +23,9 @@ from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import child_pids, netns_names, requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: the bound on a subprocess suite starting (imports, deploy) or stopping

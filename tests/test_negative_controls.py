@@ -25,7 +25,8 @@ from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 from securemetrics_e2e.runner import run_checks
 from tests.localmesh import requires_local_mesh
 
-pytestmark = requires_local_mesh
+#: real meshes: the full tier's, not the quick one's (nox -s quick)
+pytestmark = [requires_local_mesh, pytest.mark.slow]
 
 TARGETS = {"targets-up-merged", "targets-up-envoy"}
 EXPECTED: dict[Fault, tuple[str, set[str]]] = {

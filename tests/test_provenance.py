@@ -20,6 +20,9 @@ from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 from tests.cliruns import DIST, Run
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def local_report(cli_runs: dict[str, Run]) -> tuple[Path, str]:

@@ -27,6 +27,9 @@ from securemetrics_e2e.results import JobContinuity
 from securemetrics_e2e.rotation import RotationRun, run_rotation
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 LIFETIME = timedelta(seconds=4)
 
 

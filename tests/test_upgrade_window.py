@@ -41,6 +41,9 @@ from securemetrics_e2e.upgrade_window import UpgradeRun, run_upgrade_window
 from securemetrics_e2e.versions import resolve
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 INTERVAL = 1.0
 
 

@@ -26,6 +26,9 @@ from securemetrics_e2e.waiting import NotYet, wait_for
 from securemetrics_e2e.windows import WindowError, Windows
 from tests.localmesh import requires_local_mesh
 
+#: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
+pytestmark = pytest.mark.slow
+
 # --------------------------------------------------------------------------- mechanics
 
 
