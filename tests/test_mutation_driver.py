@@ -7,7 +7,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tests.mutation.driver import equivalent
+import pytest
+
+from tests.mutation.driver import equivalent, main
 from tests.mutation.judge import (
     KILLED,
     NO_TESTS,
@@ -95,3 +97,13 @@ def test_equivalent_mutants_are_read_from_contributing() -> None:
     named = equivalent(ROOT)
     assert named
     assert all("__mutmut_" in n and n.startswith("securemetrics_e2e.") for n in named)
+
+
+def test_a_budget_that_is_not_positive_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--budget-minutes", "0", "--root", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--budget-minutes 0: give a number of minutes > 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # mutmut wrote nothing

@@ -43,6 +43,15 @@ def stable(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_statuses(golden: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each run unit's check statuses, read back from :func:`stable`'s "checks" lines."""
+    by_unit: dict[str, dict[str, str]] = {}
+    for line in golden["checks"]:
+        unit, check, _code, status = line.rsplit(" ", 3)
+        by_unit.setdefault(unit, {})[check] = status
+    return by_unit
+
+
 if __name__ == "__main__":
     report = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     sys.stdout.write(json.dumps(stable(report), indent=1) + "\n")

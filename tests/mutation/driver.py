@@ -128,12 +128,10 @@ class Target:
 
 
 def _golden(root: Path) -> dict[str, dict[str, str]]:
+    from tests.golden.stable import check_statuses
+
     doc = json.loads((root / "tests/golden/local-conformance.json").read_text("utf-8"))
-    by_unit: dict[str, dict[str, str]] = {}
-    for line in doc["checks"]:
-        unit, check, _code, status = line.rsplit(" ", 3)
-        by_unit.setdefault(unit, {})[check] = status
-    return by_unit
+    return check_statuses(doc)
 
 
 def deploy(stack: ExitStack, root: Path) -> list[Target]:
@@ -426,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phase", choices=("generate", "run"), default="generate")
     parser.add_argument("--root", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
+    if not args.budget_minutes > 0:  # exit 2 before mutmut writes anything
+        parser.error(f"--budget-minutes {args.budget_minutes:g}: give a number of minutes > 0")
     root = args.root.resolve()
     if args.phase == "generate":
         generate(root)
