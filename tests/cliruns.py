@@ -30,10 +30,27 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "securemetrics_e2e", *args]
 
 
+def installed_plugin_that_breaks_pytest(into: Path) -> Path:
+    """A distribution registering a pytest11 plugin that fails on import, as a user's
+    environment may hold plugins that have nothing to do with the run; on PYTHONPATH
+    (``into``), it proves the command's pytest loads its own plugin only (cli.py)."""
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "smx_poison_plugin.py").write_text(
+        'raise RuntimeError("an installed pytest plugin was loaded into the run")\n'
+    )
+    info = into / "smx_poison-0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: smx-poison\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[pytest11]\nsmx_poison = smx_poison_plugin\n")
+    return into
+
+
 class Run:
-    def __init__(self, cwd: Path, *args: str) -> None:
+    def __init__(self, cwd: Path, *args: str, pythonpath: Path | None = None) -> None:
         self.cwd = cwd
         env = {**os.environ, "NO_COLOR": "1"}
+        if pythonpath is not None:
+            env["PYTHONPATH"] = str(pythonpath)
         self.process = subprocess.Popen(
             command(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
@@ -67,12 +84,15 @@ def ours(pid: int) -> set[str]:
     }
 
 
-def cli_runs(good_dir: Path, bad_dir: Path) -> Iterator[dict[str, Run]]:
-    """Start both runs, yield them finished, then check they left nothing behind."""
+def cli_runs(good_dir: Path, bad_dir: Path, plugins: Path) -> Iterator[dict[str, Run]]:
+    """Start both runs, yield them finished, then check they left nothing behind. The
+    clean one runs beside an installed pytest plugin that breaks any pytest loading it
+    (``plugins``: installed_plugin_that_breaks_pytest)."""
     meta = [*DIST, "--contact", "mesh@example.com", "--url", "https://mesh.example"]
+    poisoned = installed_plugin_that_breaks_pytest(plugins)
     started = {
         "good": Run(good_dir, "run", "--scenario", SCENARIOS, "--report", "out/report.yaml",
-                    "--junit", "out/junit.xml", *meta),
+                    "--junit", "out/junit.xml", *meta, pythonpath=poisoned),
         "bad": Run(bad_dir, "run", "--scenario", SCENARIOS, "--local-fault",
                    "foreign-root-trusted", "--report", "report.json", "--junit", "junit.xml"),
     }  # fmt: skip

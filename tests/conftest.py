@@ -22,4 +22,8 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> Walk:
 def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, cliruns.Run]]:
     """A clean and a faulted local run of the command (tests/cliruns.py), read by
     tests/test_cli.py and tests/test_provenance.py."""
-    yield from cliruns.cli_runs(tmp_path_factory.mktemp("good"), tmp_path_factory.mktemp("bad"))
+    yield from cliruns.cli_runs(
+        tmp_path_factory.mktemp("good"),
+        tmp_path_factory.mktemp("bad"),
+        tmp_path_factory.mktemp("plugins"),
+    )
