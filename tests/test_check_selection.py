@@ -23,6 +23,7 @@ from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.report import load_report
 from securemetrics_e2e.results import Status, overall
 from tests.localmesh import requires_local_mesh
+from tests.pytestcmd import pytest_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_cli_mistyped_check_is_one_line_and_exit_2(capsys: pytest.CaptureFixture
 
 def _pytest(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "scenarios", *args],
+        pytest_command("scenarios", *args),
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

@@ -35,6 +35,7 @@ from securemetrics_e2e.cluster.tools import ToolCache
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.versions import UnsupportedIstioVersion, resolve
 from tests.fakekube import FakeKube, event, namespace
+from tests.pytestcmd import pytest_command
 from tests.tlsservers import closed_port
 
 RUN = "fake01"
@@ -180,18 +181,7 @@ def _pytest(
 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_backend_use.py").write_text(_CONFTEST_TEST)
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:benchmark",
-            "-q",
-            "test_backend_use.py",
-            *args,
-        ],
+        pytest_command("-p", "no:benchmark", "-q", "test_backend_use.py", *args),
         cwd=tmp_path,
         capture_output=True,
         text=True,

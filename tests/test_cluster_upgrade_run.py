@@ -53,6 +53,7 @@ from securemetrics_e2e.errors import SecureMetricsError, UsageError
 from securemetrics_e2e.upgrade_window import UpgradingBackend
 from securemetrics_e2e.versions import resolve
 from tests.fakekube import FakeKube, namespace
+from tests.pytestcmd import pytest_command
 from tests.tlsservers import closed_port
 
 RUN = "upr0n"
@@ -655,7 +656,7 @@ def _pytest(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
     bin_dir = work / "bin"
     bin_dir.mkdir(parents=True)
     (work / "test_backend_use.py").write_text(_TEST)
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:benchmark"]
+    command = pytest_command("-p", "no:benchmark")
     command += ["-q", "test_backend_use.py", "--sm-backend", "kind", "--plan", *args]
     done = subprocess.run(
         command,

@@ -31,11 +31,15 @@ from securemetrics_e2e.local.owner import (
 )
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import requires_local_mesh
+from tests.pytestcmd import pytest_command
 
 #: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
+#: a scenario of one run unit (one pod and Prometheus), where the test is about how a run
+#: ends and not about how many units it had
+ONE_UNIT = "legacy-gateway"
 
 
 def _leftovers(pid: int, tmp: Path | None = None) -> dict[str, list[str]]:
@@ -102,7 +106,9 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
     "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: str(s.name)
 )
 def test_a_signalled_cli_run_stops_everything_it_started(sig: signal.Signals) -> None:
-    proc = _cli_run()
+    # SIGINT lands while the four-unit scenario's other units still deploy; the other
+    # signals take the same handler (signals.py), on the one-unit scenario
+    proc = _cli_run(scenario="native-sidecar" if sig == signal.SIGINT else ONE_UNIT)
     _wait_deployed(proc)
     proc.send_signal(sig)
     out, err = _finish(proc)
@@ -115,7 +121,7 @@ def test_a_signalled_cli_run_stops_everything_it_started(sig: signal.Signals) ->
 @requires_local_mesh
 def test_a_sigterm_to_the_pytest_plugin_path_stops_everything() -> None:
     # `nox -s e2e` and a hand-run `pytest scenarios` reach the backend without the CLI
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "scenarios"]
+    argv = pytest_command("-q", "scenarios")
     proc = _start([*argv, "--scenario", "native-sidecar"])
     _wait_deployed(proc)
     proc.send_signal(signal.SIGTERM)
@@ -137,7 +143,7 @@ def test_after_sigkill_the_next_run_sweeps_what_the_killed_one_left(tmp_path: Pa
     left = _leftovers(killed.pid, tmp_path)
     assert left["directories"], left
     # any run sweeps: the following one is the one-unit scenario, not four units again
-    following = _cli_run(tmp_path, "legacy-gateway")
+    following = _cli_run(tmp_path, ONE_UNIT)
     out, err = _finish(following)
     assert following.returncode == 0, out + err
     assert "note: removed what an interrupted earlier run left:" in out
@@ -218,11 +224,11 @@ def test_a_report_unwritable_after_the_run_is_exit_2_after_the_verdict(
     out.mkdir()  # writable when checked, before anything starts
     report = str(out / "report.json")
     if path == "cli":
-        cli = [sys.executable, "-m", "securemetrics_e2e", "run", "--scenario", "native-sidecar"]
+        cli = [sys.executable, "-m", "securemetrics_e2e", "run", "--scenario", ONE_UNIT]
         proc = _start([*cli, "--report", report])
     else:
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "scenarios"]
-        proc = _start([*argv, "--scenario", "native-sidecar", "--sm-report", report])
+        argv = pytest_command("-q", "scenarios")
+        proc = _start([*argv, "--scenario", ONE_UNIT, "--sm-report", report])
     _wait_deployed(proc)
     out.rmdir()
     out.write_text("")  # the directory is gone: the report cannot be written any more

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from securemetrics_e2e.results import Status
 from securemetrics_e2e.runner import run_checks
 from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.localmesh import child_pids, netns_names, requires_local_mesh
+from tests.pytestcmd import pytest_command
 
 #: real runs (meshes, Prometheus, the CLI): the full tier's, not the quick one's
 pytestmark = pytest.mark.slow
@@ -127,17 +127,7 @@ def test_loopback_fallback_runs_and_skips_what_needs_an_outside() -> None:
 @requires_local_mesh
 def test_sigint_to_a_running_suite_leaves_nothing_behind() -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            str(REPO / "scenarios"),
-            "--scenario",
-            "native-sidecar",
-        ],
+        pytest_command("-q", str(REPO / "scenarios"), "--scenario", "native-sidecar"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.pytestcmd import pytest_command
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _pytest(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(REPO / "scenarios"),
-         "--rootdir", str(REPO), *args],
+        pytest_command(str(REPO / "scenarios"), "--rootdir", str(REPO), *args),
         cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from securemetrics_e2e.timeouts import CLUSTER, LOCAL, TIMEOUTS, apply, effectiv
 from securemetrics_e2e.waiting import WaitTimeout
 from tests.fakekube import FakeKube
 from tests.localmesh import requires_local_mesh
+from tests.pytestcmd import pytest_command
 from tests.test_cluster_backend import _backend, fake
 
 __all__ = ["fake"]  # the backend tests' cluster (a fixture)
@@ -123,8 +123,7 @@ def test_cli_and_pytest_refuse_a_bad_timeout_in_one_line(
     assert main(["run", "--timeout", "target-up=-1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "scenarios",
-         "--timeout", "nope=1"],
+        pytest_command("scenarios", "--timeout", "nope=1"),
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
