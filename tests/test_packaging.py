@@ -86,9 +86,10 @@ def test_installed_wheel_runs_outside_the_repository(venv: Path, tmp_path: Path)
     where = _run([str(venv / "bin" / "python"), "-c", show], cwd=tmp_path, env=_clean_env())
     assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
 
+    # the one-unit scenario: what is tested is the installed package, not the units
     run = _run(
         [str(venv / "bin" / "securemetrics-e2e"), "run", "--backend", "local",
-         "--scenario", "native-sidecar", "--report", "report.json"],
+         "--scenario", "legacy-gateway", "--report", "report.json"],
         cwd=tmp_path, env=_clean_env(),
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
