@@ -159,6 +159,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESTORE_SIGNALS_KEY] = signals.install()
 
 
+def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    # the session ends now, through teardown: no checkpoint may raise the stop again
+    signals.take()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # before each test: a stop signal a finalizer swallowed still ends the run
+    signals.checkpoint()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     restore = config.stash.get(_RESTORE_SIGNALS_KEY, None)
     if restore is not None:

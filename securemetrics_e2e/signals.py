@@ -7,6 +7,14 @@ KeyboardInterrupt in the main thread, which pytest turns into an orderly session
 (fixtures torn down, the backend closed). A second signal while that cleanup runs is
 noted and ignored: cleanup is bounded (each process gets a few seconds before SIGKILL),
 and cutting it short is what leaves resources behind.
+
+A signal is handled between two bytecodes of the main thread, wherever it is, and when
+that is inside a finalizer (``__del__``, a weakref callback: a socket the garbage
+collector closes) Python prints the KeyboardInterrupt as "ignored" and goes on: the run
+would finish as if nothing had happened (seen under load: a SIGTERM during the probes of a
+one-unit run, then the whole run to its verdict). So the run also polls: the
+:func:`checkpoint` in every wait and before every test raises the stop again while no
+KeyboardInterrupt is on its way up and pytest has not :func:`taken <take>` it yet.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from types import FrameType
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _received: list[signal.Signals] = []
+#: set once the session has taken the stop (pytest's keyboard-interrupt hook): from then
+#: on the run is cleaning up, and a checkpoint must not cut that short
+_taken = threading.Event()
 
 
 def received() -> signal.Signals | None:
@@ -30,6 +41,24 @@ def received() -> signal.Signals | None:
 def exit_status(signum: signal.Signals) -> int:
     """The shell's status for a process ended by ``signum`` (128 + n), kept after cleanup."""
     return 128 + int(signum)
+
+
+def take() -> None:
+    """The session has taken the stop (it is tearing down): checkpoints stay quiet."""
+    _taken.set()
+
+
+def checkpoint() -> None:
+    """Raise the stop again if a signal came, nothing took it and none is on its way up
+    (a finalizer swallowed it). Only the main thread raises: a background window learns
+    of the end of its run from the run (waiting.cancelled_by)."""
+    if not _received or _taken.is_set():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        return  # an except / finally on the stop's way up: cleanup, let it run
+    raise KeyboardInterrupt(f"stopped by {_received[0].name}")
 
 
 def _handler(signum: int, _frame: FrameType | None) -> None:
@@ -49,6 +78,7 @@ def install() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     _received.clear()
+    _taken.clear()
     previous = {sig: signal.signal(sig, _handler) for sig in STOP_SIGNALS}
 
     def restore() -> None:

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import tenacity
 
+from securemetrics_e2e import signals
 from securemetrics_e2e.errors import SecureMetricsError
 
 T = TypeVar("T")
@@ -104,8 +105,13 @@ def wait_for(
     thread = threading.get_ident()
     outer = _WAITING.pop(thread, None)
     _WAITING[thread] = what
+
+    def poll() -> T:
+        signals.checkpoint()  # a stop signal a finalizer swallowed ends the wait too
+        return probe()
+
     try:
-        return retrying(probe)
+        return retrying(poll)
     except tenacity.RetryError:
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"stopped while waiting for {what}; last seen: {last[0]}") from None

@@ -16,10 +16,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from securemetrics_e2e import signals
 from securemetrics_e2e.local.netns import PodNetwork
 from securemetrics_e2e.local.owner import (
     NETNS_DIR,
@@ -255,3 +257,43 @@ def test_a_network_deletes_a_namespace_it_made_but_never_recorded() -> None:
     finally:
         other.close()
         subprocess.run(["ip", "netns", "del", stray], capture_output=True, check=False)
+
+
+class _SignalledWhenCollected:
+    def __del__(self) -> None:
+        # the handler runs inside raise_signal (it checks for signals on return), so its
+        # KeyboardInterrupt leaves this finalizer, where Python prints it "ignored"
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stop_a_finalizer_swallowed_ends_the_next_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    swallowed: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+    restore = signals.install()
+    try:
+        _SignalledWhenCollected()  # collected at once: the stop lands in its __del__
+        assert [type(e) for e in swallowed] == [KeyboardInterrupt]
+        assert signals.received() is signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM"):
+            wait_for("anything", lambda: None, timeout=5)
+    finally:
+        signals.take()  # this process goes on: no later wait may raise the stop
+        restore()
+
+
+def test_a_checkpoint_never_cuts_cleanup_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: None)
+    restore = signals.install()
+    try:
+        _SignalledWhenCollected()
+        try:
+            raise KeyboardInterrupt("stopped by SIGTERM")
+        except KeyboardInterrupt:  # the stop on its way up: cleanup waits run
+            assert wait_for("cleanup", lambda: "done", timeout=5) == "done"
+        with ThreadPoolExecutor(1) as pool:  # a background window's thread never raises it
+            assert pool.submit(wait_for, "window", lambda: 1, timeout=5).result() == 1
+        signals.take()  # the session took the stop: teardown waits run
+        assert wait_for("teardown", lambda: "done", timeout=5) == "done"
+    finally:
+        signals.take()
+        restore()
