@@ -39,6 +39,13 @@ class Observed:
     scraper_files: dict[str, int]  # name -> mode, after the run
     first_scraper_serial: int  # what the scraper held before the run
     left_lifetime: timedelta  # how long the scraper's certificate lives after the run
+    #: Prometheus' own words for each scrape it failed (its debug log), for the message
+    scrape_failures: tuple[str, ...] = ()
+
+    def why(self) -> str:
+        """The run's failure message with Prometheus' "Scrape failed" lines: a failed
+        scrape that was not timed out leaves no lastError once the next one succeeds."""
+        return "\n".join((self.run.failure_message(), *self.scrape_failures))
 
 
 def _rotate(fault: Fault | None) -> Observed:
@@ -50,7 +57,9 @@ def _rotate(fault: Fault | None) -> Observed:
             directory = backend.scraper_certs.directory
             files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
             left = backend.scraper_identity().not_after - datetime.now(UTC)
-            return Observed(run, files, before, left)
+            log = backend.prometheus_server.process.log_path.read_text(errors="replace")
+            failed = tuple(line for line in log.splitlines() if "Scrape failed" in line)
+            return Observed(run, files, before, left, failed)
     finally:
         backend.close()
 
@@ -67,7 +76,7 @@ def runs() -> dict[Fault | None, Observed]:
 @requires_local_mesh
 def test_rotation_keeps_every_scrape_successful(runs: dict[Fault | None, Observed]) -> None:
     run = runs[None].run
-    assert run.ok, run.failure_message()
+    assert run.ok, runs[None].why()
     continuity = run.continuity
     assert {j.job for j in continuity.jobs} == {MERGED_JOB, ENVOY_JOB}
     for job in continuity.jobs:
