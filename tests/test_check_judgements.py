@@ -34,12 +34,15 @@ from securemetrics_e2e.checks import (
     INJECTOR_ANNOTATION,
     LISTENERS,
     MTLS_SCRAPE,
+    ROTATION_CONTINUITY,
+    UPGRADE_CONTINUITY,
     CheckFailed,
 )
 from securemetrics_e2e.pki import SpiffeId
 from securemetrics_e2e.probe import MtlsOutcome, ScrapeResult
 from securemetrics_e2e.prometheus import PrometheusAPI, Target
 from securemetrics_e2e.timeouts import Timeouts
+from securemetrics_e2e.versions import IstioVersion, resolve
 
 NS = "ns1"
 NATIVE = WorkloadSpec("httpbin", WorkloadKind.SIDECAR, MetricsMode.NATIVE, "httpbin")
@@ -47,6 +50,7 @@ NATIVE = WorkloadSpec("httpbin", WorkloadKind.SIDECAR, MetricsMode.NATIVE, "http
 LEGACY = WorkloadSpec("legacy", WorkloadKind.SIDECAR, MetricsMode.LEGACY, "legacy")
 NEVER = "0001-01-01T00:00:00Z"  # Prometheus' lastScrape of a target not scraped yet
 SCRAPED = "2026-11-26T05:00:00.123456789Z"
+HINT = " \u2014 hint: "  # between a check's message and its hint (checkbase.Check.fail)
 
 
 def _workload(spec: WorkloadSpec, ip: str = "10.244.0.3") -> Workload:
@@ -265,4 +269,45 @@ def test_mtls_scrape_an_answer_from_another_identity_fails() -> None:
     assert failed.message.startswith(
         f"httpbin secure Envoy-only port 15091: peer identity {impostor}, expected "
         "spiffe://cluster.local/ns/ns1/sa/httpbin; "
+    )
+
+
+# --------------------------------------------------------------- windows
+
+
+def test_a_backend_that_can_neither_issue_nor_await_renewals_is_named() -> None:
+    failed = _failed(ROTATION_CONTINUITY, Seam(), NATIVE)
+    hint = ROTATION_CONTINUITY.hint
+    assert failed.message == f"backend stand-in cannot drive certificate rotation{HINT}{hint}"
+
+
+def test_a_backend_that_cannot_upgrade_is_named() -> None:
+    failed = _failed(UPGRADE_CONTINUITY, Seam(), LEGACY)
+    hint = UPGRADE_CONTINUITY.hint
+    assert failed.message == f"backend stand-in cannot upgrade a deployment{HINT}{hint}"
+
+
+class Upgrading(Seam):
+    """An upgrading backend whose older version already fails (the window never opens)."""
+
+    scrape_interval_s = 1.0
+
+    def upgrade_versions(self) -> tuple[IstioVersion, IstioVersion]:
+        return resolve("1.30.3"), resolve("1.31.1")
+
+    def upgrade(self, deployment: Deployment) -> Deployment:
+        raise AssertionError("a run that failed before the upgrade must not upgrade")
+
+
+def test_a_failure_before_the_upgrade_is_reported_without_a_window() -> None:
+    w = _workload(LEGACY)
+    up = Poll([entry(w.url(15091, "/stats/prometheus"), "up", w=w)])
+    refused = ScrapeResult(w.url(15091, "/stats/prometheus"), MtlsOutcome.REFUSED, "refused", 0.01)
+    failed = _failed(
+        UPGRADE_CONTINUITY, Upgrading(Recorded(up), scrapes={"legacy": refused}), LEGACY
+    )
+    # no continuity verdict: nothing was measured (upgrade_window.UpgradeRun.continuity None)
+    assert failed.message == (
+        "before the upgrade (Istio 1.30.3): [SMC002 mtls-scrape] legacy secure merged port "
+        f"15091: refused: refused{HINT}{MTLS_SCRAPE.hint}{HINT}{UPGRADE_CONTINUITY.hint}"
     )

@@ -69,19 +69,43 @@ FILES = (
 #: matching its name (fnmatch) wins
 UNIT_TESTS = (
     # reached only by the upgrade window, which no shared target can run twice: the
-    # window's own tests and the upgrade control, each in a mesh of its own (a minute)
-    ("securemetrics_e2e.checks.x_verify__*", ["tests/test_upgrade_window.py"]),
+    # window's own tests and the upgrade control, each in a mesh of its own (a minute);
+    # the judgements without a mesh first (a backend that cannot upgrade, a failure
+    # before the window opens)
+    (
+        "securemetrics_e2e.checks.x_verify__*",
+        ["tests/test_check_judgements.py", "tests/test_upgrade_window.py"],
+    ),
     (
         "securemetrics_e2e.checks.x__upgrade_continuity__*",
         [
+            "tests/test_check_judgements.py",
             "tests/test_negative_controls.py::test_fault_makes_the_verdict_fail_naming_its_checks",
+            "tests/test_negative_controls.py::test_fault_messages_match_the_golden",
             "tests/test_negative_controls.py::test_targets_dropped_by_an_upgrade_are_named",
         ],
     ),
     ("securemetrics_e2e.checks.x_named__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.x__split__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.xǁCheckSelectionǁ*", ["tests/test_check_selection.py"]),
-    ("securemetrics_e2e.checkbodies.x_servicemonitor*", ["tests/test_check_servicemonitor.py"]),
+    # the cluster's Prometheus servers and rotation driver, on the fake Kubernetes API
+    (
+        "securemetrics_e2e.checkbodies.x_servicemonitor*",
+        ["tests/test_check_servicemonitor.py", "tests/test_cluster_checks.py"],
+    ),
+    (
+        "securemetrics_e2e.checkbodies.x_targets_up__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_checks.py"],
+    ),
+    (
+        "securemetrics_e2e.checkbodies.x_rotation_continuity__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_rotation.py"],
+    ),
+    # Prometheus answers no live target gives (first scrapes, timeouts), without a mesh
+    (
+        "securemetrics_e2e.checkbodies.*",
+        ["tests/test_check_judgements.py", "tests/test_check_hints.py"],
+    ),
     ("securemetrics_e2e.probe.*", ["tests/test_probe.py"]),
     ("securemetrics_e2e.*", ["tests/test_check_hints.py"]),
 )
