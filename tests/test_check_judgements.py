@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from securemetrics_e2e.backend import Backend, Deployment, Listener, Workload
+from securemetrics_e2e.backend import Backend, Deployment, Listener, Origin, Workload
 from securemetrics_e2e.catalog import (
     ENVOY_JOB,
     MERGED_JOB,
@@ -31,6 +31,7 @@ from securemetrics_e2e.checkbodies import _target_problem
 from securemetrics_e2e.checks import (
     ENVOY_STATS_ONLY,
     ENVOY_UP,
+    HARDENED_STATS,
     INJECTOR_ANNOTATION,
     LISTENERS,
     MTLS_SCRAPE,
@@ -39,7 +40,13 @@ from securemetrics_e2e.checks import (
     CheckFailed,
 )
 from securemetrics_e2e.pki import SpiffeId
-from securemetrics_e2e.probe import MtlsOutcome, ScrapeResult
+from securemetrics_e2e.probe import (
+    MtlsOutcome,
+    PlaintextOutcome,
+    PlaintextResult,
+    ScrapeResult,
+    plaintext_result,
+)
 from securemetrics_e2e.prometheus import PrometheusAPI, Target
 from securemetrics_e2e.timeouts import Timeouts
 from securemetrics_e2e.versions import IstioVersion, resolve
@@ -198,8 +205,11 @@ class Seam:
         api: Recorded | None = None,
         listeners: Mapping[str, list[Listener]] | None = None,
         scrapes: Mapping[str, ScrapeResult] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        inside: PlaintextOutcome = PlaintextOutcome.SERVED,
     ) -> None:
         self._api, self._listeners, self._scrapes = api, listeners or {}, scrapes or {}
+        self._annotations, self._inside = dict(annotations or {}), inside
 
     def prometheus_for(self, deployment: Deployment) -> Recorded | None:
         return self._api
@@ -214,7 +224,12 @@ class Seam:
         return ""
 
     def pod_annotations(self, w: Workload) -> dict[str, str]:
-        return {}
+        return self._annotations
+
+    def plaintext(self, w: Workload, port: int, origin: Origin) -> PlaintextResult:
+        """Hardened: refused from another pod, ``inside`` from inside the pod."""
+        outcome = self._inside if origin is Origin.INSIDE_POD else PlaintextOutcome.REFUSED
+        return plaintext_result(w.pod_ip, port, "/stats/prometheus", 0.01, (outcome, "said so"))
 
 
 def _failed(check: Any, seam: Seam, *specs: WorkloadSpec) -> CheckFailed:
@@ -255,6 +270,24 @@ def test_targets_up_judges_the_workload_after_one_without_the_job() -> None:
 def test_injector_annotation_judges_the_sidecar_after_a_legacy_one() -> None:
     failed = _failed(INJECTOR_ANNOTATION, Seam(), LEGACY, NATIVE)
     assert "httpbin: pod httpbin-1 has prometheus.istio.io/secure-port absent" in failed.message
+
+
+def test_injector_annotation_naming_another_port_is_quoted() -> None:
+    seam = Seam(annotations={"prometheus.istio.io/secure-port": "15091"})
+    failed = _failed(INJECTOR_ANNOTATION, seam, NATIVE)
+    assert failed.message.startswith(
+        "httpbin: pod httpbin-1 has prometheus.istio.io/secure-port '15091', expected '15092' "
+    )
+
+
+def test_hardened_port_closed_from_inside_the_pod_says_where() -> None:
+    hardened = WorkloadSpec("httpbin", WorkloadKind.SIDECAR, MetricsMode.HARDENED, "httpbin")
+    failed = _failed(HARDENED_STATS, Seam(inside=PlaintextOutcome.REFUSED), hardened)
+    assert failed.message.startswith(
+        "httpbin: plain HTTP to port 15090 from inside the pod refused (connection refused) "
+        "(said so); it must be served (metrics returned)"
+    )
+    assert failed.observed == ("inside-pod:refused",)
 
 
 def test_mtls_scrape_an_answer_from_another_identity_fails() -> None:
