@@ -94,6 +94,10 @@ UNIT_TESTS = (
         ["tests/test_check_servicemonitor.py", "tests/test_cluster_checks.py"],
     ),
     (
+        "securemetrics_e2e.checkbodies.x_mtls_scrape__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_checks.py"],
+    ),
+    (
         "securemetrics_e2e.checkbodies.x_targets_up__*",
         ["tests/test_check_judgements.py", "tests/test_cluster_checks.py"],
     ),
