@@ -170,6 +170,16 @@ def test_two_targets_of_the_pod_at_the_url_the_first_judged() -> None:
     assert _problem(Recorded(both)) == ("", "")
 
 
+def test_every_target_of_the_pod_at_another_url_is_listed() -> None:
+    # a job that keeps several ports of the pod, none the secure one: each is named
+    other = [W.url(15090, "/stats/prometheus", "http"), W.url(15020, "/stats/prometheus", "http")]
+    got = _problem(Recorded(Poll([entry(other[0], "up"), entry(other[1], "down")])))
+    assert got == (
+        "target:wrong-url",
+        f"httpbin: job {MERGED_JOB} scrapes {other[0]} (up), {other[1]} (down), expected {WANT}",
+    )
+
+
 # --------------------------------------------------------------- timeouts
 
 
