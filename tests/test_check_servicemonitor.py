@@ -40,12 +40,12 @@ class _PrometheusOnly:
         return self._api
 
 
-def _job(namespace: str, scheme: str, target: str) -> dict[str, Any]:
+def _job(namespace: str, scheme: str, *targets: str) -> dict[str, Any]:
     return {
         "job_name": f"serviceMonitor/{namespace}/httpbin-app/0",
         "scheme": scheme,
         "tls_config": {"insecure_skip_verify": True},
-        "static_configs": [{"targets": [target]}],
+        "static_configs": [{"targets": list(targets)}],
     }
 
 
@@ -59,13 +59,20 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusAPI]:
     certs = MeshCA.create().issue("ns-up", "httpbin").write_output_certs(tmp / "certs")
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(certs.cert_chain, certs.key)
-    with HTTPServer(tls=tls) as https, HTTPServer() as plain, closed_port() as closed:
+    with (
+        HTTPServer(tls=tls) as https,
+        HTTPServer() as plain,
+        HTTPServer() as plain2,
+        closed_port() as closed,
+    ):
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
             "scrape_configs": [
                 _job("ns-up", "https", f"127.0.0.1:{https.port}"),
-                _job("ns-plain", "http", f"127.0.0.1:{plain.port}"),
+                _job("ns-plain", "http", f"127.0.0.1:{plain.port}", f"127.0.0.1:{plain2.port}"),
                 _job("ns-down", "https", f"127.0.0.1:{closed}"),
+                # one UP, one DOWN: only the DOWN one is named
+                _job("ns-mixed", "https", f"127.0.0.1:{https.port}", f"127.0.0.1:{closed}"),
             ],
         }
         (tmp / "prom").mkdir()
@@ -87,8 +94,13 @@ def test_https_targets_up_pass(api: PrometheusAPI) -> None:
 
 
 def test_plaintext_servicemonitor_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match=r"scraped without TLS: http://127\.0\.0\.1") as bad:
+    with pytest.raises(CheckFailed) as bad:
         _run(api, "ns-plain")
+    plain = r"http://127\.0\.0\.1:\d+/metrics"
+    without_hint = bad.value.message.split(" \u2014 hint: ")[0]
+    assert re.fullmatch(
+        f"ServiceMonitor targets scraped without TLS: {plain}, {plain}", without_hint
+    )
     assert bad.value.observed == ("target:plaintext",)
 
 
@@ -101,9 +113,20 @@ def test_down_target_fails_naming_it(api: PrometheusAPI) -> None:
 
 
 def test_namespace_without_servicemonitors_fails(api: PrometheusAPI) -> None:
-    with pytest.raises(CheckFailed, match="no scrape pool serviceMonitor/ns-none/") as bad:
+    with pytest.raises(CheckFailed) as bad:
         _run(api, "ns-none")
+    assert bad.value.message.split(" \u2014 hint: ")[0] == (
+        "timed out after 3s waiting for the ServiceMonitors of ns-none to scrape UP; last "
+        "seen: NotYet: no scrape pool serviceMonitor/ns-none/* or podMonitor/ns-none/* yet"
+    )
     assert bad.value.observed == ("target:timeout",)
+
+
+def test_an_up_target_beside_a_down_one_is_not_named_down(api: PrometheusAPI) -> None:
+    with pytest.raises(CheckFailed, match=r"https://127\.0\.0\.1:\d+/metrics: down") as bad:
+        _run(api, "ns-mixed")
+    ((token,),) = [bad.value.observed]  # the DOWN target's port only
+    assert re.fullmatch(r"down:\d+", token), token
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
 
-from securemetrics_e2e.backend import Workload
+from securemetrics_e2e.backend import Backend, Deployment, Workload
 from securemetrics_e2e.catalog import (
     ENVOY_JOB,
     MERGED_JOB,
@@ -26,6 +26,7 @@ from securemetrics_e2e.catalog import (
     MtlsMode,
     scenario,
 )
+from securemetrics_e2e.checks import ROTATION_CONTINUITY, CheckFailed
 from securemetrics_e2e.cluster.features import CLUSTER_FEATURES
 from securemetrics_e2e.cluster.kube import ExecResult
 from securemetrics_e2e.cluster.layout import scraper_namespace, variant_plan
@@ -37,6 +38,7 @@ from securemetrics_e2e.cluster.rotation import (
     parse_go_duration,
     renewal_interval,
 )
+from securemetrics_e2e.continuity import Continuity
 from securemetrics_e2e.errors import UsageError
 from securemetrics_e2e.manifests import (
     ROTATION_SECRET_TTL,
@@ -46,6 +48,7 @@ from securemetrics_e2e.manifests import (
 )
 from securemetrics_e2e.pki import MeshCA, WorkloadIdentity
 from securemetrics_e2e.prometheus import PrometheusAPI
+from securemetrics_e2e.rotation import RotationRun
 from securemetrics_e2e.spiffe import SpiffeId
 from securemetrics_e2e.versions import resolve
 from tests.fakekube import FakeKube
@@ -317,3 +320,42 @@ def test_fewer_than_two_rotations_are_refused(proxy: str) -> None:
             timing=driver.timing,
             rotations=1,
         )
+
+
+# -- the check body on a backend that awaits renewals ---------------------------------------
+
+
+class _AwaitsRenewals:
+    """What SMC011's body sees of the cluster backend: ``run_rotation`` (ClusterBackend's
+    builds this same driver, timed from the scenario's SECRET_TTL, minutes; here it is the
+    fake's short timing)."""
+
+    name = "cluster"
+
+    def __init__(self, driver: ClusterRotation) -> None:
+        self.driver = driver
+
+    def run_rotation(self, workload: Workload) -> RotationRun:
+        return self.driver.run(workload)
+
+
+def _rotation_check(proxy: str, renew_every: int) -> object:
+    _, _, driver, workload = _setup(proxy, renew_every)
+    dep = Deployment(ROTATION, MtlsMode.PERMISSIVE, NS, (workload,))
+    return ROTATION_CONTINUITY.run(cast(Backend, _AwaitsRenewals(driver)), dep)
+
+
+def test_the_rotation_check_runs_the_renewals_of_its_workload(proxy: str) -> None:
+    continuity = _rotation_check(proxy, renew_every=3)
+    assert isinstance(continuity, Continuity)
+    assert continuity.ok
+
+
+def test_the_rotation_check_fails_with_the_runs_own_message(proxy: str) -> None:
+    with pytest.raises(CheckFailed) as failed:
+        _rotation_check(proxy, renew_every=0)
+    said = failed.value.message
+    assert said.startswith(
+        f"rotation 1: timed out after 1.5s waiting for the scraper's {CERT_CHAIN}"
+    )
+    assert " (continuity PASS httpbin over " in said  # the run's verdict line

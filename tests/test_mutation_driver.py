@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mutation.driver import equivalent, main
+from tests.mutation import driver
+from tests.mutation.driver import UNIT_TESTS, equivalent, main
 from tests.mutation.judge import (
     KILLED,
     NO_TESTS,
@@ -107,3 +108,16 @@ def test_a_budget_that_is_not_positive_is_refused_before_any_work(
     assert exit_.value.code == 2
     assert "--budget-minutes 0: give a number of minutes > 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # mutmut wrote nothing
+
+
+def test_every_unit_test_the_driver_names_exists_and_the_window_runs_its_own() -> None:
+    root = Path(__file__).parent.parent
+    for _, files in UNIT_TESTS:
+        for node in files:
+            path, _, name = node.partition("::")
+            assert (root / path).is_file(), node
+            assert not name or f"def {name}(" in (root / path).read_text("utf-8"), node
+    # the window's tests are slow-marked: the driver runs them unfiltered (a tier filter
+    # once deselected them all, and pytest's exit 5 stopped the run)
+    upgrade = driver.tests_for("securemetrics_e2e.checks.x__upgrade_continuity__mutmut_1")
+    assert "tests/test_negative_controls.py::test_fault_messages_match_the_golden" in upgrade

@@ -23,6 +23,8 @@ from securemetrics_e2e.local.backend import LocalBackend
 from securemetrics_e2e.local.faults import SCRAPER_FAULTS, Fault
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 from securemetrics_e2e.runner import run_checks
+from tests.golden.messages import load as golden_messages
+from tests.golden.messages import normalise
 from tests.localmesh import requires_local_mesh
 
 #: real meshes: the full tier's, not the quick one's (nox -s quick)
@@ -155,8 +157,8 @@ def _checked(deploy: Callable[[ExitStack], list[Control]]) -> dict[Fault, list[C
         return {c.fault: run_checks(c.backend, c.deployment) for c in deploy(stack)}
 
 
-@pytest.fixture(scope="module")
-def control_results() -> dict[Fault, list[CheckOutcome]]:
+def deployed_control_results() -> dict[Fault, list[CheckOutcome]]:
+    """Every control deployed (three meshes side by side) and checked, then torn down."""
     with ThreadPoolExecutor(max_workers=3) as pool:
         scraper = pool.submit(_checked, deploy_scraper_fault_controls)
         data_plane = pool.submit(_checked, deploy_data_plane_fault_controls)
@@ -164,6 +166,11 @@ def control_results() -> dict[Fault, list[CheckOutcome]]:
             _checked, partial(deploy_data_plane_fault_controls, faults=UPGRADE_FAULTS)
         )
         return {**data_plane.result(), **scraper.result(), **upgrade.result()}
+
+
+@pytest.fixture(scope="module")
+def control_results() -> dict[Fault, list[CheckOutcome]]:
+    return deployed_control_results()
 
 
 def test_a_fault_given_to_one_deployment_leaves_its_neighbour_healthy() -> None:
@@ -216,6 +223,17 @@ def test_fault_makes_the_verdict_fail_naming_its_checks(
         if o.status is Status.FAIL:
             assert o.code.startswith("SMC")
             assert o.message
+
+
+@pytest.mark.parametrize("fault", list(EXPECTED), ids=str)
+def test_fault_messages_match_the_golden(
+    fault: Fault, control_results: dict[Fault, list[CheckOutcome]]
+) -> None:
+    # the wording a vendor reads is behaviour: a change rewrites tests/golden (messages.py)
+    if fault in INBOUND_FAULTS and fault not in control_results:
+        pytest.skip(f"no inbound capture here: {LocalBackend().capture_unavailable_reason()}")
+    got = {o.check: normalise(o.message) for o in control_results[fault] if o.status is Status.FAIL}
+    assert got == golden_messages()[str(fault)]
 
 
 def test_a_broken_fix_variant_is_a_fail_not_a_known_gap(

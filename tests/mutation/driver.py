@@ -69,19 +69,47 @@ FILES = (
 #: matching its name (fnmatch) wins
 UNIT_TESTS = (
     # reached only by the upgrade window, which no shared target can run twice: the
-    # window's own tests and the upgrade control, each in a mesh of its own (a minute)
-    ("securemetrics_e2e.checks.x_verify__*", ["tests/test_upgrade_window.py"]),
+    # window's own tests and the upgrade control, each in a mesh of its own (a minute);
+    # the judgements without a mesh first (a backend that cannot upgrade, a failure
+    # before the window opens)
+    (
+        "securemetrics_e2e.checks.x_verify__*",
+        ["tests/test_check_judgements.py", "tests/test_upgrade_window.py"],
+    ),
     (
         "securemetrics_e2e.checks.x__upgrade_continuity__*",
         [
+            "tests/test_check_judgements.py",
             "tests/test_negative_controls.py::test_fault_makes_the_verdict_fail_naming_its_checks",
+            "tests/test_negative_controls.py::test_fault_messages_match_the_golden",
             "tests/test_negative_controls.py::test_targets_dropped_by_an_upgrade_are_named",
         ],
     ),
     ("securemetrics_e2e.checks.x_named__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.x__split__*", ["tests/test_check_selection.py"]),
     ("securemetrics_e2e.checks.xǁCheckSelectionǁ*", ["tests/test_check_selection.py"]),
-    ("securemetrics_e2e.checkbodies.x_servicemonitor*", ["tests/test_check_servicemonitor.py"]),
+    # the cluster's Prometheus servers and rotation driver, on the fake Kubernetes API
+    (
+        "securemetrics_e2e.checkbodies.x_servicemonitor*",
+        ["tests/test_check_servicemonitor.py", "tests/test_cluster_checks.py"],
+    ),
+    (
+        "securemetrics_e2e.checkbodies.x_mtls_scrape__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_checks.py"],
+    ),
+    (
+        "securemetrics_e2e.checkbodies.x_targets_up__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_checks.py"],
+    ),
+    (
+        "securemetrics_e2e.checkbodies.x_rotation_continuity__*",
+        ["tests/test_check_judgements.py", "tests/test_cluster_rotation.py"],
+    ),
+    # Prometheus answers no live target gives (first scrapes, timeouts), without a mesh
+    (
+        "securemetrics_e2e.checkbodies.*",
+        ["tests/test_check_judgements.py", "tests/test_check_hints.py"],
+    ),
     ("securemetrics_e2e.probe.*", ["tests/test_probe.py"]),
     ("securemetrics_e2e.*", ["tests/test_check_hints.py"]),
 )
@@ -89,7 +117,9 @@ UNIT_TESTS = (
 #: (local Prometheus scrapes every second), a mutant that waits for one that never comes
 #: is cut after this, not after the local default of 15 s
 TIMEOUT_OVERRIDES = {"target-up": 6.0}
-#: a pytest of the unit tests of one mutant (a few seconds; slower: the mutant hangs)
+#: a pytest of the unit tests of one mutant may take this long, or three times their
+#: unmutated run if longer (the window's tests: a minute or more under load); slower, the
+#: mutant hangs
 UNIT_TEST_BOUND = 120.0
 SUMMARY = "mutation-summary.json"
 
@@ -192,8 +222,11 @@ def deploy(stack: ExitStack, root: Path) -> list[Target]:
 
 
 def _runner(target: Target, check: Any) -> Callable[[], Outcome]:
+    """One pair: its status, observed tokens and normalised message (the wording a vendor
+    reads is behaviour: tests/golden/messages.py pins the controls')."""
     from securemetrics_e2e.runner import attempt, judged
     from securemetrics_e2e.versions import DEFAULT_VERSION
+    from tests.golden.messages import normalise
 
     # the version the golden report was judged at (the pytest path's default)
     version = str(DEFAULT_VERSION)
@@ -204,7 +237,7 @@ def _runner(target: Target, check: Any) -> Callable[[], Outcome]:
             return ("n/a",)
         seen = attempt(check, target.backend, dep)
         out = judged(dep.unit, check, version, seen.status, seen.message, seen.observed)
-        return (str(out.status.value), *seen.observed)
+        return (str(out.status.value), *seen.observed, normalise(seen.message))
 
     return run
 
@@ -273,17 +306,21 @@ def tests_for(mutant: str) -> list[str]:
     return next(files for pattern, files in UNIT_TESTS if fnmatch.fnmatch(mutant, pattern))
 
 
-def unit_tests(mutants_dir: Path, mutant: str) -> Verdict:
-    """The unit tests of ``mutant`` with it active, in a pytest of their own ("": none
-    active, the baseline every command must pass)."""
-    files = tests_for(mutant) if mutant else sorted({f for _, fs in UNIT_TESTS for f in fs})
+def unit_tests(
+    mutants_dir: Path, mutant: str, files: Sequence[str] = (), bound: float = UNIT_TEST_BOUND
+) -> Verdict:
+    """The unit tests of ``mutant`` with it active, in a pytest of their own; ``mutant``
+    "": none active, the baseline ``files`` must pass. No tier filter: the window's tests
+    and the upgrade control are slow by nature, and chosen on purpose (a ``-m "not slow"``
+    deselected them all, and pytest's exit 5 stopped the run)."""
+    files = tests_for(mutant) if mutant else files
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    cmd += ["-m", "not slow", "--benchmark-skip", *files]
+    cmd += ["--benchmark-skip", *files]
     env = {**os.environ, "MUTANT_UNDER_TEST": mutant}
     started = time.monotonic()
     try:
         done = subprocess.run(
-            cmd, check=False, cwd=mutants_dir, env=env, capture_output=True, timeout=UNIT_TEST_BOUND
+            cmd, check=False, cwd=mutants_dir, env=env, capture_output=True, timeout=bound
         )
     except subprocess.TimeoutExpired:
         return Verdict(mutant, TIMEOUT, "unit tests", time.monotonic() - started)
@@ -317,10 +354,12 @@ def run(root: Path, patterns: Sequence[str], budget_s: float) -> int:
         return 2
     chosen = mutants(root, patterns)
     started = time.monotonic()
-    clean = unit_tests(mutants_dir, "")
+    # the unit tests the chosen mutants may run, unmutated: each must pass first
+    clean = unit_tests(mutants_dir, "", sorted({f for _, m in chosen for f in tests_for(m)}))
     if clean.status != SURVIVED:
         print(f"the unit tests fail with no mutant active ({clean.by}): fix them first")
         return 2
+    unit_bound = max(UNIT_TEST_BOUND, 3 * clean.seconds)
     # SIGTERM / SIGHUP stop the run through teardown, as Ctrl-C does (no mesh left behind)
     stack = ExitStack()
     stack.callback(signals.install())
@@ -347,7 +386,7 @@ def run(root: Path, patterns: Sequence[str], budget_s: float) -> int:
             reach = [p for p in pairs if function_of(name) in p.hits]
             verdict = judge(name, reach, set_mutant_under_test, bound_for(reach))
             if verdict.status in (SURVIVED, NO_TESTS):
-                verdict = unit_tests(mutants_dir, name)
+                verdict = unit_tests(mutants_dir, name, bound=unit_bound)
             verdicts.append(verdict)
             print(f"  {verdict.status:8} {name}  {verdict.by}", flush=True)
     took = time.monotonic() - started

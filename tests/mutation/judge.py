@@ -4,10 +4,10 @@ A *pair* is one check run on one deployed target (a negative control or a clean
 conformance unit). Its *baseline* is what it gave with no mutant active, checked against
 the expectations of the suite (EXPECTED of the negative controls, the golden report). A
 mutant is KILLED when a pair it reaches gives anything else (another status, other
-observed tokens, or an exception: a test would fail), confirmed by running that pair again
-without the mutant (a pair that then also deviates is flaky, not a killer); TIMED OUT when
-its pairs do not finish within a bound (a mutant that waits forever is detected); and
-SURVIVED when every pair it reaches gives the baseline.
+observed tokens, another message, or an exception: a test would fail), confirmed by
+running that pair again without the mutant (a pair that then also deviates is flaky, not
+a killer); TIMED OUT when its pairs do not finish within a bound (a mutant that waits
+forever is detected); and SURVIVED when every pair it reaches gives the baseline.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-#: what one pair gave: its status and observed tokens, ("n/a",) when the check does not
-#: apply to the target, ("raised", ExceptionType) when it raised
+#: what one pair gave: its status, observed tokens and normalised message, ("n/a",) when
+#: the check does not apply to the target, ("raised", ExceptionType) when it raised
 Outcome = tuple[str, ...]
 
 KILLED, SURVIVED, TIMEOUT, NO_TESTS = "killed", "survived", "timeout", "no tests"
