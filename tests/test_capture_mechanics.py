@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +234,14 @@ def test_the_application_port_takes_istio_mtls_through_its_chain(mesh: Mesh) -> 
     # STRICT: any TLS client with a mesh certificate is terminated
     body = mesh.tls_get("native-strict", 8080, ["http/1.1"])
     assert json.loads(body)["origin"] == "127.0.0.6", body
+
+
+def test_threads_asking_at_once_whether_capture_works_all_hear_yes() -> None:
+    # three meshes started side by side each ask; the probe namespace is each call's own
+    unavailable_reason.cache_clear()
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(lambda _: unavailable_reason(), range(6)))
+    finally:
+        unavailable_reason.cache_clear()
+    assert answers == [None] * 6

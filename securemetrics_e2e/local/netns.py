@@ -102,10 +102,18 @@ class Pod:
         return ["ip", "netns", "exec", self.netns, *argv]
 
 
+_scratch_names = itertools.count()
+
+
 def try_in_scratch_netns(prefix: str, then: Callable[[str], str | None]) -> str | None:
     """Add a throwaway network namespace, run ``then`` with its name, delete it: None when
-    both went, else why not (the machine's answer, for an "unavailable" reason)."""
-    probe = f"{prefix}-{os.getpid()}"
+    both went, else why not (the machine's answer, for an "unavailable" reason).
+
+    The name is this call's own: threads asking at once (three meshes started side by
+    side, each asking whether it may capture) each add their namespace. With one name per
+    process, all but one failed to add it and took "File exists" for the machine's answer,
+    and their mesh went without inbound capture, skipping what needs it."""
+    probe = f"{prefix}-{os.getpid()}-{next(_scratch_names)}"
     proc = subprocess.run(
         ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
     )
