@@ -35,7 +35,12 @@ from securemetrics_e2e.local.inbound import (
     PodInbound,
     pod_inbound,
 )
-from securemetrics_e2e.local.virtualinbound import inbound_clusters, virtual_inbound_listener
+from securemetrics_e2e.local.virtualinbound import (
+    InboundLog,
+    connections_on_port,
+    inbound_clusters,
+    virtual_inbound_listener,
+)
 from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import MeshCA
 
@@ -313,6 +318,20 @@ def test_capture_rules(
     assert "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in rules
     assert [p for p in captured if _redirected(rules, p)] == captured
     assert [p for p in excluded if _redirected(rules, p)] == []
+    # the predicate the diagnostics use says what the rules do
+    assert [p for p in captured + excluded if inbound.capture.redirects(p)] == captured
+
+
+def test_an_inbound_log_says_not_captured_at_once_and_waits_only_for_redirected_ports(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "inbound-access.log"  # nothing written: no connection went through
+    capture = pod_inbound([deployment()], "httpbin").capture
+    assert "(not captured)" in InboundLog(log, capture).on_port(15090)  # excluded: no wait
+    assert "(not captured)" in InboundLog(log, None).on_port(15091)  # rules never installed
+    # a redirected port whose line has not come is said to be so, never "not captured"
+    said = connections_on_port(log, 15091, timeout=0.2)
+    assert said == "no line for port 15091 in virtualInbound's access log after 0.2s"
 
 
 def test_gateways_are_not_captured() -> None:

@@ -59,7 +59,6 @@ from securemetrics_e2e.local.pods import (
 )
 from securemetrics_e2e.local.promserver import PrometheusServer
 from securemetrics_e2e.local.provenance import stand_ins
-from securemetrics_e2e.local.virtualinbound import connections_on_port
 from securemetrics_e2e.pki import MeshCA, OutputCerts
 from securemetrics_e2e.probe import PlaintextResult, ScrapeResult, attempt_plaintext, scrape_mtls
 from securemetrics_e2e.prometheus import PrometheusAPI
@@ -376,10 +375,10 @@ class LocalBackend(IdentityOperations, Backend):
         agent_localhost = localhost_only if gateway is None else gateway.agent_localhost_only
         # 0.0.0.0 inside the pod's own namespace, as Istio binds; never on the host
         wildcard = "0.0.0.0" if pod.netns else pod.ip  # noqa: S104
-        virtual_inbound = None
+        virtual_inbound, inbound_log = None, None
         if objects is not None and spec.kind is WorkloadKind.SIDECAR:
             # what istiod and istio-init make of this pod's manifests
-            virtual_inbound = capture.capture_sidecar(
+            virtual_inbound, inbound_log = capture.capture_sidecar(
                 pod, objects, spec.name, sds, pod_dir / INBOUND_ACCESS_LOG, fault
             )
         bootstrap = build_bootstrap(
@@ -404,9 +403,9 @@ class LocalBackend(IdentityOperations, Backend):
             labels={"app": spec.name, "security.istio.io/tlsMode": "istio"},
             container_ports=container_ports(spec),
         )
-        runtime = WorkloadRuntime(workload, pod, envoy, servers, sds, identity, record, fault)
-        if virtual_inbound is not None:
-            runtime.inbound_log = pod_dir / INBOUND_ACCESS_LOG
+        runtime = WorkloadRuntime(
+            workload, pod, envoy, servers, sds, identity, record, fault, inbound_log
+        )
         try:
             envoy.start()
             if spec.kind is WorkloadKind.SIDECAR:
@@ -591,7 +590,7 @@ class LocalBackend(IdentityOperations, Backend):
     def inbound_path(self, workload: Workload, port: int) -> str:
         """What the pod's virtualInbound access log says about connections to ``port``."""
         log = self.runtime_of(workload).inbound_log
-        return "" if log is None else connections_on_port(log, port)
+        return "" if log is None else log.on_port(port)
 
     def prometheus(self) -> PrometheusAPI:
         if not self._started:

@@ -38,7 +38,11 @@ from securemetrics_e2e.local.inbound import (
     pod_inbound,
 )
 from securemetrics_e2e.local.netns import Pod, try_in_scratch_netns
-from securemetrics_e2e.local.virtualinbound import inbound_clusters, virtual_inbound_listener
+from securemetrics_e2e.local.virtualinbound import (
+    InboundLog,
+    inbound_clusters,
+    virtual_inbound_listener,
+)
 
 
 def iptables_rules(capture: Capture) -> list[str]:
@@ -131,15 +135,18 @@ def capture_sidecar(
     sds: SdsFiles,
     access_log: Path,
     fault: Fault | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Capture ``pod``'s inbound traffic as istio-init would, and return the virtualInbound
-    listener and clusters istiod would send its Envoy (for ``build_bootstrap``).
+) -> tuple[tuple[dict[str, Any], list[dict[str, Any]]], InboundLog]:
+    """Capture ``pod``'s inbound traffic as istio-init would; return the virtualInbound
+    listener and clusters istiod would send its Envoy (for ``build_bootstrap``), and the
+    access log that listener writes, with the capture feeding it.
 
-    Both come from ``objects``, the manifests of the pod's run unit. Under
+    All come from ``objects``, the manifests of the pod's run unit. Under
     :attr:`Fault.CAPTURE_MISSING` the rules are not installed (a failed istio-init).
     """
     inbound = pod_inbound(objects, workload)
     listener = virtual_inbound_listener(inbound, sds, access_log=access_log, fault=fault)
-    if fault is not Fault.CAPTURE_MISSING:
+    installed = fault is not Fault.CAPTURE_MISSING
+    if installed:
         install(pod, inbound.capture)
-    return listener, inbound_clusters(inbound, pod.ip)
+    log = InboundLog(access_log, inbound.capture if installed else None)
+    return (listener, inbound_clusters(inbound, pod.ip)), log

@@ -178,6 +178,15 @@ class Capture:
     include: str  # "*", "" (capture nothing) or a comma-separated list of ports
     exclude: tuple[int, ...]
 
+    def redirects(self, port: int) -> bool:
+        """Whether the rules istio-iptables installs for these arguments send a
+        connection to ``port`` to virtualInbound (capture.iptables_rules, as rules)."""
+        if port == TUNNEL_PORT or self.include == "":
+            return False
+        if self.include == "*":
+            return port not in self.exclude
+        return str(port) in {p.strip() for p in self.include.split(",")}
+
 
 @dataclass(frozen=True)
 class PodInbound:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from securemetrics_e2e.backend import Deployment, Workload
@@ -31,6 +30,7 @@ from securemetrics_e2e.local.envoy import Envoy
 from securemetrics_e2e.local.faults import Fault
 from securemetrics_e2e.local.httpserver import PodHTTPServer
 from securemetrics_e2e.local.netns import Pod
+from securemetrics_e2e.local.virtualinbound import InboundLog
 from securemetrics_e2e.manifests import scenario_manifests
 from securemetrics_e2e.pki import WorkloadIdentity
 
@@ -52,7 +52,7 @@ class WorkloadRuntime:
     record: promconfig.PodRecord
     fault: Fault | None = None
     #: a captured sidecar's virtualInbound access log
-    inbound_log: Path | None = None
+    inbound_log: InboundLog | None = None
 
 
 @dataclass

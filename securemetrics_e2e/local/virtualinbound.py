@@ -48,6 +48,7 @@ from securemetrics_e2e.local.inbound import (
     PLAINTEXT_HTTP_ALPNS,
     RAW,
     TLS,
+    Capture,
     ChainGroup,
     InboundCluster,
     MatchOption,
@@ -309,9 +310,32 @@ def parse_access_log(text: str) -> list[InboundConnection]:
     return found
 
 
-def connections_on_port(log: Path, port: int, timeout: float = 1.0) -> str:
+#: how long to wait for a line about a port virtualInbound does receive: Envoy writes it
+#: when a connection closes (the probe's, or a keep-alive one of Prometheus' that may stay
+#: open for minutes) and flushes the file every 100 ms (envoy.py,
+#: --file-flush-interval-msec); the annotation is evidence, not worth a long wait
+FLUSH_WAIT_S: Final = 1.0
+
+
+@dataclass(frozen=True)
+class InboundLog:
+    """A captured sidecar's virtualInbound access log, and the capture that feeds it."""
+
+    path: Path
+    capture: Capture | None  # None: the rules were never installed (a failed istio-init)
+
+    def on_port(self, port: int) -> str:
+        """What the log says of connections to ``port``, as one line. A port the pod's
+        rules do not redirect is said to be so at once: waiting for a line that cannot
+        come would only make "not captured" a guess about Envoy's flush."""
+        if self.capture is None or not self.capture.redirects(port):
+            return f"no connection to port {port} went through virtualInbound (not captured)"
+        return connections_on_port(self.path, port)
+
+
+def connections_on_port(log: Path, port: int, timeout: float = FLUSH_WAIT_S) -> str:
     """What ``log`` records for connections to ``port`` (waiting up to ``timeout`` for
-    Envoy to flush it), as one line; says so when none reached virtualInbound."""
+    Envoy to write and flush it), as one line."""
 
     def lines() -> list[InboundConnection]:
         text = log.read_text() if log.exists() else ""
@@ -323,5 +347,5 @@ def connections_on_port(log: Path, port: int, timeout: float = 1.0) -> str:
     try:
         found = wait_for(f"virtualInbound access log for port {port}", lines, timeout=timeout)
     except WaitTimeout:
-        return f"no connection to port {port} went through virtualInbound (not captured)"
+        return f"no line for port {port} in virtualInbound's access log after {timeout:g}s"
     return "; ".join(dict.fromkeys(c.describe() for c in found))
