@@ -135,7 +135,7 @@ def overlap() -> Iterator[Overlap]:
         # the successor pod, as Prometheus recorded it: scrapes of a pod the upgrade
         # started, inside the rotation window
         rotated = seen.rotation.measured
-        assert isinstance(rotated, Continuity)
+        assert isinstance(rotated, Continuity), seen.rotation  # the outcome says why not
         old = {w.pod_name for w in upgrade.workloads}
         span = int((datetime.now(UTC) - rotated.start).total_seconds()) + 5
         for series in backend.prometheus().query(f'up{{namespace="{upgrade.namespace}"}}[{span}s]'):
