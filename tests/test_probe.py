@@ -7,6 +7,7 @@ stall, refuse, or answer like Envoy and the Istio agent do.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import ssl
@@ -27,10 +28,12 @@ from securemetrics_e2e.probe import (
     PlaintextResult,
     ScrapeResult,
     _classify_mtls_error,
+    _closed_detail,
     _Handshake,
     attempt_plaintext,
     classify_http_answer,
     identity_problem,
+    plaintext_result,
     scrape_mtls,
 )
 from securemetrics_e2e.svid import PeerFailure
@@ -648,3 +651,129 @@ def test_an_alert_says_which_certificate_we_presented() -> None:
         outcome, detail = _classify_mtls_error(alert, _Handshake(), presented)
         assert outcome is MtlsOutcome.HANDSHAKE_REJECTED
         assert detail.endswith(f"alert TLSV1_ALERT_UNKNOWN_CA (we presented {words})")
+
+
+# -- what mutation testing of the probe found untested (CONTRIBUTING.md, "Mutation testing") --
+
+
+def test_a_root_bundle_with_text_around_its_pem_blocks_trusts_every_root(mesh: Mesh) -> None:
+    """A root file may carry text beside its PEM blocks (`openssl x509 -text` output, a
+    non-ASCII subject): every root it holds is trusted, and nothing else."""
+    foreign_root = mesh.foreign_server_files.root_cert.read_bytes()
+    bundle = (
+        "# Mesh roots of the Société (foreign first)\n".encode()
+        + foreign_root
+        + "Subject: O=Société\n".encode()
+        + mesh.scraper_files.root_cert.read_bytes()
+    )
+    outcomes = []
+    for files in (mesh.server_files, mesh.foreign_server_files):
+        with HTTPServer(METRICS, tls=mesh.server_tls(files)) as server:
+            result = scrape_mtls(
+                server.url(),
+                client=mesh.scraper_files,
+                mesh_root=bundle,
+                expected_spiffe=mesh.expected,
+            )
+        outcomes.append(result.outcome)
+    assert outcomes == [MtlsOutcome.OK, MtlsOutcome.OK]
+
+
+def test_bad_mesh_root_and_client_files_say_how_to_fix_them(mesh: Mesh, tmp_path: Path) -> None:
+    missing = tmp_path / "root-cert.pem"
+    with pytest.raises(UsageError) as info:
+        scrape_mtls("https://127.0.0.1:1/", client=None, mesh_root=missing, expected_spiffe=None)
+    assert str(info.value) == (
+        f"mesh root file {missing} does not exist; pass the mesh's root-cert.pem "
+        "(the OUTPUT_CERTS directory of the scraper) or its PEM bytes"
+    )
+    absent = OutputCerts(
+        directory=tmp_path,
+        root_cert=mesh.scraper_files.root_cert,
+        cert_chain=tmp_path / "cert-chain.pem",
+        key=tmp_path / "key.pem",
+    )
+    with pytest.raises(UsageError) as info:
+        scrape_mtls(
+            "https://127.0.0.1:1/",
+            client=absent,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=None,
+        )
+    assert str(info.value) == (
+        f"client certificate files missing: {tmp_path / 'cert-chain.pem'}, "
+        f"{tmp_path / 'key.pem'}; the scraper's OUTPUT_CERTS are written by istio-agent "
+        "once it has its certificate: wait for them (istio#10544)"
+    )
+
+
+def test_a_handshake_failure_names_openssls_reason_or_the_error(mesh: Mesh) -> None:
+    """The detail of a failed handshake is OpenSSL's reason when there is one."""
+    with HTTPServer(METRICS) as server:
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.detail == "the connection failed during the TLS handshake: WRONG_VERSION_NUMBER"
+
+
+def test_a_2xx_body_the_parser_chokes_on_is_invalid_metrics(mesh: Mesh) -> None:
+    """prometheus_client's parser fails on some bodies with IndexError, not ValueError:
+    still INVALID_METRICS naming it (and, in plaintext, not SERVED), never a crash."""
+    broken = Reply(200, "{, ==}")
+    with HTTPServer(broken, tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.INVALID_METRICS
+    assert result.detail == (
+        "HTTP 200 but the body is not Prometheus text "
+        "(IndexError: string index out of range): {, ==}"
+    )
+    assert classify_http_answer(200, broken.body) == (
+        PlaintextOutcome.OTHER_HTTP,
+        "HTTP 200 without metrics: {, ==}",
+    )
+
+
+def test_plaintext_ports_1_and_65535_are_probed_65536_is_bad_input() -> None:
+    for port in (1, 65535):  # nothing listens on either on this loopback
+        refused = attempt_plaintext("127.0.0.1", port)
+        assert refused.outcome is PlaintextOutcome.REFUSED
+        assert (refused.detail, refused.body_excerpt) == ("connection refused", "")
+    with pytest.raises(UsageError) as info:
+        attempt_plaintext("127.0.0.1", 65536)
+    assert str(info.value) == "port 65536 is out of range; use 1-65535"
+    with pytest.raises(UsageError) as info:
+        attempt_plaintext("127.0.0.1", 80, "stats")
+    assert str(info.value) == "path 'stats' must start with '/'"
+
+
+def test_plaintext_waits_two_seconds_by_default() -> None:
+    with silent() as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.TIMEOUT
+    assert result.detail == "no answer within 2s"
+
+
+def test_a_plaintext_result_excerpts_the_body_it_is_given() -> None:
+    """300 characters of the stripped body, then "..."; no body, no excerpt."""
+    verdict = (PlaintextOutcome.OTHER_HTTP, "HTTP 500")
+    whole, cut = "a" * 300, "b" * 300 + "c"
+    assert plaintext_result("h", 1, "/", 0.5, verdict, 500, f"  {whole}\n").body_excerpt == whole
+    assert plaintext_result("h", 1, "/", 0.5, verdict, 500, cut).body_excerpt == "b" * 300 + "..."
+    assert plaintext_result("h", 1, "/", 0.5, verdict) == PlaintextResult(
+        "h", 1, "/", PlaintextOutcome.OTHER_HTTP, "HTTP 500", 0.5, None, ""
+    )
+
+
+def test_a_connection_ended_without_http_says_how() -> None:
+    """The CLOSED detail (a pure rule over the error's causes): closed, reset, not HTTP,
+    or the error itself."""
+    line = "SSH-2.0-OpenSSH_9.6 " + "x" * 100
+    cases: list[tuple[BaseException, str]] = [
+        (http.client.RemoteDisconnected("gone"), "connection closed with no HTTP response"),
+        (ConnectionResetError(104, "reset"), "connection reset with no HTTP response"),
+        (
+            http.client.BadStatusLine(line),
+            f"the server answered something that is not HTTP: {line[:80]}",
+        ),
+        (OSError("boom"), "no HTTP response: OSError: boom"),
+    ]
+    for error, detail in cases:
+        assert _closed_detail([error], error) == detail
