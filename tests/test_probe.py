@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests.adapters
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
@@ -28,8 +30,10 @@ from securemetrics_e2e.probe import (
     PlaintextResult,
     ScrapeResult,
     _classify_mtls_error,
+    _client_context,
     _closed_detail,
     _Handshake,
+    _pending_alert,
     attempt_plaintext,
     classify_http_answer,
     identity_problem,
@@ -37,6 +41,7 @@ from securemetrics_e2e.probe import (
     scrape_mtls,
 )
 from securemetrics_e2e.svid import PeerFailure
+from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.test_pki import EXPECTED, svid_chain
 from tests.tlsservers import (
     AGENT_403,
@@ -777,3 +782,57 @@ def test_a_connection_ended_without_http_says_how() -> None:
     ]
     for error, detail in cases:
         assert _closed_detail([error], error) == detail
+
+
+def _tls_socket(mesh: Mesh, client: OutputCerts, port: int) -> tuple[ssl.SSLSocket, _Handshake]:
+    """A connected socket of the probe's own client context, its handshake done."""
+    handshake = _Handshake()
+    roots = x509.load_pem_x509_certificates(mesh.scraper_files.root_cert.read_bytes())
+    context = _client_context(client, roots, handshake)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=3.0)
+    return context.wrap_socket(raw), handshake
+
+
+def _write_until_it_breaks(sock: ssl.SSLSocket) -> OSError:
+    """Write a request until the server's close reaches us; the error the write raised."""
+    broke: list[OSError] = []
+
+    def write() -> None:
+        try:
+            sock.sendall(b"GET /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n")
+        except OSError as exc:
+            broke.append(exc)
+            return
+        raise NotYet("the write went through")
+
+    wait_for("the request write to break", write, timeout=5.0)
+    return broke[0]
+
+
+def test_an_alert_after_our_handshake_is_raised_when_the_request_write_breaks(
+    mesh: Mesh,
+) -> None:
+    """TLS 1.3: the server judges our certificate after our side of the handshake is
+    done, alerts and closes; the request write then breaks with the alert unread. The
+    probe's socket raises the alert (from the write's error), so the scrape is
+    HANDSHAKE_REJECTED, not CLOSED."""
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        sock, handshake = _tls_socket(mesh, mesh.foreign_client_files, server.port)
+        with sock:
+            assert handshake.done
+            broke = _write_until_it_breaks(sock)
+    assert isinstance(broke, ssl.SSLError)
+    assert broke.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert isinstance(broke.__cause__, OSError)
+
+
+def test_a_close_without_an_alert_is_not_taken_for_one(mesh: Mesh) -> None:
+    """A server that accepted us and closed sent no alert: none is read, and the write's
+    own error is raised as it was."""
+    with close_after_handshake(mesh.server_tls()) as server:
+        sock, _ = _tls_socket(mesh, mesh.scraper_files, server.port)
+        with sock:
+            assert _pending_alert(sock) is None  # blocks until the server's close arrives
+            broke = _write_until_it_breaks(sock)
+    assert broke.__cause__ is None
+    assert "ALERT" not in (getattr(broke, "reason", None) or "")
