@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
 from securemetrics_e2e.probe import (
+    ACCEPT,
     MtlsOutcome,
     PlaintextOutcome,
     PlaintextResult,
@@ -836,3 +838,35 @@ def test_a_close_without_an_alert_is_not_taken_for_one(mesh: Mesh) -> None:
             broke = _write_until_it_breaks(sock)
     assert broke.__cause__ is None
     assert "ALERT" not in (getattr(broke, "reason", None) or "")
+
+
+def test_probes_ask_for_prometheus_text_and_never_follow_a_redirect(mesh: Mesh) -> None:
+    """Both probes send Prometheus 2.x's Accept header and judge the port's own answer:
+    a redirect is that answer, not a pointer to follow."""
+    moved = Reply(302, "moved\n", location="/elsewhere")
+    routes = {"/elsewhere": METRICS}
+    with HTTPServer(moved, routes=routes, tls=mesh.server_tls()) as server:
+        scraped = mesh.scrape(server.url())
+        tls_seen = (server.paths, server.accepts)
+    with HTTPServer(moved, routes=routes) as server:
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        plain_seen = (server.paths, server.accepts)
+    assert (scraped.outcome, scraped.status) == (MtlsOutcome.HTTP_ERROR, 302)
+    assert (plain.outcome, plain.status) == (PlaintextOutcome.OTHER_HTTP, 302)
+    assert tls_seen == plain_seen == (["/stats/prometheus"], [ACCEPT])
+
+
+def test_elapsed_is_the_time_the_probe_took(mesh: Mesh) -> None:
+    """elapsed_s lies within the time around the call (a bound the machine cannot break)."""
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        before = time.monotonic()
+        scraped = mesh.scrape(server.url())
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        took = time.monotonic() - before
+    with closed_port() as port:
+        before = time.monotonic()
+        refused = attempt_plaintext("127.0.0.1", port)
+        refused_took = time.monotonic() - before
+    assert 0 < scraped.elapsed_s <= took
+    assert 0 < plain.elapsed_s <= took
+    assert 0 < refused.elapsed_s <= refused_took

@@ -49,6 +49,7 @@ class Reply:
     body: str
     content_type: str = "text/plain; version=0.0.4"
     server: str = "tlsservers"
+    location: str = ""  # a Location header (a redirect), when set
 
 
 METRICS = Reply(200, METRICS_BODY)
@@ -64,8 +65,11 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.routes.get(self.path.split("?")[0], self.server.default)
         body = reply.body.encode()
         self.server.paths.append(self.path)
+        self.server.accepts.append(self.headers.get("Accept"))
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
+        if reply.location:
+            self.send_header("Location", reply.location)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -92,6 +96,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.routes = routes
         self.tls = tls
         self.paths: list[str] = []
+        self.accepts: list[str | None] = []  # the Accept header of each request
         self.handshake_errors: list[str] = []
         self.peer_certs: list[bytes | None] = []
         super().__init__((host, 0), _Handler)
@@ -139,6 +144,10 @@ class HTTPServer:
     @property
     def paths(self) -> list[str]:
         return self._server.paths
+
+    @property
+    def accepts(self) -> list[str | None]:
+        return self._server.accepts
 
     def url(self, path: str = "/stats/prometheus") -> str:
         scheme = "https" if self._server.tls is not None else "http"
