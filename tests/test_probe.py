@@ -870,3 +870,26 @@ def test_elapsed_is_the_time_the_probe_took(mesh: Mesh) -> None:
     assert 0 < scraped.elapsed_s <= took
     assert 0 < plain.elapsed_s <= took
     assert 0 < refused.elapsed_s <= refused_took
+
+
+def test_a_broken_record_after_the_handshake_is_no_alert(mesh: Mesh) -> None:
+    """Bytes that are no TLS record raise an SSLError too, but they are not the server
+    refusing us: no alert is read, and the scrape is CLOSED."""
+    with RawServer(mode="garbage", tls=mesh.server_tls()) as server:
+        sock, _ = _tls_socket(mesh, mesh.scraper_files, server.port)
+        with sock:
+            assert _pending_alert(sock) is None
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.outcome is MtlsOutcome.CLOSED, result.detail
+
+
+def test_a_scrape_waits_three_seconds_by_default(mesh: Mesh) -> None:
+    with silent() as server:
+        result = scrape_mtls(
+            f"https://127.0.0.1:{server.port}/stats/prometheus",
+            client=mesh.scraper_files,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=mesh.expected,
+        )
+    assert result.outcome is MtlsOutcome.TIMEOUT
+    assert result.detail.endswith("(read timeout=3.0)"), result.detail

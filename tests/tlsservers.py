@@ -7,6 +7,7 @@ context manager that always stops it and closes every socket it accepted.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import socketserver
 import ssl
@@ -177,13 +178,14 @@ class _RawServer(socketserver.ThreadingTCPServer):
 
 
 class RawServer:
-    """A TCP server that accepts and then either closes at once or never answers."""
+    """A TCP server that accepts and then closes at once, never answers, or (``garbage``,
+    over TLS) writes bytes that are no TLS record under its session and closes."""
 
     def __init__(
         self, *, mode: str, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
     ) -> None:
-        if mode not in ("close", "silent"):
-            raise ValueError(f"mode must be 'close' or 'silent', not {mode!r}")
+        if mode not in ("close", "silent", "garbage"):
+            raise ValueError(f"mode must be 'close', 'silent' or 'garbage', not {mode!r}")
         self.host = host
         self.handshakes = 0
         self._held: list[socket.socket] = []
@@ -204,7 +206,11 @@ class RawServer:
                         return
                     with outer._lock:
                         outer.handshakes += 1
-                    if mode == "close":
+                    if mode == "garbage":
+                        # beside the TLS layer, on the TCP connection itself
+                        with socket.socket(fileno=os.dup(conn.fileno())) as tcp:
+                            tcp.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+                    if mode in ("close", "garbage"):
                         conn.close()
                         return
                 if mode == "silent":
