@@ -893,3 +893,15 @@ def test_a_scrape_waits_three_seconds_by_default(mesh: Mesh) -> None:
         )
     assert result.outcome is MtlsOutcome.TIMEOUT
     assert result.detail.endswith("(read timeout=3.0)"), result.detail
+
+
+def test_a_plaintext_answer_that_never_ends_its_first_line_is_closed() -> None:
+    """No HTTP status line within what http.client reads: CLOSED, naming the error."""
+    with RawServer(mode="endless-line") as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.CLOSED
+    assert result.detail == (
+        "no HTTP response: ConnectionError: ('Connection aborted.', "
+        "LineTooLong('got more than 65536 bytes when reading status line'))"
+    )
+    assert result.protected

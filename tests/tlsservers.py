@@ -178,14 +178,16 @@ class _RawServer(socketserver.ThreadingTCPServer):
 
 
 class RawServer:
-    """A TCP server that accepts and then closes at once, never answers, or (``garbage``,
-    over TLS) writes bytes that are no TLS record under its session and closes."""
+    """A TCP server that accepts and then closes at once, never answers, (``garbage``,
+    over TLS) writes bytes that are no TLS record under its session and closes, or
+    (``endless-line``) answers one line longer than any HTTP client reads, and closes."""
 
     def __init__(
         self, *, mode: str, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
     ) -> None:
-        if mode not in ("close", "silent", "garbage"):
-            raise ValueError(f"mode must be 'close', 'silent' or 'garbage', not {mode!r}")
+        modes = ("close", "silent", "garbage", "endless-line")
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {modes}, not {mode!r}")
         self.host = host
         self.handshakes = 0
         self._held: list[socket.socket] = []
@@ -213,6 +215,10 @@ class RawServer:
                     if mode in ("close", "garbage"):
                         conn.close()
                         return
+                if mode == "endless-line":
+                    conn.sendall(b"x" * 70_000)  # http.client reads at most 65,536
+                    conn.close()
+                    return
                 if mode == "silent":
                     with outer._lock:
                         outer._held.append(conn)
