@@ -244,6 +244,7 @@ def test_foreign_client_certificate_is_handshake_rejected(
         r.detail for r in results if r.outcome is not MtlsOutcome.HANDSHAKE_REJECTED
     ]
     assert all("UNKNOWN_CA" in r.detail for r in results)
+    assert all(r.detail.endswith("(we presented our client certificate)") for r in results)
     assert server.paths == []
 
 
@@ -905,3 +906,10 @@ def test_a_plaintext_answer_that_never_ends_its_first_line_is_closed() -> None:
         "LineTooLong('got more than 65536 bytes when reading status line'))"
     )
     assert result.protected
+
+
+def test_a_3xx_carrying_metrics_is_an_http_error(mesh: Mesh) -> None:
+    """2xx is 200..299 over mTLS too: a 300 is not the port serving its metrics."""
+    with HTTPServer(Reply(300, METRICS.body), tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert (result.outcome, result.status) == (MtlsOutcome.HTTP_ERROR, 300)
