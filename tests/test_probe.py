@@ -141,6 +141,7 @@ def test_ok_scrape_parses_metrics_and_reports_the_peer(mesh: Mesh) -> None:
     with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
         result = mesh.scrape(server.url())
     assert result.outcome is MtlsOutcome.OK, result.detail
+    assert result.detail == "HTTP 200, 2 metric families"
     assert result.ok
     assert result.status == 200
     assert result.metric_names == {"envoy_server_live", "istio_requests"}
@@ -430,9 +431,11 @@ def test_plaintext_refused() -> None:
 def test_plaintext_closed_after_accept() -> None:
     with close_after_accept() as server:
         result = attempt_plaintext("127.0.0.1", server.port)
+        connections = server.connections
     assert result.outcome is PlaintextOutcome.CLOSED
     assert result.detail == "connection closed with no HTTP response"
     assert result.protected
+    assert connections == 1  # one attempt: a probe never retries
 
 
 def test_plaintext_to_a_tls_only_listener_is_closed(mesh: Mesh) -> None:

@@ -189,6 +189,7 @@ class RawServer:
         if mode not in modes:
             raise ValueError(f"mode must be one of {modes}, not {mode!r}")
         self.host = host
+        self.connections = 0  # accepted TCP connections
         self.handshakes = 0
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -199,6 +200,8 @@ class RawServer:
             def handle(self) -> None:
                 conn: socket.socket = self.request
                 conn.settimeout(_CONNECTION_TIMEOUT)
+                with outer._lock:
+                    outer.connections += 1
                 if tls is not None:
                     # Complete the TLS handshake first: the peer sees an established
                     # session that then closes (or stays silent) with no HTTP response.
