@@ -916,3 +916,20 @@ def test_a_3xx_carrying_metrics_is_an_http_error(mesh: Mesh) -> None:
     with HTTPServer(Reply(300, METRICS.body), tls=mesh.server_tls()) as server:
         result = mesh.scrape(server.url())
     assert (result.outcome, result.status) == (MtlsOutcome.HTTP_ERROR, 300)
+
+
+def test_a_reset_is_named_by_both_probes(mesh: Mesh) -> None:
+    """A port that resets the connection at once: the plaintext probe says reset; the
+    scrape fails its handshake naming the error itself (there is no OpenSSL reason)."""
+    with RawServer(mode="reset") as server:
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        scraped = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert (plain.outcome, plain.detail) == (
+        PlaintextOutcome.CLOSED,
+        "connection reset with no HTTP response",
+    )
+    assert (scraped.outcome, scraped.detail) == (
+        MtlsOutcome.HANDSHAKE_REJECTED,
+        "the connection failed during the TLS handshake: ConnectionError: "
+        "('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))",
+    )

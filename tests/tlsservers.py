@@ -11,6 +11,7 @@ import os
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,12 +181,13 @@ class _RawServer(socketserver.ThreadingTCPServer):
 class RawServer:
     """A TCP server that accepts and then closes at once, never answers, (``garbage``,
     over TLS) writes bytes that are no TLS record under its session and closes, or
-    (``endless-line``) answers one line longer than any HTTP client reads, and closes."""
+    (``endless-line``) answers one line longer than any HTTP client reads, and closes,
+    or (``reset``) resets the connection at once."""
 
     def __init__(
         self, *, mode: str, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
     ) -> None:
-        modes = ("close", "silent", "garbage", "endless-line")
+        modes = ("close", "silent", "garbage", "endless-line", "reset")
         if mode not in modes:
             raise ValueError(f"mode must be one of {modes}, not {mode!r}")
         self.host = host
@@ -202,6 +204,10 @@ class RawServer:
                 conn.settimeout(_CONNECTION_TIMEOUT)
                 with outer._lock:
                     outer.connections += 1
+                if mode == "reset":  # SO_LINGER 0: close() sends RST, not FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    return
                 if tls is not None:
                     # Complete the TLS handshake first: the peer sees an established
                     # session that then closes (or stays silent) with no HTTP response.
