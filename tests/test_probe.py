@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import requests.adapters
+import urllib3.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -31,6 +33,7 @@ from securemetrics_e2e.probe import (
     PlaintextOutcome,
     PlaintextResult,
     ScrapeResult,
+    _causes,
     _classify_mtls_error,
     _client_context,
     _closed_detail,
@@ -933,3 +936,19 @@ def test_a_reset_is_named_by_both_probes(mesh: Mesh) -> None:
         "the connection failed during the TLS handshake: ConnectionError: "
         "('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))",
     )
+
+
+def test_causes_walks_every_link_breadth_first_and_ends_on_a_cycle() -> None:
+    """_causes (a pure walk): the error, then what it wraps, level by level, through
+    ``__cause__``, ``__context__``, ``args`` and urllib3's ``reason``; each once."""
+    deepest = ConnectionResetError(104, "reset")
+    via_reason = urllib3.exceptions.MaxRetryError(None, "/stats/prometheus", deepest)  # type: ignore[arg-type]
+    beside = OSError("beside")
+    root = requests.ConnectionError("root", beside)
+    root.__cause__ = via_reason
+    assert list(_causes(root)) == [root, via_reason, beside, deepest]
+    # a cycle (an error wrapped by what it wraps) is walked once, not forever
+    outer = requests.ConnectionError("outer")
+    inner = OSError("inner", outer)
+    outer.__cause__ = inner
+    assert list(_causes(outer)) == [outer, inner]
