@@ -931,11 +931,12 @@ def test_a_reset_is_named_by_both_probes(mesh: Mesh) -> None:
         PlaintextOutcome.CLOSED,
         "connection reset with no HTTP response",
     )
-    assert (scraped.outcome, scraped.detail) == (
-        MtlsOutcome.HANDSHAKE_REJECTED,
+    # the reset lands in the TLS handshake or, when it is quicker, in the TCP connect
+    assert scraped.outcome is MtlsOutcome.HANDSHAKE_REJECTED
+    assert scraped.detail.startswith(
         "the connection failed during the TLS handshake: ConnectionError: "
-        "('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))",
-    )
+    ), scraped.detail
+    assert "Connection reset by peer" in scraped.detail
 
 
 def test_causes_walks_every_link_breadth_first_and_ends_on_a_cycle() -> None:
