@@ -24,6 +24,7 @@ from typing import Any
 
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from requests.adapters import HTTPAdapter
@@ -221,7 +222,7 @@ class _ContextAdapter(HTTPAdapter):
         conn.ca_cert_dir = None
 
 
-def _load_roots(mesh_root: Path | bytes) -> tuple[bytes, list[x509.Certificate]]:
+def _load_roots(mesh_root: Path | bytes) -> list[x509.Certificate]:
     if isinstance(mesh_root, bytes):
         pem, what = mesh_root, "mesh_root (PEM bytes)"
     else:
@@ -236,11 +237,11 @@ def _load_roots(mesh_root: Path | bytes) -> tuple[bytes, list[x509.Certificate]]
         roots = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise UsageError(f"{what} holds no PEM certificate: {exc}") from None
-    return pem, roots
+    return roots
 
 
 def _client_context(
-    client: OutputCerts | None, root_pem: bytes, handshake: _Handshake
+    client: OutputCerts | None, roots: Sequence[x509.Certificate], handshake: _Handshake
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # see _ContextAdapter: SPIFFE URI SANs, no IP SAN
@@ -249,7 +250,10 @@ def _client_context(
     # every certificate) that Envoy does not apply to mesh peers; newer Pythons turn it
     # on in their default contexts. The path is judged again by pki.verify_peer.
     ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
-    ctx.load_verify_locations(cadata=root_pem.decode("ascii", errors="replace"))
+    # The roots as parsed, in DER: OpenSSL trusts exactly what identity_problem judges
+    # against, whatever text surrounds the PEM blocks of the file (`openssl x509 -text`
+    # output, a non-ASCII subject), which OpenSSL's PEM string input would refuse.
+    ctx.load_verify_locations(cadata=b"".join(root.public_bytes(Encoding.DER) for root in roots))
     if client is not None:
         missing = [p for p in (client.cert_chain, client.key) if not Path(p).is_file()]
         if missing:
@@ -314,9 +318,9 @@ def scrape_mtls(
     the handshake; host names are not checked), and then its certificate must carry
     exactly ``expected_spiffe`` (when given). A 2xx body must parse as Prometheus text.
     """
-    root_pem, roots = _load_roots(mesh_root)
+    roots = _load_roots(mesh_root)
     handshake = _Handshake()
-    context = _client_context(client, root_pem, handshake)
+    context = _client_context(client, roots, handshake)
     response, error, elapsed = _get(url, _ContextAdapter(context), timeout)
 
     peer = {

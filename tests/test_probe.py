@@ -7,33 +7,46 @@ stall, refuse, or answer like Envoy and the Istio agent do.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import requests.adapters
+import urllib3.exceptions
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from securemetrics_e2e.errors import EnvironmentProblem, UsageError
 from securemetrics_e2e.pki import MeshCA, OutputCerts, SpiffeId, WorkloadIdentity
 from securemetrics_e2e.probe import (
+    ACCEPT,
     MtlsOutcome,
     PlaintextOutcome,
     PlaintextResult,
     ScrapeResult,
+    _causes,
     _classify_mtls_error,
+    _client_context,
+    _closed_detail,
     _Handshake,
+    _pending_alert,
     attempt_plaintext,
     classify_http_answer,
     identity_problem,
+    plaintext_result,
     scrape_mtls,
 )
 from securemetrics_e2e.svid import PeerFailure
+from securemetrics_e2e.waiting import NotYet, wait_for
 from tests.test_pki import EXPECTED, svid_chain
 from tests.tlsservers import (
     AGENT_403,
@@ -131,6 +144,7 @@ def test_ok_scrape_parses_metrics_and_reports_the_peer(mesh: Mesh) -> None:
     with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
         result = mesh.scrape(server.url())
     assert result.outcome is MtlsOutcome.OK, result.detail
+    assert result.detail == "HTTP 200, 2 metric families"
     assert result.ok
     assert result.status == 200
     assert result.metric_names == {"envoy_server_live", "istio_requests"}
@@ -234,6 +248,7 @@ def test_foreign_client_certificate_is_handshake_rejected(
         r.detail for r in results if r.outcome is not MtlsOutcome.HANDSHAKE_REJECTED
     ]
     assert all("UNKNOWN_CA" in r.detail for r in results)
+    assert all(r.detail.endswith("(we presented our client certificate)") for r in results)
     assert server.paths == []
 
 
@@ -419,9 +434,11 @@ def test_plaintext_refused() -> None:
 def test_plaintext_closed_after_accept() -> None:
     with close_after_accept() as server:
         result = attempt_plaintext("127.0.0.1", server.port)
+        connections = server.connections
     assert result.outcome is PlaintextOutcome.CLOSED
     assert result.detail == "connection closed with no HTTP response"
     assert result.protected
+    assert connections == 1  # one attempt: a probe never retries
 
 
 def test_plaintext_to_a_tls_only_listener_is_closed(mesh: Mesh) -> None:
@@ -648,3 +665,291 @@ def test_an_alert_says_which_certificate_we_presented() -> None:
         outcome, detail = _classify_mtls_error(alert, _Handshake(), presented)
         assert outcome is MtlsOutcome.HANDSHAKE_REJECTED
         assert detail.endswith(f"alert TLSV1_ALERT_UNKNOWN_CA (we presented {words})")
+
+
+# -- what mutation testing of the probe found untested (CONTRIBUTING.md, "Mutation testing") --
+
+
+def test_a_root_bundle_with_text_around_its_pem_blocks_trusts_every_root(mesh: Mesh) -> None:
+    """A root file may carry text beside its PEM blocks (`openssl x509 -text` output, a
+    non-ASCII subject): every root it holds is trusted, and nothing else."""
+    foreign_root = mesh.foreign_server_files.root_cert.read_bytes()
+    bundle = (
+        "# Mesh roots of the Société (foreign first)\n".encode()
+        + foreign_root
+        + "Subject: O=Société\n".encode()
+        + mesh.scraper_files.root_cert.read_bytes()
+    )
+    outcomes = []
+    for files in (mesh.server_files, mesh.foreign_server_files):
+        with HTTPServer(METRICS, tls=mesh.server_tls(files)) as server:
+            result = scrape_mtls(
+                server.url(),
+                client=mesh.scraper_files,
+                mesh_root=bundle,
+                expected_spiffe=mesh.expected,
+            )
+        outcomes.append(result.outcome)
+    assert outcomes == [MtlsOutcome.OK, MtlsOutcome.OK]
+
+
+def test_bad_mesh_root_and_client_files_say_how_to_fix_them(mesh: Mesh, tmp_path: Path) -> None:
+    missing = tmp_path / "root-cert.pem"
+    with pytest.raises(UsageError) as info:
+        scrape_mtls("https://127.0.0.1:1/", client=None, mesh_root=missing, expected_spiffe=None)
+    assert str(info.value) == (
+        f"mesh root file {missing} does not exist; pass the mesh's root-cert.pem "
+        "(the OUTPUT_CERTS directory of the scraper) or its PEM bytes"
+    )
+    absent = OutputCerts(
+        directory=tmp_path,
+        root_cert=mesh.scraper_files.root_cert,
+        cert_chain=tmp_path / "cert-chain.pem",
+        key=tmp_path / "key.pem",
+    )
+    with pytest.raises(UsageError) as info:
+        scrape_mtls(
+            "https://127.0.0.1:1/",
+            client=absent,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=None,
+        )
+    assert str(info.value) == (
+        f"client certificate files missing: {tmp_path / 'cert-chain.pem'}, "
+        f"{tmp_path / 'key.pem'}; the scraper's OUTPUT_CERTS are written by istio-agent "
+        "once it has its certificate: wait for them (istio#10544)"
+    )
+
+
+def test_a_handshake_failure_names_openssls_reason_or_the_error(mesh: Mesh) -> None:
+    """The detail of a failed handshake is OpenSSL's reason when there is one."""
+    with HTTPServer(METRICS) as server:
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.detail == "the connection failed during the TLS handshake: WRONG_VERSION_NUMBER"
+
+
+def test_a_2xx_body_the_parser_chokes_on_is_invalid_metrics(mesh: Mesh) -> None:
+    """prometheus_client's parser fails on some bodies with IndexError, not ValueError:
+    still INVALID_METRICS naming it (and, in plaintext, not SERVED), never a crash."""
+    broken = Reply(200, "{, ==}")
+    with HTTPServer(broken, tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert result.outcome is MtlsOutcome.INVALID_METRICS
+    assert result.detail == (
+        "HTTP 200 but the body is not Prometheus text "
+        "(IndexError: string index out of range): {, ==}"
+    )
+    assert classify_http_answer(200, broken.body) == (
+        PlaintextOutcome.OTHER_HTTP,
+        "HTTP 200 without metrics: {, ==}",
+    )
+
+
+def test_plaintext_ports_1_and_65535_are_probed_65536_is_bad_input() -> None:
+    for port in (1, 65535):  # nothing listens on either on this loopback
+        refused = attempt_plaintext("127.0.0.1", port)
+        assert refused.outcome is PlaintextOutcome.REFUSED
+        assert (refused.detail, refused.body_excerpt) == ("connection refused", "")
+    with pytest.raises(UsageError) as info:
+        attempt_plaintext("127.0.0.1", 65536)
+    assert str(info.value) == "port 65536 is out of range; use 1-65535"
+    with pytest.raises(UsageError) as info:
+        attempt_plaintext("127.0.0.1", 80, "stats")
+    assert str(info.value) == "path 'stats' must start with '/'"
+
+
+def test_plaintext_waits_two_seconds_by_default() -> None:
+    with silent() as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.TIMEOUT
+    assert result.detail == "no answer within 2s"
+
+
+def test_a_plaintext_result_excerpts_the_body_it_is_given() -> None:
+    """300 characters of the stripped body, then "..."; no body, no excerpt."""
+    verdict = (PlaintextOutcome.OTHER_HTTP, "HTTP 500")
+    whole, cut = "a" * 300, "b" * 300 + "c"
+    assert plaintext_result("h", 1, "/", 0.5, verdict, 500, f"  {whole}\n").body_excerpt == whole
+    assert plaintext_result("h", 1, "/", 0.5, verdict, 500, cut).body_excerpt == "b" * 300 + "..."
+    assert plaintext_result("h", 1, "/", 0.5, verdict) == PlaintextResult(
+        "h", 1, "/", PlaintextOutcome.OTHER_HTTP, "HTTP 500", 0.5, None, ""
+    )
+
+
+def test_a_connection_ended_without_http_says_how() -> None:
+    """The CLOSED detail (a pure rule over the error's causes): closed, reset, not HTTP,
+    or the error itself."""
+    line = "SSH-2.0-OpenSSH_9.6 " + "x" * 100
+    cases: list[tuple[BaseException, str]] = [
+        (http.client.RemoteDisconnected("gone"), "connection closed with no HTTP response"),
+        (ConnectionResetError(104, "reset"), "connection reset with no HTTP response"),
+        (
+            http.client.BadStatusLine(line),
+            f"the server answered something that is not HTTP: {line[:80]}",
+        ),
+        (OSError("boom"), "no HTTP response: OSError: boom"),
+    ]
+    for error, detail in cases:
+        assert _closed_detail([error], error) == detail
+
+
+def _tls_socket(mesh: Mesh, client: OutputCerts, port: int) -> tuple[ssl.SSLSocket, _Handshake]:
+    """A connected socket of the probe's own client context, its handshake done."""
+    handshake = _Handshake()
+    roots = x509.load_pem_x509_certificates(mesh.scraper_files.root_cert.read_bytes())
+    context = _client_context(client, roots, handshake)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=3.0)
+    return context.wrap_socket(raw), handshake
+
+
+def _write_until_it_breaks(sock: ssl.SSLSocket) -> OSError:
+    """Write a request until the server's close reaches us; the error the write raised."""
+    broke: list[OSError] = []
+
+    def write() -> None:
+        try:
+            sock.sendall(b"GET /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n")
+        except OSError as exc:
+            broke.append(exc)
+            return
+        raise NotYet("the write went through")
+
+    wait_for("the request write to break", write, timeout=5.0)
+    return broke[0]
+
+
+def test_an_alert_after_our_handshake_is_raised_when_the_request_write_breaks(
+    mesh: Mesh,
+) -> None:
+    """TLS 1.3: the server judges our certificate after our side of the handshake is
+    done, alerts and closes; the request write then breaks with the alert unread. The
+    probe's socket raises the alert (from the write's error), so the scrape is
+    HANDSHAKE_REJECTED, not CLOSED."""
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        sock, handshake = _tls_socket(mesh, mesh.foreign_client_files, server.port)
+        with sock:
+            assert handshake.done
+            broke = _write_until_it_breaks(sock)
+    assert isinstance(broke, ssl.SSLError)
+    assert broke.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert isinstance(broke.__cause__, OSError)
+
+
+def test_a_close_without_an_alert_is_not_taken_for_one(mesh: Mesh) -> None:
+    """A server that accepted us and closed sent no alert: none is read, and the write's
+    own error is raised as it was."""
+    with close_after_handshake(mesh.server_tls()) as server:
+        sock, _ = _tls_socket(mesh, mesh.scraper_files, server.port)
+        with sock:
+            assert _pending_alert(sock) is None  # blocks until the server's close arrives
+            broke = _write_until_it_breaks(sock)
+    assert broke.__cause__ is None
+    assert "ALERT" not in (getattr(broke, "reason", None) or "")
+
+
+def test_probes_ask_for_prometheus_text_and_never_follow_a_redirect(mesh: Mesh) -> None:
+    """Both probes send Prometheus 2.x's Accept header and judge the port's own answer:
+    a redirect is that answer, not a pointer to follow."""
+    moved = Reply(302, "moved\n", location="/elsewhere")
+    routes = {"/elsewhere": METRICS}
+    with HTTPServer(moved, routes=routes, tls=mesh.server_tls()) as server:
+        scraped = mesh.scrape(server.url())
+        tls_seen = (server.paths, server.accepts)
+    with HTTPServer(moved, routes=routes) as server:
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        plain_seen = (server.paths, server.accepts)
+    assert (scraped.outcome, scraped.status) == (MtlsOutcome.HTTP_ERROR, 302)
+    assert (plain.outcome, plain.status) == (PlaintextOutcome.OTHER_HTTP, 302)
+    assert tls_seen == plain_seen == (["/stats/prometheus"], [ACCEPT])
+
+
+def test_elapsed_is_the_time_the_probe_took(mesh: Mesh) -> None:
+    """elapsed_s lies within the time around the call (a bound the machine cannot break)."""
+    with HTTPServer(METRICS, tls=mesh.server_tls()) as server:
+        before = time.monotonic()
+        scraped = mesh.scrape(server.url())
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        took = time.monotonic() - before
+    with closed_port() as port:
+        before = time.monotonic()
+        refused = attempt_plaintext("127.0.0.1", port)
+        refused_took = time.monotonic() - before
+    assert 0 < scraped.elapsed_s <= took
+    assert 0 < plain.elapsed_s <= took
+    assert 0 < refused.elapsed_s <= refused_took
+
+
+def test_a_broken_record_after_the_handshake_is_no_alert(mesh: Mesh) -> None:
+    """Bytes that are no TLS record raise an SSLError too, but they are not the server
+    refusing us: no alert is read, and the scrape is CLOSED."""
+    with RawServer(mode="garbage", tls=mesh.server_tls()) as server:
+        sock, _ = _tls_socket(mesh, mesh.scraper_files, server.port)
+        with sock:
+            assert _pending_alert(sock) is None
+        result = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert result.outcome is MtlsOutcome.CLOSED, result.detail
+
+
+def test_a_scrape_waits_three_seconds_by_default(mesh: Mesh) -> None:
+    with silent() as server:
+        result = scrape_mtls(
+            f"https://127.0.0.1:{server.port}/stats/prometheus",
+            client=mesh.scraper_files,
+            mesh_root=mesh.scraper_files.root_cert,
+            expected_spiffe=mesh.expected,
+        )
+    assert result.outcome is MtlsOutcome.TIMEOUT
+    assert result.detail.endswith("(read timeout=3.0)"), result.detail
+
+
+def test_a_plaintext_answer_that_never_ends_its_first_line_is_closed() -> None:
+    """No HTTP status line within what http.client reads: CLOSED, naming the error."""
+    with RawServer(mode="endless-line") as server:
+        result = attempt_plaintext("127.0.0.1", server.port)
+    assert result.outcome is PlaintextOutcome.CLOSED
+    assert result.detail == (
+        "no HTTP response: ConnectionError: ('Connection aborted.', "
+        "LineTooLong('got more than 65536 bytes when reading status line'))"
+    )
+    assert result.protected
+
+
+def test_a_3xx_carrying_metrics_is_an_http_error(mesh: Mesh) -> None:
+    """2xx is 200..299 over mTLS too: a 300 is not the port serving its metrics."""
+    with HTTPServer(Reply(300, METRICS.body), tls=mesh.server_tls()) as server:
+        result = mesh.scrape(server.url())
+    assert (result.outcome, result.status) == (MtlsOutcome.HTTP_ERROR, 300)
+
+
+def test_a_reset_is_named_by_both_probes(mesh: Mesh) -> None:
+    """A port that resets the connection at once: the plaintext probe says reset; the
+    scrape fails its handshake naming the error itself (there is no OpenSSL reason)."""
+    with RawServer(mode="reset") as server:
+        plain = attempt_plaintext("127.0.0.1", server.port)
+        scraped = mesh.scrape(f"https://127.0.0.1:{server.port}/stats/prometheus")
+    assert (plain.outcome, plain.detail) == (
+        PlaintextOutcome.CLOSED,
+        "connection reset with no HTTP response",
+    )
+    # the reset lands in the TLS handshake or, when it is quicker, in the TCP connect
+    assert scraped.outcome is MtlsOutcome.HANDSHAKE_REJECTED
+    assert scraped.detail.startswith(
+        "the connection failed during the TLS handshake: ConnectionError: "
+    ), scraped.detail
+    assert "Connection reset by peer" in scraped.detail
+
+
+def test_causes_walks_every_link_breadth_first_and_ends_on_a_cycle() -> None:
+    """_causes (a pure walk): the error, then what it wraps, level by level, through
+    ``__cause__``, ``__context__``, ``args`` and urllib3's ``reason``; each once."""
+    deepest = ConnectionResetError(104, "reset")
+    via_reason = urllib3.exceptions.MaxRetryError(None, "/stats/prometheus", deepest)  # type: ignore[arg-type]
+    beside = OSError("beside")
+    root = requests.ConnectionError("root", beside)
+    root.__cause__ = via_reason
+    assert list(_causes(root)) == [root, via_reason, beside, deepest]
+    # a cycle (an error wrapped by what it wraps) is walked once, not forever
+    outer = requests.ConnectionError("outer")
+    inner = OSError("inner", outer)
+    outer.__cause__ = inner
+    assert list(_causes(outer)) == [outer, inner]

@@ -7,9 +7,11 @@ context manager that always stops it and closes every socket it accepted.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class Reply:
     body: str
     content_type: str = "text/plain; version=0.0.4"
     server: str = "tlsservers"
+    location: str = ""  # a Location header (a redirect), when set
 
 
 METRICS = Reply(200, METRICS_BODY)
@@ -64,8 +67,11 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.routes.get(self.path.split("?")[0], self.server.default)
         body = reply.body.encode()
         self.server.paths.append(self.path)
+        self.server.accepts.append(self.headers.get("Accept"))
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
+        if reply.location:
+            self.send_header("Location", reply.location)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -92,6 +98,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.routes = routes
         self.tls = tls
         self.paths: list[str] = []
+        self.accepts: list[str | None] = []  # the Accept header of each request
         self.handshake_errors: list[str] = []
         self.peer_certs: list[bytes | None] = []
         super().__init__((host, 0), _Handler)
@@ -140,6 +147,10 @@ class HTTPServer:
     def paths(self) -> list[str]:
         return self._server.paths
 
+    @property
+    def accepts(self) -> list[str | None]:
+        return self._server.accepts
+
     def url(self, path: str = "/stats/prometheus") -> str:
         scheme = "https" if self._server.tls is not None else "http"
         return f"{scheme}://{url_host(self.host)}:{self.port}{path}"
@@ -168,14 +179,19 @@ class _RawServer(socketserver.ThreadingTCPServer):
 
 
 class RawServer:
-    """A TCP server that accepts and then either closes at once or never answers."""
+    """A TCP server that accepts and then closes at once, never answers, (``garbage``,
+    over TLS) writes bytes that are no TLS record under its session and closes, or
+    (``endless-line``) answers one line longer than any HTTP client reads, and closes,
+    or (``reset``) resets the connection at once."""
 
     def __init__(
         self, *, mode: str, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
     ) -> None:
-        if mode not in ("close", "silent"):
-            raise ValueError(f"mode must be 'close' or 'silent', not {mode!r}")
+        modes = ("close", "silent", "garbage", "endless-line", "reset")
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {modes}, not {mode!r}")
         self.host = host
+        self.connections = 0  # accepted TCP connections
         self.handshakes = 0
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -186,6 +202,12 @@ class RawServer:
             def handle(self) -> None:
                 conn: socket.socket = self.request
                 conn.settimeout(_CONNECTION_TIMEOUT)
+                with outer._lock:
+                    outer.connections += 1
+                if mode == "reset":  # SO_LINGER 0: close() sends RST, not FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    return
                 if tls is not None:
                     # Complete the TLS handshake first: the peer sees an established
                     # session that then closes (or stays silent) with no HTTP response.
@@ -195,9 +217,17 @@ class RawServer:
                         return
                     with outer._lock:
                         outer.handshakes += 1
-                    if mode == "close":
+                    if mode == "garbage":
+                        # beside the TLS layer, on the TCP connection itself
+                        with socket.socket(fileno=os.dup(conn.fileno())) as tcp:
+                            tcp.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+                    if mode in ("close", "garbage"):
                         conn.close()
                         return
+                if mode == "endless-line":
+                    conn.sendall(b"x" * 70_000)  # http.client reads at most 65,536
+                    conn.close()
+                    return
                 if mode == "silent":
                     with outer._lock:
                         outer._held.append(conn)
