@@ -136,8 +136,7 @@ def _terminal() -> TextIO:
 
 def _validate_run(args: argparse.Namespace) -> Selection:
     """Every check that can fail before anything starts: usage first, then the machine."""
-    from securemetrics_e2e.outputs import check_writable
-    from securemetrics_e2e.report import report_format
+    from securemetrics_e2e.outputs import check_writable, report_format
     from securemetrics_e2e.versions import upgrade_pair
 
     check_backend_flags(args)
@@ -225,11 +224,12 @@ def _run_pytest(argv: list[str], progress: Progress) -> tuple[RunResult, Progres
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    sel = _validate_run(args)
+    argv = _pytest_args(args, sel)
+    # after the checks: a usage error need not load pytest and the report schema (0.3 s)
     from securemetrics_e2e.progress import Progress, scenario_lines, take_notes, verdict_line
     from securemetrics_e2e.report import ReportMeta
 
-    sel = _validate_run(args)
-    argv = _pytest_args(args, sel)
     term = _terminal()
     try:
         progress = Progress.for_terminal(term)

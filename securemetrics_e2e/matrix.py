@@ -23,7 +23,8 @@ from packaging.version import InvalidVersion, Version
 
 from securemetrics_e2e.catalog import SCENARIOS
 from securemetrics_e2e.errors import UsageError
-from securemetrics_e2e.report import JSON_SUFFIXES, YAML_SUFFIXES, load_report
+from securemetrics_e2e.outputs import JSON_SUFFIXES, YAML_SUFFIXES
+from securemetrics_e2e.report import load_report
 
 NOT_RUN = "-"
 

@@ -13,8 +13,25 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Final
 
 from securemetrics_e2e.errors import SecureMetricsError, UsageError
+
+#: report file suffixes and the format each chooses (the CLI, the plugin and the matrix)
+JSON_SUFFIXES: Final = frozenset({".json"})
+YAML_SUFFIXES: Final = frozenset({".yaml", ".yml"})
+
+
+def report_format(path: Path) -> str:
+    """The format ``path``'s suffix chooses: json or yaml (UsageError for any other)."""
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in YAML_SUFFIXES:
+        return "yaml"
+    raise UsageError(
+        f"report path {str(path)!r} must end in .json, .yaml or .yml (it chooses the format)"
+    )
 
 
 class OutputFailed(SecureMetricsError):

@@ -146,8 +146,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULT_KEY] = RunResult()
     path = config.getoption("--sm-report", default=None)
     if path:
-        from securemetrics_e2e.outputs import check_writable
-        from securemetrics_e2e.report import report_format
+        from securemetrics_e2e.outputs import check_writable, report_format
 
         try:  # fail now, not after a ten-minute run
             report_format(Path(path))

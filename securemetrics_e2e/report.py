@@ -25,15 +25,13 @@ import yaml
 from securemetrics_e2e import __version__
 from securemetrics_e2e.catalog import Feature, Profile
 from securemetrics_e2e.errors import UsageError
-from securemetrics_e2e.outputs import write_atomically
+from securemetrics_e2e.outputs import report_format, write_atomically
 from securemetrics_e2e.progress import scenario_notes
 from securemetrics_e2e.results import CheckOutcome, RunResult, Status
 
 API_VERSION: Final = "securemetrics-e2e/v1alpha1"
 KIND: Final = "ConformanceReport"
 SCHEMA_PATH: Final = Path(__file__).resolve().parent / "schemas" / "report.schema.json"
-JSON_SUFFIXES: Final = frozenset({".json"})
-YAML_SUFFIXES: Final = frozenset({".yaml", ".yml"})
 
 
 class ReportInvalid(UsageError):
@@ -422,18 +420,6 @@ def validate_report(doc: object, source: str = "report") -> None:
             f"{source} does not match the securemetrics-e2e report schema "
             f"({SCHEMA_PATH.name}): {shown}{more}"
         )
-
-
-def report_format(path: Path) -> str:
-    """The format ``path``'s suffix chooses: json or yaml (UsageError for any other)."""
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        return "json"
-    if suffix in YAML_SUFFIXES:
-        return "yaml"
-    raise UsageError(
-        f"report path {str(path)!r} must end in .json, .yaml or .yml (it chooses the format)"
-    )
 
 
 def dump_report(doc: Mapping[str, Any], fmt: str) -> str:
