@@ -15,26 +15,38 @@ from typing import Any
 
 import pytest
 
-#: the units of work that take longest (measured per file: CPU and wall time with
-#: --durations, longest first): a worker takes them first, so that none picks one up at
-#: the end while the others idle
+#: the units of work that take longest, longest first (the sum of their tests' setup, call
+#: and teardown, `--durations=0` on 4 workers, 2026-11-26): a worker takes them first, so
+#: that none picks one up at the end while the others idle; the units not named here are
+#: short and fill the end in the collection's order
 _LONGEST_FIRST = (
-    "tests/test_walkthrough.py",  # with tests/test_golden.py
-    "tests/test_cli.py",  # with tests/test_provenance.py
+    "tests/test_walkthrough.py",  # 44 s, with tests/test_golden.py
+    "tests/test_interrupt.py",  # 45 s, split test by test (5-12 s each)
+    "tests/test_rotation.py",  # 30 s
     # CPU-bound in one process (the Istio and Prometheus Operator models load first)
-    "tests/test_manifests.py",
-    "scenarios",
-    "tests/test_interrupt.py",
-    "tests/test_negative_controls.py",
-    "tests/test_packaging.py",
-    "tests/test_cli_inputs.py",
-    "tests/test_cluster_backend.py",
-    "tests/test_plugin_plan.py",
-    "tests/test_check_selection.py",
-    "tests/test_cluster_upgrade_run.py",
-    "tests/test_local_lifecycle.py",
-    "tests/test_rotation.py",
-    "tests/test_inbound.py",
+    "tests/test_manifests.py",  # 27 s
+    "tests/test_local_lifecycle.py",  # 22 s
+    "tests/test_negative_controls.py",  # 21 s
+    "tests/test_cli.py",  # 18 s, with tests/test_provenance.py
+    "tests/test_packaging.py",  # 16 s
+    "tests/test_check_servicemonitor.py",  # 16 s
+    "tests/test_upgrade_window.py",  # 15 s
+    "tests/test_windows.py",  # 15 s
+    "scenarios",  # 15 s
+    "tests/test_inbound.py",  # 14 s
+    "tests/test_probe.py",  # 12 s
+    "tests/test_chart_schemas.py",  # 12 s
+    "tests/test_prometheus.py",  # 12 s
+    "tests/test_cluster_safety.py",  # 11 s
+    "tests/test_cluster_plan.py",  # 9 s
+    "tests/test_capture_backend.py",  # 9 s
+    "tests/test_cli_inputs.py",  # 8 s, split
+    "tests/test_cluster_upgrade_run.py",  # 8 s, split
+    "tests/test_cluster_rotation.py",  # 7 s
+    "tests/test_check_selection.py",  # 7 s, split
+    "tests/test_cluster_backend.py",  # 7 s, split
+    "tests/test_local_diagnostics.py",  # 6 s
+    "tests/test_plugin_plan.py",  # 6 s, split
 )
 
 #: test files that read what another file's session fixture made (tests/conftest.py),
@@ -77,6 +89,11 @@ def xdist_scope(nodeid: str) -> str:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
+
+    # hand out units in the collection's order (longest first, pytest_collection_modifyitems
+    # below): xdist >= 3.6 otherwise sorts them by their number of tests, which put the
+    # three-test walk-through (the longest unit, ~44 s) near the end: the run's tail
+    config.option.loadscopereorder = False
 
     class FileScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
