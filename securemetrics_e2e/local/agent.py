@@ -4,6 +4,14 @@ What Istio's agent does (ISTIO-FACTS.md): ``/stats/prometheus`` (and ``/metrics`
 the application's metrics, Envoy's stats and the agent's own; with
 METRICS_LOCALHOST_ACCESS_ONLY the port still binds every address, but the stats handler
 answers any non-loopback caller 403 "Only requests from localhost are allowed".
+
+A source that fails (an error, or an answer other than 200) does not fail the scrape:
+istio/istio ``pilot/cmd/pilot-agent/status/server.go`` (``handleStats``, ``scrape``) logs
+it, counts it in ``scrape_failures_total{type="envoy"|"application"}`` and writes what it
+has, 200, agent metrics first, Envoy's next, the application's last; each source gets the
+scrape's own timeout (Prometheus' ``X-Prometheus-Scrape-Timeout-Seconds`` header). This
+emulation answered 503 instead, which Istio never does: under load a slow source then
+failed a scrape of the merged port that Istio would have served.
 """
 
 from __future__ import annotations
@@ -25,8 +33,13 @@ def start_agent(
 ) -> PodHTTPServer:
     """Serve the agent's status port in ``pod``."""
     registry = CollectorRegistry()
-    scrapes = Counter(
-        "istio_agent_scrapes", "Merged-metrics scrapes served by the agent.", registry=registry
+    # Istio's names (pilot-agent metrics.go), exported with the agent's istio_agent_ prefix
+    scrapes = Counter("istio_agent_scrapes", "The total number of scrapes.", registry=registry)
+    failures = Counter(
+        "istio_agent_scrape_failures",
+        "The total number of failed scrapes.",
+        ["type"],
+        registry=registry,
     )
     envoy_stats = f"http://{pod.loopback}:{ADMIN_PORT}/stats/prometheus"
     envoy_ready = f"http://{pod.loopback}:{ADMIN_PORT}/ready"
@@ -46,18 +59,41 @@ def start_agent(
                     self.send_text(403, FORBIDDEN_BODY)
                     return
                 scrapes.inc()
-                try:
-                    parts = [requests.get(envoy_stats, timeout=2).text]
-                    if app_metrics is not None:
-                        parts.append(requests.get(app_metrics, timeout=2).text)
-                except requests.RequestException as exc:
-                    # as the agent does when a source is down: fail the scrape, say why
-                    self.send_text(503, f"error scraping metrics: {exc}\n")
-                    return
-                parts.append(generate_latest(registry).decode())
-                body = "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+                timeout = _scrape_timeout(self.headers.get(TIMEOUT_HEADER))
+                envoy = _source(envoy_stats, timeout)
+                if envoy is None:
+                    failures.labels("envoy").inc()
+                app = None if app_metrics is None else _source(app_metrics, timeout)
+                if app_metrics is not None and app is None:
+                    failures.labels("application").inc()
+                # the agent's own metrics first (after this scrape's counts), the app's last
+                parts = [generate_latest(registry).decode(), envoy or "", app or ""]
+                body = "".join(p if p.endswith("\n") else p + "\n" for p in parts if p)
                 self.send_text(200, body, "text/plain; version=0.0.4")
             else:
                 self.send_text(404, "not found\n")
 
     return PodHTTPServer(pod, address, AGENT_PORT, Handler, "istio-agent")
+
+
+#: the header Prometheus sends with its scrape timeout (seconds), which the agent gives
+#: each source it merges
+TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+#: without the header (a hand-made request) the agent sets no deadline; ours, a bound
+_NO_HEADER_TIMEOUT_S = 10.0
+
+
+def _scrape_timeout(header: str | None) -> float:
+    try:
+        return float(header) if header else _NO_HEADER_TIMEOUT_S
+    except ValueError:  # the agent logs a bad header and scrapes without a deadline
+        return _NO_HEADER_TIMEOUT_S
+
+
+def _source(url: str, timeout: float) -> str | None:
+    """One source's metrics, or None when it failed (an error or another status than 200)."""
+    try:
+        answer = requests.get(url, timeout=timeout)
+    except requests.RequestException:
+        return None
+    return answer.text if answer.status_code == 200 else None
