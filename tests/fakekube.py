@@ -10,9 +10,13 @@ answers. It proves nothing about Kubernetes itself and is used for nothing else.
 from __future__ import annotations
 
 import copy
+import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -299,3 +303,40 @@ def event(ns: str, pod_name: str, reason: str, message: str, when: str, count: i
 if TYPE_CHECKING:
     # mypy (nox -s lint checks this file) holds the fake to the seam it stands in for
     _CONFORMS: KubeAPI = FakeKube()
+
+
+# -- the API server's service proxy to a Prometheus --------------------------------------------
+
+
+class PrometheusProxy(BaseHTTPRequestHandler):
+    """The API server's service proxy to a Prometheus (``proxy_base`` of :class:`FakeKube`),
+    served on loopback: a subclass's :meth:`data` is the ``data`` of Prometheus' JSON
+    envelope for the request's path."""
+
+    def data(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "success", "data": self.data(self.path)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@contextmanager
+def serving(handler: type[PrometheusProxy]) -> Iterator[str]:
+    """``handler`` on a loopback port of its own, for the block: its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -10,13 +10,10 @@ the in-pod curl when nothing else could read the server's identity.
 
 from __future__ import annotations
 
-import json
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from securemetrics_e2e.cluster.kube import ExecResult
 from securemetrics_e2e.cluster.layout import SCRAPER_SELECTOR
 from securemetrics_e2e.pki import MeshCA, WorkloadIdentity
 from securemetrics_e2e.spiffe import SpiffeId
-from tests.fakekube import FakeKube, pod
+from tests.fakekube import FakeKube, PrometheusProxy, pod, serving
 from tests.test_cluster_backend import _backend
 
 NS = "sm-native-sidecar-permissive-x"
@@ -49,39 +46,22 @@ def _pool(job: str, namespace: str) -> dict[str, Any]:
     }
 
 
-class _TwoPrometheus(BaseHTTPRequestHandler):
+class _TwoPrometheus(PrometheusProxy):
     """The service proxy: the Operator's Prometheus has the ServiceMonitor pool, the
     scraper the annotation-driven job."""
 
-    def do_GET(self) -> None:
-        if f"/services/{OPERATOR_SERVICE}:" in self.path:
+    def data(self, path: str) -> Any:
+        if f"/services/{OPERATOR_SERVICE}:" in path:
             active = [_pool(f"serviceMonitor/{SM_NS}/httpbin/0", SM_NS)]
         else:
             active = [_pool(MERGED_JOB, NS)]
-        body = json.dumps(
-            {"status": "success", "data": {"activeTargets": active, "droppedTargets": []}}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
+        return {"activeTargets": active, "droppedTargets": []}
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeKube]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _TwoPrometheus)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield FakeKube(proxy_base=f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(_TwoPrometheus) as base:
+        yield FakeKube(proxy_base=base)
 
 
 def _deployment(name: str, namespace: str) -> Deployment:

@@ -7,11 +7,8 @@ server answering the Prometheus API paths the driver reads."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import pytest
@@ -51,7 +48,7 @@ from securemetrics_e2e.prometheus import PrometheusAPI
 from securemetrics_e2e.rotation import RotationRun
 from securemetrics_e2e.spiffe import SpiffeId
 from securemetrics_e2e.versions import resolve
-from tests.fakekube import FakeKube
+from tests.fakekube import FakeKube, PrometheusProxy, serving
 
 RUN = "r0t8"
 NS = f"sm-rotation-permissive-{RUN}"
@@ -177,12 +174,12 @@ class RotatingKube(FakeKube):
         return ExecResult("", f"fake: no answer for {command[0]}", 126)
 
 
-class _Prometheus(BaseHTTPRequestHandler):
+class _Prometheus(PrometheusProxy):
     """The API server's service proxy to Prometheus: every job scraped the pod UP just now."""
 
-    def do_GET(self) -> None:
+    def data(self, path: str) -> Any:
         now = datetime.now(UTC)
-        if "/api/v1/targets" in self.path:
+        if "/api/v1/targets" in path:
             targets = [
                 {
                     "scrapePool": job,
@@ -199,28 +196,13 @@ class _Prometheus(BaseHTTPRequestHandler):
             start = now.timestamp() - 20  # a sample every 10 ms: the test's window is short
             values = [[start + i * 0.01, "1"] for i in range(2001)]
             data = {"resultType": "matrix", "result": [{"metric": {}, "values": values}]}
-        body = json.dumps({"status": "success", "data": data}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
+        return data
 
 
 @pytest.fixture
 def proxy() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Prometheus)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(_Prometheus) as base:
+        yield base
 
 
 def _pod(name: str, namespace: str, labels: dict[str, str], ttl: str | None) -> dict[str, Any]:
